@@ -1,0 +1,372 @@
+"""The dynamic batcher: a bounded queue and one worker per model.
+
+This module knows nothing of HTTP or torch. It takes opaque inputs, groups them into
+batches, asks a `run_batch(inputs, bucket)` callable (run in a worker thread) for one
+output per input, and resolves each caller's await with its own output.
+
+Concurrency invariant: every method except `run_batch` itself runs on the event loop's
+single thread, so the queue, the counters and the request states need no locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import enum
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
+
+from batchd.errors import (
+    BatchdError,
+    DeadlineExceeded,
+    ModelFailed,
+    QueueFull,
+    QueueTimeout,
+    ShuttingDown,
+    WorkerDead,
+)
+
+In = TypeVar("In")
+Out = TypeVar("Out")
+
+logger = logging.getLogger("batchd.batcher")
+
+
+class _State(enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+
+
+@dataclass(frozen=True)
+class BatchResult(Generic[Out]):
+    """What an awaiting caller gets back: its output and how it was served."""
+
+    output: Out
+    queue_wait_s: float
+    compute_s: float
+    batch_size: int
+
+
+@dataclass(eq=False)
+class _Request(Generic[In, Out]):
+    item: In
+    future: asyncio.Future[BatchResult[Out]]
+    enqueued_at: float
+    state: _State = _State.QUEUED
+
+
+@dataclass
+class BatchStats:
+    """Counts kept by one batcher. After every request settles:
+    accepted == succeeded + failed + cancelled + expired + deadline_exceeded."""
+
+    accepted: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    expired: int = 0
+    deadline_exceeded: int = 0
+    rejected_full: int = 0
+    rejected_shutdown: int = 0
+    computed_items: int = 0
+    batches: int = 0
+    retried_batches: int = 0
+
+
+class BatchObserver(Protocol):
+    """Told about each batch the worker ran; batchd.metrics implements it."""
+
+    def batch_done(
+        self, size: int, bucket: int, queue_waits: Sequence[float], compute_s: float
+    ) -> None: ...
+
+
+class Batcher(Generic[In, Out]):
+    """Gathers submitted inputs into batches for one model and runs them one batch at a time.
+
+    A batch is dispatched when it holds `max_batch_size` requests, or when `max_wait_s`
+    has passed since its first request arrived, or sooner when no other request is on its
+    way (see `expecting`), so a lone request on an idle server is not held back.
+    """
+
+    def __init__(
+        self,
+        run_batch: Callable[[Sequence[In], int], Sequence[Out]],
+        *,
+        max_batch_size: int,
+        bucket_sizes: Sequence[int],
+        max_wait_s: float,
+        max_queue_size: int,
+        queue_timeout_s: float,
+        executor: Executor | None = None,
+        observer: BatchObserver | None = None,
+        name: str = "model",
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be at least 1")
+        if not bucket_sizes or max(bucket_sizes) < max_batch_size:
+            raise ValueError("the largest bucket must hold max_batch_size")
+        self.name = name
+        self._run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self.bucket_sizes = tuple(sorted(set(bucket_sizes)))
+        self.max_wait_s = max_wait_s
+        self.max_queue_size = max_queue_size
+        self.queue_timeout_s = queue_timeout_s
+        self._owns_executor = executor is None
+        self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix=f"batchd-{name}")
+        self._observer = observer
+        self._queue: deque[_Request[In, Out]] = deque()
+        self._wakeup = asyncio.Event()
+        self._expected = 0
+        self._in_flight = 0
+        self._accepting = True
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+        self._running: list[_Request[In, Out]] = []
+        self.dead_reason: str | None = None
+        self.busy_since: float | None = None
+        self.stats = BatchStats()
+
+    # -- life cycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the worker task on the running event loop."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(
+                self._work(), name=f"batchd-worker-{self.name}"
+            )
+            self._task.add_done_callback(self._worker_finished)
+
+    def stop_accepting(self) -> None:
+        """Refuse new submissions (ShuttingDown); what is queued still runs."""
+        self._accepting = False
+
+    async def drain(self, timeout_s: float) -> None:
+        """Finish queued work within `timeout_s`, then answer whatever is left with ShuttingDown."""
+        self._accepting = False
+        self._closing = True
+        self._wakeup.set()
+        if self._task is not None and not self._task.done():
+            done, _ = await asyncio.wait({self._task}, timeout=timeout_s)
+            if not done:
+                logger.warning("%s: drain limit of %.1fs reached; failing the rest", self.name,
+                               timeout_s)
+                self._fail_all(ShuttingDown("the server shut down before this request ran"))
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+        self._fail_all(ShuttingDown("the server shut down before this request ran"))
+        if self._owns_executor:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- observation --------------------------------------------------------------------
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def in_flight(self) -> int:
+        """Requests accepted and not yet answered: queued plus computing."""
+        return self._in_flight
+
+    @property
+    def alive(self) -> bool:
+        return self.dead_reason is None and self._task is not None and not self._task.done()
+
+    def stalled_for(self) -> float:
+        """Seconds the batch now computing has run, or 0 when the worker is idle."""
+        if self.busy_since is None:
+            return 0.0
+        return time.monotonic() - self.busy_since
+
+    # -- submission ---------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def expecting(self) -> Iterator[None]:
+        """Mark a request as on its way (being decoded), so the worker waits for it."""
+        self._expected += 1
+        try:
+            yield
+        finally:
+            self._expected -= 1
+            self._wakeup.set()
+
+    async def submit(self, item: In, timeout_s: float | None = None) -> BatchResult[Out]:
+        """Queue one input and wait for its output.
+
+        `timeout_s` may shorten the model's queue deadline, never lengthen it. Raises
+        QueueFull or ShuttingDown without queueing; QueueTimeout if the deadline passes while
+        queued (never computed); DeadlineExceeded if it passes while computing; ModelFailed or
+        ModelOverloaded when the model raised on this input.
+        """
+        if not self._accepting:
+            self.stats.rejected_shutdown += 1
+            raise ShuttingDown("the server is shutting down")
+        if self.dead_reason is not None:
+            raise WorkerDead(f"the worker of model {self.name!r} stopped: {self.dead_reason}")
+        if len(self._queue) >= self.max_queue_size:
+            self.stats.rejected_full += 1
+            raise QueueFull(f"the queue of model {self.name!r} is full ({self.max_queue_size})")
+        timeout = self.queue_timeout_s
+        if timeout_s is not None:
+            timeout = min(timeout_s, self.queue_timeout_s)
+        loop = asyncio.get_running_loop()
+        request: _Request[In, Out] = _Request(item, loop.create_future(), time.monotonic())
+        self._queue.append(request)
+        self.stats.accepted += 1
+        self._in_flight += 1
+        self._wakeup.set()
+        try:
+            async with asyncio.timeout(timeout):
+                result = await request.future
+        except TimeoutError:
+            if self._unqueue(request):
+                self.stats.expired += 1
+                raise QueueTimeout(f"not started within {timeout * 1000:.0f} ms") from None
+            self.stats.deadline_exceeded += 1
+            raise DeadlineExceeded(f"not finished within {timeout * 1000:.0f} ms") from None
+        except asyncio.CancelledError:
+            self._unqueue(request)
+            self.stats.cancelled += 1
+            raise
+        except BaseException:
+            self.stats.failed += 1
+            raise
+        else:
+            self.stats.succeeded += 1
+            return result
+        finally:
+            self._in_flight -= 1
+
+    def _unqueue(self, request: _Request[In, Out]) -> bool:
+        """Take a still-queued request out of the queue; False if it already left it."""
+        if request.state is not _State.QUEUED:
+            return False
+        with contextlib.suppress(ValueError):
+            self._queue.remove(request)
+        if not request.future.done():
+            request.future.cancel()
+        return True
+
+    # -- the worker ---------------------------------------------------------------------
+
+    async def _work(self) -> None:
+        while True:
+            batch = await self._next_batch()
+            if batch is None:
+                return
+            await self._compute(batch)
+
+    async def _next_batch(self) -> list[_Request[In, Out]] | None:
+        while True:
+            while not self._queue:
+                if self._closing:
+                    return None
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            window_end = self._queue[0].enqueued_at + self.max_wait_s
+            while (
+                len(self._queue) < self.max_batch_size
+                and self._expected > 0
+                and not self._closing
+            ):
+                remaining = window_end - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._wakeup.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(remaining):
+                        await self._wakeup.wait()
+            if not self._queue:  # everything queued was cancelled while we waited
+                continue
+            count = min(len(self._queue), self.max_batch_size)
+            batch = [self._queue.popleft() for _ in range(count)]
+            for request in batch:
+                request.state = _State.RUNNING
+            return batch
+
+    def bucket_for(self, size: int) -> int:
+        """The smallest configured bucket that holds `size` inputs."""
+        return self.bucket_sizes[bisect.bisect_left(self.bucket_sizes, size)]
+
+    async def _compute(self, batch: list[_Request[In, Out]]) -> None:
+        live = [request for request in batch if not request.future.done()]
+        if not live:
+            return
+        bucket = self.bucket_for(len(live))
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        self.busy_since = started
+        self._running = live
+        try:
+            outputs = await loop.run_in_executor(
+                self._executor, self._run_batch, [request.item for request in live], bucket
+            )
+            if len(outputs) != len(live):
+                raise RuntimeError(f"model returned {len(outputs)} outputs for {len(live)} inputs")
+        except Exception as exc:  # the model's failure, not the worker's
+            self.busy_since = None
+            self._running = []
+            await self._recover(live, exc)
+            return
+        finally:
+            self.busy_since = None
+            self._running = []
+        compute_s = time.monotonic() - started
+        self.stats.batches += 1
+        self.stats.computed_items += len(live)
+        waits = [started - request.enqueued_at for request in live]
+        for request, output, wait in zip(live, outputs, waits, strict=True):
+            if not request.future.done():
+                request.future.set_result(BatchResult(output, wait, compute_s, len(live)))
+        if self._observer is not None:
+            self._observer.batch_done(len(live), bucket, waits, compute_s)
+
+    async def _recover(self, live: list[_Request[In, Out]], exc: Exception) -> None:
+        """A batch raised: retry it in halves so that only the inputs that fail alone fail."""
+        if len(live) > 1:
+            self.stats.retried_batches += 1
+            middle = len(live) // 2
+            logger.info("%s: batch of %d raised %r; retrying in halves", self.name, len(live), exc)
+            await self._compute(live[:middle])
+            await self._compute(live[middle:])
+            return
+        (request,) = live
+        error: BatchdError
+        if isinstance(exc, BatchdError):
+            error = exc
+        else:
+            logger.warning("%s: model failed on one input: %r", self.name, exc)
+            error = ModelFailed(f"the model failed on this input: {type(exc).__name__}: {exc}")
+        if not request.future.done():
+            request.future.set_exception(error)
+
+    def _worker_finished(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        self.dead_reason = repr(exc)
+        logger.error("%s: worker died", self.name, exc_info=exc)
+        self._fail_all(WorkerDead(f"the worker of model {self.name!r} stopped: {exc!r}"))
+
+    def _fail_all(self, error: BatchdError) -> None:
+        """Answer every queued or computing request with `error`; nothing more will run."""
+        for request in self._running:
+            if not request.future.done():
+                request.future.set_exception(error)
+        while self._queue:
+            request = self._queue.popleft()
+            request.state = _State.RUNNING
+            if not request.future.done():
+                request.future.set_exception(error)
+
+
+__all__ = ["BatchObserver", "BatchResult", "BatchStats", "Batcher"]

@@ -1,0 +1,309 @@
+"""Typed configuration, loaded from TOML and validated at start-up.
+
+Every error names the file and the dotted key that is wrong, so an operator can fix
+the config without reading batchd's source.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+from batchd.errors import ConfigError
+
+ColorMode = Literal["RGB", "L"]
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """Where the network comes from: a torchvision architecture or an importable builder."""
+
+    arch: str | None = None
+    builder: str | None = None
+    num_classes: int | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """The same resize, crop and normalisation that training used."""
+
+    resize: int = 256
+    crop: int = 224
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    color_mode: ColorMode = "RGB"
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """How requests are gathered into batches and how long they may queue."""
+
+    max_batch_size: int = 32
+    max_wait_ms: float = 5.0
+    buckets: tuple[int, ...] = ()
+    max_queue_size: int = 1024
+    queue_timeout_ms: float = 30_000.0
+
+    @property
+    def bucket_sizes(self) -> tuple[int, ...]:
+        """The configured buckets, or powers of two up to and including max_batch_size."""
+        if self.buckets:
+            return tuple(sorted(set(self.buckets)))
+        sizes, size = [], 1
+        while size < self.max_batch_size:
+            sizes.append(size)
+            size *= 2
+        sizes.append(self.max_batch_size)
+        return tuple(sizes)
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Where and how the model runs."""
+
+    device: str = "auto"
+    compile: bool = True
+    compile_mode: CompileMode = "default"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One served model."""
+
+    name: str
+    checkpoint: Path
+    source: SourceConfig
+    labels: tuple[str, ...] = ()
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The HTTP side: where to listen and what a request may carry."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    default_model: str = ""
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    preprocess_threads: int = 4
+    drain_timeout_s: float = 30.0
+    watchdog_s: float = 60.0
+    torch_threads: int = 0
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration file."""
+
+    server: ServerConfig
+    models: tuple[ModelConfig, ...]
+    path: Path | None = None
+
+    def model(self, name: str) -> ModelConfig:
+        for model in self.models:
+            if model.name == name:
+                return model
+        raise KeyError(name)
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read, type-check and validate a TOML config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        with path.open("rb") as file:
+            raw = tomllib.load(file)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    return parse_config(raw, path)
+
+
+def parse_config(raw: dict[str, Any], path: Path) -> Config:
+    """Build a Config from already-parsed TOML; relative paths resolve against the file's folder."""
+    _reject_unknown(raw, {"server", "models"}, "", path)
+    server = _build(ServerConfig, raw.get("server", {}), "server", path)
+    raw_models = raw.get("models")
+    if not isinstance(raw_models, list) or not raw_models:
+        raise ConfigError(f"{path}: key 'models' must be a non-empty array of tables ([[models]])")
+    models = []
+    for index, raw_model in enumerate(raw_models):
+        key = f"models[{index}]"
+        if not isinstance(raw_model, dict):
+            raise ConfigError(f"{path}: key '{key}' must be a table")
+        models.append(_build_model(raw_model, key, path))
+    names = [model.name for model in models]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ConfigError(f"{path}: key 'models': duplicate model names {duplicates}")
+    if not server.default_model:
+        server = dataclasses.replace(server, default_model=names[0])
+    elif server.default_model not in names:
+        raise ConfigError(
+            f"{path}: key 'server.default_model': {server.default_model!r} is not one of {names}"
+        )
+    _check_server(server, path)
+    return Config(server=server, models=tuple(models), path=path)
+
+
+def _build_model(raw: dict[str, Any], key: str, path: Path) -> ModelConfig:
+    raw = dict(raw)
+    checkpoint = raw.get("checkpoint")
+    if isinstance(checkpoint, str):
+        resolved = (path.parent / checkpoint).resolve()
+        if not resolved.is_file():
+            raise ConfigError(f"{path}: key '{key}.checkpoint': file not found: {resolved}")
+        raw["checkpoint"] = resolved
+    model = _build(ModelConfig, raw, key, path)
+    _check_model(model, key, path)
+    return model
+
+
+def _check_model(model: ModelConfig, key: str, path: Path) -> None:
+    def fail(subkey: str, message: str) -> typing.NoReturn:
+        raise ConfigError(f"{path}: key '{key}.{subkey}': {message}")
+
+    if not model.name or "/" in model.name:
+        fail("name", "must be a non-empty name without '/'")
+    source = model.source
+    if (source.arch is None) == (source.builder is None):
+        fail("source", "set exactly one of 'arch' (a torchvision architecture) or 'builder'")
+    if source.builder is not None and ":" not in source.builder:
+        fail("source.builder", "must look like 'package.module:function'")
+    if source.num_classes is not None and source.num_classes < 1:
+        fail("source.num_classes", "must be at least 1")
+    if model.labels and source.num_classes is not None and len(model.labels) != source.num_classes:
+        fail("labels", f"has {len(model.labels)} labels but num_classes is {source.num_classes}")
+
+    pre = model.preprocess
+    if pre.resize < 1 or pre.crop < 1:
+        fail("preprocess", "resize and crop must be at least 1")
+    if pre.crop > pre.resize:
+        fail("preprocess.crop", f"{pre.crop} is larger than resize {pre.resize}")
+    channels = 3 if pre.color_mode == "RGB" else 1
+    for name in ("mean", "std"):
+        values = getattr(pre, name)
+        if len(values) != channels:
+            fail(f"preprocess.{name}", f"needs {channels} values for color_mode {pre.color_mode}")
+    if any(value <= 0 for value in pre.std):
+        fail("preprocess.std", "every value must be positive")
+
+    batching = model.batching
+    if batching.max_batch_size < 1:
+        fail("batching.max_batch_size", "must be at least 1")
+    if batching.max_wait_ms < 0:
+        fail("batching.max_wait_ms", "must not be negative")
+    if batching.max_queue_size < 1:
+        fail("batching.max_queue_size", "must be at least 1")
+    if batching.queue_timeout_ms <= 0:
+        fail("batching.queue_timeout_ms", "must be positive")
+    if any(size < 1 for size in batching.buckets):
+        fail("batching.buckets", "every bucket must be at least 1")
+    if batching.buckets and max(batching.buckets) > batching.max_batch_size:
+        fail(
+            "batching.buckets",
+            f"bucket {max(batching.buckets)} is larger than max_batch_size "
+            f"{batching.max_batch_size}",
+        )
+    if batching.buckets and max(batching.buckets) != batching.max_batch_size:
+        fail("batching.buckets", f"the largest bucket must equal max_batch_size "
+             f"{batching.max_batch_size}, so that every batch fits one")
+
+    device = model.runtime.device
+    if not (device in ("auto", "cpu", "cuda") or _is_cuda_index(device)):
+        fail("runtime.device", f"{device!r} is not 'auto', 'cpu', 'cuda' or 'cuda:N'")
+
+
+def _is_cuda_index(device: str) -> bool:
+    prefix, _, index = device.partition(":")
+    return prefix == "cuda" and index.isdigit()
+
+
+def _check_server(server: ServerConfig, path: Path) -> None:
+    checks = {
+        "port": 0 <= server.port <= 65535,
+        "max_body_bytes": server.max_body_bytes >= 1,
+        "max_image_pixels": server.max_image_pixels >= 1,
+        "preprocess_threads": server.preprocess_threads >= 1,
+        "drain_timeout_s": server.drain_timeout_s >= 0,
+        "watchdog_s": server.watchdog_s > 0,
+        "torch_threads": server.torch_threads >= 0,
+    }
+    for key, ok in checks.items():
+        if not ok:
+            value = getattr(server, key)
+            raise ConfigError(f"{path}: key 'server.{key}': value {value!r} is out of range")
+
+
+def _reject_unknown(raw: dict[str, Any], known: set[str], key: str, path: Path) -> None:
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        where = f"{key}." if key else ""
+        names = ", ".join(f"'{where}{name}'" for name in unknown)
+        raise ConfigError(f"{path}: unknown key {names}; expected one of {sorted(known)}")
+
+
+def _build(cls: type[Any], raw: Any, key: str, path: Path) -> Any:
+    """Construct dataclass `cls` from a TOML table, checking keys and types field by field."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: key '{key}' must be a table")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init and f.name != "path"}
+    _reject_unknown(raw, set(fields), key, path)
+    hints = get_type_hints(cls)
+    values = {}
+    for name, f in fields.items():
+        subkey = f"{key}.{name}" if key else name
+        if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{path}: key '{subkey}' is required")
+            continue
+        values[name] = _convert(hints[name], raw[name], subkey, path)
+    return cls(**values)
+
+
+def _convert(hint: Any, value: Any, key: str, path: Path) -> Any:
+    origin = get_origin(hint)
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return _build(hint, value, key, path)
+    if origin in (types.UnionType, typing.Union):
+        options = [arg for arg in get_args(hint) if arg is not type(None)]
+        return _convert(options[0], value, key, path)
+    if origin is Literal:
+        choices = get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{path}: key '{key}': {value!r} is not one of {list(choices)}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: key '{key}' must be an array")
+        item_hint = get_args(hint)[0]
+        return tuple(_convert(item_hint, item, f"{key}[{i}]", path) for i, item in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: key '{key}' must be a table")
+        return dict(value)
+    if hint is Path:
+        if not isinstance(value, (str, Path)):
+            raise ConfigError(f"{path}: key '{key}' must be a path string")
+        return Path(value)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: key '{key}' must be a number, not {value!r}")
+        return float(value)
+    if hint in (int, str, bool):
+        if isinstance(value, bool) != (hint is bool) or not isinstance(value, hint):
+            raise ConfigError(f"{path}: key '{key}' must be of type {hint.__name__}, not {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {hint!r} at {key}")  # a batchd bug, not user error

@@ -1,0 +1,241 @@
+"""Building, loading, compiling and running one served model.
+
+Checkpoints are state_dict files, loaded on the CPU with weights_only=True and matched
+strictly; a mismatch stops start-up with the keys and shapes that differ. The served
+module always runs in eval() and under torch.inference_mode(). With compile on, it is
+compiled for static shapes and warmed on every bucket size before serving, and every
+graph compilation is counted so that a recompile while serving is visible.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import pickle
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from batchd.config import ModelConfig
+from batchd.errors import CheckpointError, ConfigError, ModelOverloaded
+from batchd.preprocess import Preprocessor
+
+logger = logging.getLogger("batchd.model")
+
+
+def build_network(config: ModelConfig) -> nn.Module:
+    """The untrained network the config's source names."""
+    source = config.source
+    kwargs = dict(source.kwargs)
+    if source.num_classes is not None:
+        kwargs["num_classes"] = source.num_classes
+    if source.arch is not None:
+        import torchvision.models
+
+        try:
+            return torchvision.models.get_model(source.arch, weights=None, **kwargs)
+        except ValueError as exc:
+            raise ConfigError(f"model {config.name!r}: source.arch: {exc}") from None
+    assert source.builder is not None  # validated by config: exactly one is set
+    module_name, _, function_name = source.builder.partition(":")
+    try:
+        builder: Callable[..., nn.Module] = getattr(
+            importlib.import_module(module_name), function_name
+        )
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(
+            f"model {config.name!r}: source.builder {source.builder!r} cannot be imported: {exc}"
+        ) from None
+    return builder(**kwargs)
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint safely (weights_only) and return the whole object it holds."""
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path}: refused to load: it holds pickled Python objects, not only tensors. "
+            "batchd loads state_dict files with weights_only=True; save "
+            "model.state_dict() instead of the model object. "
+            f"(torch said: {str(exc).splitlines()[0]})"
+        ) from None
+    except (RuntimeError, OSError, EOFError) as exc:
+        raise CheckpointError(f"{path}: not a readable torch checkpoint: {exc}") from None
+    if not isinstance(loaded, dict):
+        raise CheckpointError(f"{path}: holds a {type(loaded).__name__}, not a state_dict")
+    return loaded
+
+
+def extract_state_dict(checkpoint: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
+    """A bare state_dict, or the one a training checkpoint keeps under 'model'/'state_dict'."""
+    state = checkpoint
+    for key in ("model", "state_dict"):
+        if isinstance(checkpoint.get(key), dict):
+            state = checkpoint[key]
+            break
+    if not state or not all(isinstance(value, torch.Tensor) for value in state.values()):
+        raise CheckpointError(f"{path}: no state_dict of tensors found (looked at the top level, "
+                              "'model' and 'state_dict')")
+    for prefix in ("_orig_mod.", "module."):  # torch.compile / DataParallel wrappers
+        if all(key.startswith(prefix) for key in state):
+            state = {key[len(prefix):]: value for key, value in state.items()}
+    return state
+
+
+def describe_mismatch(network: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Plain-words differences between a network's parameters and a state_dict."""
+    expected = {key: tuple(value.shape) for key, value in network.state_dict().items()}
+    found = {key: tuple(value.shape) for key, value in state.items()}
+    problems = []
+    missing = [key for key in expected if key not in found]
+    unexpected = [key for key in found if key not in expected]
+    if missing:
+        problems.append("missing keys: " + ", ".join(f"{k} {list(expected[k])}" for k in missing))
+    if unexpected:
+        problems.append(
+            "unexpected keys: " + ", ".join(f"{k} {list(found[k])}" for k in unexpected)
+        )
+    for key in expected.keys() & found.keys():
+        if expected[key] != found[key]:
+            problems.append(
+                f"shape of {key}: checkpoint has {list(found[key])}, model expects "
+                f"{list(expected[key])}"
+            )
+    return problems
+
+
+def load_network(config: ModelConfig) -> nn.Module:
+    """Build the network and load its checkpoint strictly, in eval mode, on the CPU."""
+    network = build_network(config)
+    state = extract_state_dict(read_checkpoint(config.checkpoint), config.checkpoint)
+    problems = describe_mismatch(network, state)
+    if problems:
+        raise CheckpointError(
+            f"model {config.name!r}: checkpoint {config.checkpoint} does not match the "
+            "configured network:\n  " + "\n  ".join(problems)
+        )
+    network.load_state_dict(state, strict=True)
+    return network.eval()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+class ServedModule(nn.Module):
+    """The network with its input normalisation in front, so both compile into one graph."""
+
+    def __init__(self, network: nn.Module, preprocessor: Preprocessor) -> None:
+        super().__init__()
+        self.network = network
+        self.preprocessor = preprocessor
+
+    def forward(self, batch_uint8: torch.Tensor) -> torch.Tensor:
+        return self.network(self.preprocessor.normalize(batch_uint8))
+
+
+class ServedModel:
+    """One model ready to serve: network, preprocessing, labels and a batch runner."""
+
+    def __init__(self, config: ModelConfig, network: nn.Module, max_image_pixels: int) -> None:
+        self.config = config
+        self.name = config.name
+        self.preprocessor = Preprocessor(config.preprocess, max_image_pixels)
+        self.device = resolve_device(config.runtime.device)
+        self.module = ServedModule(network, self.preprocessor).to(self.device).eval()
+        self.input_shape = self.preprocessor.input_shape
+        self.compile_count = 0
+        self.warm_compile_count = 0
+        self.ready = False
+        self._compile_lock = threading.Lock()
+        self._forward: Callable[[torch.Tensor], torch.Tensor] = self.module
+        if config.runtime.compile:
+            self._forward = self._compiled()
+        self.num_classes = self._probe_num_classes()
+        self.labels = config.labels or tuple(str(i) for i in range(self.num_classes))
+        if len(self.labels) != self.num_classes:
+            raise ConfigError(f"model {self.name!r}: {len(self.labels)} labels for a network "
+                              f"with {self.num_classes} outputs")
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, max_image_pixels: int = 40_000_000) -> ServedModel:
+        return cls(config, load_network(config), max_image_pixels)
+
+    def _compiled(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        from torch._inductor import list_mode_options
+        from torch._inductor.compile_fx import compile_fx
+
+        patches = list_mode_options(self.config.runtime.compile_mode)
+        buckets = len(self.config.batching.bucket_sizes)
+        dynamo_config = torch._dynamo.config
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, buckets + 2)
+
+        def counting_backend(graph: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+            with self._compile_lock:
+                self.compile_count += 1
+            return compile_fx(graph, example_inputs, config_patches=patches)
+
+        return torch.compile(self.module, backend=counting_backend, dynamic=False)
+
+    def _probe_num_classes(self) -> int:
+        with torch.inference_mode():
+            probe = torch.zeros((1, *self.input_shape), dtype=torch.uint8, device=self.device)
+            output = self.module(probe)
+        if output.ndim != 2:
+            raise ConfigError(f"model {self.name!r}: expected [N, classes] outputs, got "
+                              f"shape {list(output.shape)}")
+        return int(output.shape[1])
+
+    @property
+    def recompiles(self) -> int:
+        """Graphs compiled after warm-up finished; 0 while serving is the goal."""
+        return self.compile_count - self.warm_compile_count if self.ready else 0
+
+    def warm_up(self, progress: Callable[[str], None] | None = None) -> None:
+        """Run every bucket size once so that serving never compiles."""
+        buckets = self.config.batching.bucket_sizes
+        report = progress or logger.info
+        for index, size in enumerate(buckets, start=1):
+            started = time.monotonic()
+            self.run_batch([torch.zeros(self.input_shape, dtype=torch.uint8)], size)
+            report(f"model {self.name}: warmed bucket {index}/{len(buckets)} (batch {size}) in "
+                   f"{time.monotonic() - started:.2f}s")
+        self.warm_compile_count = self.compile_count
+        self.ready = True
+
+    def run_batch(self, items: Sequence[torch.Tensor], bucket: int) -> list[torch.Tensor]:
+        """Stack uint8 inputs, zero-pad to `bucket`, run, and return one logits row each."""
+        count = len(items)
+        batch = torch.zeros((bucket, *self.input_shape), dtype=torch.uint8)
+        torch.stack(list(items), out=batch[:count])
+        try:
+            with torch.inference_mode():
+                output = self._forward(batch.to(self.device, non_blocking=True))
+                rows = output[:count].float().cpu()
+        except torch.cuda.OutOfMemoryError as exc:
+            torch.cuda.empty_cache()
+            raise ModelOverloaded(f"out of device memory for a batch of {bucket}") from exc
+        return list(rows.unbind(0))
+
+    def reference(self, item: torch.Tensor) -> torch.Tensor:
+        """The eager answer for one input alone: what batching must reproduce."""
+        with torch.inference_mode():
+            return self.module(item.unsqueeze(0).to(self.device))[0].float().cpu()
+
+    def top_k(self, logits: torch.Tensor, k: int) -> list[tuple[str, float]]:
+        """The k most probable labels with their softmax probabilities, highest first."""
+        probs = torch.softmax(logits.float(), dim=0)
+        values, indices = torch.topk(probs, min(k, probs.numel()))
+        pairs = zip(indices.tolist(), values.tolist(), strict=True)
+        return [(self.labels[index], float(prob)) for index, prob in pairs]

@@ -1,0 +1,135 @@
+"""Image decoding and preprocessing, declared with the model and shared with training.
+
+Decoding is defensive: the pixel count is checked from the header before any pixel is
+decoded, only an allow-list of formats is opened, and every decoding failure becomes a
+BadInput subclass rather than an arbitrary exception.
+
+The pipeline is split in two so that the expensive float work happens once per batch:
+`Preprocessor.load` turns encoded bytes (or a PIL image) into a uint8 CxHxW tensor at the
+model's input size, and `Preprocessor.normalize` turns a uint8 NxCxHxW batch into the
+model's float input. Training scripts call the same two functions.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as F
+
+from batchd.config import PreprocessConfig
+from batchd.errors import BadInput, PayloadTooLarge, UnsupportedMediaType
+
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+
+# Formats we recognise but refuse (415 rather than 400): document and icon formats whose
+# decoders are either absent, shell out, or are a known attack surface.
+_REFUSED_SIGNATURES = {
+    b"%PDF": "PDF",
+    b"%!PS": "PostScript/EPS",
+    b"\xc5\xd0\xd3\xc6": "EPS",
+    b"\x00\x00\x01\x00": "ICO",
+    b"\x00\x00\x02\x00": "CUR",
+    b"icns": "ICNS",
+    b"8BPS": "PSD",
+    b"\x00\x00\x00\x0cjP  ": "JPEG 2000",
+    b"\xff\x4f\xff\x51": "JPEG 2000",
+}
+
+
+class Preprocessor:
+    """Turns encoded images into model input exactly as training did."""
+
+    def __init__(self, config: PreprocessConfig, max_image_pixels: int = 40_000_000) -> None:
+        self.config = config
+        self.max_image_pixels = max_image_pixels
+        channels = 3 if config.color_mode == "RGB" else 1
+        self.input_shape = (channels, config.crop, config.crop)
+        self._mean = torch.tensor(config.mean, dtype=torch.float32).view(1, channels, 1, 1)
+        self._std = torch.tensor(config.std, dtype=torch.float32).view(1, channels, 1, 1)
+
+    def decode(self, data: bytes) -> Image.Image:
+        """Decode bytes into an upright image in the model's colour mode."""
+        if not data:
+            raise BadInput("empty image payload")
+        image = open_image(data, self.max_image_pixels)
+        try:
+            image.load()
+            image = ImageOps.exif_transpose(image)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            raise BadInput(f"corrupt or truncated image: {exc}") from None
+        return to_color_mode(image, self.config.color_mode)
+
+    def load(self, data: bytes | Image.Image) -> torch.Tensor:
+        """Bytes or a PIL image -> uint8 tensor of shape input_shape (resized, cropped)."""
+        image = self.decode(data) if isinstance(data, bytes) else to_color_mode(
+            data, self.config.color_mode
+        )
+        image = F.resize(image, self.config.resize, interpolation=InterpolationMode.BILINEAR)
+        image = F.center_crop(image, [self.config.crop, self.config.crop])
+        array = np.asarray(image, dtype=np.uint8)
+        if array.ndim == 2:
+            array = array[:, :, None]
+        return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+    def normalize(self, batch: torch.Tensor) -> torch.Tensor:
+        """uint8 NxCxHxW -> float32, scaled to [0, 1], minus mean, over std (on batch's device)."""
+        mean = self._mean.to(batch.device)
+        std = self._std.to(batch.device)
+        return (batch.to(torch.float32) / 255.0 - mean) / std
+
+
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Open (header only) an image of an allowed format no larger than max_pixels."""
+    for signature, name in _REFUSED_SIGNATURES.items():
+        if data.startswith(signature):
+            raise UnsupportedMediaType(f"image format {name} is not accepted; "
+                                       f"send one of {', '.join(ALLOWED_FORMATS)}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise PayloadTooLarge(f"image is too large: {exc}") from None
+    except UnidentifiedImageError:
+        raise BadInput("not a decodable image (send one of "
+                       f"{', '.join(ALLOWED_FORMATS)})") from None
+    except (OSError, SyntaxError, ValueError, struct.error) as exc:
+        raise BadInput(f"corrupt image header: {exc}") from None
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise BadInput(f"image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise PayloadTooLarge(
+            f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
+        )
+    return image
+
+
+def to_color_mode(image: Image.Image, mode: str) -> Image.Image:
+    """Convert any Pillow mode to 'RGB' or 'L' as a viewer would show it."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        image = _high_depth_to_l(image)
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    if image.mode != mode:
+        image = image.convert(mode)
+    return image
+
+
+def _high_depth_to_l(image: Image.Image) -> Image.Image:
+    """16- and 32-bit grey images: scale to 8 bits instead of clipping as convert('L') does."""
+    array = np.asarray(image).astype(np.float64)
+    top = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
+    if image.mode == "F" and array.max() <= 1.0:
+        top = 1.0
+    scaled = np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return Image.fromarray(scaled, mode="L")

@@ -1,0 +1,144 @@
+"""The served models at run time: each model with its batcher, start-up and shut-down.
+
+This is where the batching core meets torch: it builds each ServedModel, warms it on the
+thread that will serve it, and starts its batcher. It knows nothing of HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from batchd.batcher import Batcher
+from batchd.config import Config, ModelConfig
+from batchd.metrics import Metrics
+from batchd.model import ServedModel
+
+logger = logging.getLogger("batchd.runtime")
+
+
+@dataclass
+class ModelSlot:
+    """One model, its batcher and the thread it computes on."""
+
+    config: ModelConfig
+    model: ServedModel
+    batcher: Batcher[torch.Tensor, torch.Tensor]
+    executor: ThreadPoolExecutor
+    warm_error: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def ready(self) -> bool:
+        return self.model.ready and self.batcher.alive
+
+
+@dataclass
+class Runtime:
+    """Every served model, by name."""
+
+    config: Config
+    slots: dict[str, ModelSlot]
+    metrics: Metrics
+    draining: bool = False
+    warm_task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    @classmethod
+    def load(cls, config: Config, metrics: Metrics) -> Runtime:
+        """Build every model and load its checkpoint (strict); raises on any mismatch."""
+        if config.server.torch_threads:
+            torch.set_num_threads(config.server.torch_threads)
+        executors: dict[str, ThreadPoolExecutor] = {}
+        slots = {}
+        for model_config in config.models:
+            model = ServedModel.from_config(model_config, config.server.max_image_pixels)
+            # One batch at a time per device: models sharing a device take turns fairly.
+            device_key = str(model.device)
+            executor = executors.setdefault(
+                device_key, ThreadPoolExecutor(1, thread_name_prefix=f"batchd-{device_key}")
+            )
+            batching = model_config.batching
+            batcher: Batcher[torch.Tensor, torch.Tensor] = Batcher(
+                model.run_batch,
+                max_batch_size=batching.max_batch_size,
+                bucket_sizes=batching.bucket_sizes,
+                max_wait_s=batching.max_wait_ms / 1000.0,
+                max_queue_size=batching.max_queue_size,
+                queue_timeout_s=batching.queue_timeout_ms / 1000.0,
+                executor=executor,
+                observer=metrics.observer(model_config.name),
+                name=model_config.name,
+            )
+            metrics.watch(model_config.name, batcher, model)
+            slots[model_config.name] = ModelSlot(model_config, model, batcher, executor)
+            logger.info("model %s: loaded %s on %s", model_config.name,
+                        model_config.checkpoint, model.device)
+        return cls(config, slots, metrics)
+
+    async def warm_up(self, on_fatal: Callable[[str], None] | None = None) -> None:
+        """Warm each model on its serving thread, then start its batcher."""
+        loop = asyncio.get_running_loop()
+        for slot in self.slots.values():
+            started = time.monotonic()
+            try:
+                await loop.run_in_executor(slot.executor, slot.model.warm_up, None)
+            except Exception as exc:
+                slot.warm_error = repr(exc)
+                logger.exception("model %s: warm-up failed", slot.name)
+                if on_fatal is not None:
+                    on_fatal(f"model {slot.name}: warm-up failed: {exc!r}")
+                return
+            slot.batcher.start()
+            logger.info("model %s: ready after %.1fs of warm-up", slot.name,
+                        time.monotonic() - started)
+
+    @property
+    def ready(self) -> bool:
+        return not self.not_ready_reasons()
+
+    def not_ready_reasons(self) -> dict[str, str]:
+        reasons = {}
+        watchdog_s = self.config.server.watchdog_s
+        for slot in self.slots.values():
+            if slot.warm_error:
+                reasons[slot.name] = f"warm-up failed: {slot.warm_error}"
+            elif not slot.model.ready:
+                reasons[slot.name] = "warming up"
+            elif slot.batcher.dead_reason:
+                reasons[slot.name] = f"worker stopped: {slot.batcher.dead_reason}"
+            elif not slot.batcher.alive:
+                reasons[slot.name] = "worker not running"
+            elif slot.batcher.stalled_for() > watchdog_s:
+                reasons[slot.name] = (f"batch running for {slot.batcher.stalled_for():.0f}s "
+                                      f"(watchdog {watchdog_s:.0f}s)")
+        if self.draining:
+            reasons["server"] = "shutting down"
+        return reasons
+
+    def start_draining(self) -> None:
+        """Stop taking new work: readiness fails at once, queued work still runs."""
+        self.draining = True
+        for slot in self.slots.values():
+            slot.batcher.stop_accepting()
+
+    async def shutdown(self) -> None:
+        """Drain every queue within the configured limit, then release the threads."""
+        self.start_draining()
+        if self.warm_task is not None and not self.warm_task.done():
+            self.warm_task.cancel()
+        timeout = self.config.server.drain_timeout_s
+        await asyncio.gather(*(slot.batcher.drain(timeout) for slot in self.slots.values()))
+        executors: Sequence[ThreadPoolExecutor] = list(
+            {id(slot.executor): slot.executor for slot in self.slots.values()}.values()
+        )
+        for executor in executors:
+            executor.shutdown(wait=False, cancel_futures=True)

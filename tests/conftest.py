@@ -1,0 +1,216 @@
+"""Shared fixtures: fake batch runners for the batcher, and a real uvicorn server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import socket
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+ROOT = Path(__file__).resolve().parent.parent
+DIGITS_CHECKPOINT = ROOT / "batchd" / "assets" / "digits.pt"
+
+
+# -- fakes for the batcher ---------------------------------------------------------------
+
+
+@dataclass
+class RecordingModel:
+    """Doubles each input; records the size and bucket of every batch it ran."""
+
+    batches: list[tuple[int, int]] = field(default_factory=list)
+    delay_s: float = 0.0
+
+    def __call__(self, items: Sequence[int], bucket: int) -> list[int]:
+        self.batches.append((len(items), bucket))
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        return [item * 2 for item in items]
+
+
+@dataclass
+class BlockingModel(RecordingModel):
+    """Blocks inside every batch until released, so tests can order events."""
+
+    started: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event = field(default_factory=threading.Event)
+
+    def __call__(self, items: Sequence[int], bucket: int) -> list[int]:
+        self.started.set()
+        if not self.release.wait(timeout=30):
+            raise RuntimeError("BlockingModel was never released")
+        return super().__call__(items, bucket)
+
+
+@dataclass
+class FailingModel(RecordingModel):
+    """Raises on any batch that holds a poisoned input (a negative number)."""
+
+    def __call__(self, items: Sequence[int], bucket: int) -> list[int]:
+        self.batches.append((len(items), bucket))
+        if any(item < 0 for item in items):
+            raise ValueError(f"poisoned input in {list(items)}")
+        return [item * 2 for item in items]
+
+
+# -- a real server ---------------------------------------------------------------------
+
+
+def write_config(
+    path: Path,
+    *,
+    compile: bool = False,
+    batching: dict[str, Any] | None = None,
+    server: dict[str, Any] | None = None,
+    checkpoint: Path = DIGITS_CHECKPOINT,
+) -> Path:
+    """A config serving the default digits model, with overrides."""
+    batching = {"max_batch_size": 32, "max_wait_ms": 5, "buckets": [1, 2, 4, 8, 16, 32],
+                **(batching or {})}
+    server = {"host": "127.0.0.1", "port": 0, **(server or {})}
+
+    def table(values: dict[str, Any]) -> str:
+        return "\n".join(f"{key} = {toml_value(value)}" for key, value in values.items())
+
+    path.write_text(f"""
+[server]
+{table(server)}
+
+[[models]]
+name = "digits"
+checkpoint = {toml_value(str(checkpoint))}
+labels = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"]
+
+[models.source]
+builder = "batchd.digits:build_model"
+num_classes = 10
+
+[models.preprocess]
+resize = 8
+crop = 8
+mean = [0.31]
+std = [0.38]
+color_mode = "L"
+
+[models.batching]
+{table(batching)}
+
+[models.runtime]
+device = "cpu"
+compile = {toml_value(compile)}
+""")
+    return path
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(item) for item in value) + "]"
+    return str(value)
+
+
+@dataclass
+class RunningServer:
+    url: str
+    app: Any
+    server: uvicorn.Server
+
+    def client(self, **kwargs: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60, **kwargs)
+
+    def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
+        """One sample's value from /metrics (0 if absent)."""
+        return scrape(self.url, name, labels)
+
+
+def scrape(url: str, name: str, labels: dict[str, str] | None = None) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(
+                sample.labels.get(key) == value for key, value in (labels or {}).items()
+            ):
+                total += sample.value
+    return total
+
+
+@contextlib.contextmanager
+def run_server(config_path: Path, ready_timeout_s: float = 300) -> Iterator[RunningServer]:
+    """Serve a config with a real uvicorn on a free 127.0.0.1 port, in a thread."""
+    from batchd.app import begin_shutdown, create_app
+    from batchd.config import load_config
+
+    config = load_config(config_path)
+    app = create_app(config)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on",
+                                           timeout_graceful_shutdown=10))
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])),
+                              daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, ready_timeout_s, thread)
+        yield RunningServer(url, app, server)
+    finally:
+        begin_shutdown(app)
+        server.should_exit = True
+        thread.join(timeout=60)
+        sock.close()
+
+
+def wait_ready(url: str, timeout_s: float, thread: threading.Thread | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if thread is not None and not thread.is_alive():
+            raise RuntimeError("server thread exited before becoming ready")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} not ready after {timeout_s}s")
+
+
+@pytest.fixture(scope="session")
+def digits_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """The default digits model, eager, shared by the tests that only read from it."""
+    path = write_config(tmp_path_factory.mktemp("eager") / "digits.toml")
+    with run_server(path) as server:
+        yield server
+
+
+def png_bytes(image: Any, format: str = "PNG", **save: Any) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format, **save)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def held_out() -> tuple[list[Any], list[int]]:
+    from batchd.digits import digit_images
+
+    return digit_images("held_out")
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"

@@ -1,0 +1,280 @@
+"""The batching core, driven by fake models: no torch, no HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from batchd.batcher import Batcher
+from batchd.errors import (
+    DeadlineExceeded,
+    ModelFailed,
+    QueueFull,
+    QueueTimeout,
+    ShuttingDown,
+    WorkerDead,
+)
+from tests.conftest import BlockingModel, FailingModel, RecordingModel
+
+pytestmark = pytest.mark.anyio
+
+
+def make_batcher(model: Any, **overrides: Any) -> Batcher[int, int]:
+    settings: dict[str, Any] = {
+        "max_batch_size": 8,
+        "bucket_sizes": (1, 2, 4, 8),
+        "max_wait_s": 0.05,
+        "max_queue_size": 100,
+        "queue_timeout_s": 10.0,
+    }
+    settings.update(overrides)
+    batcher: Batcher[int, int] = Batcher(model, **settings)
+    batcher.start()
+    return batcher
+
+
+def assert_books_balance(batcher: Batcher[Any, Any]) -> None:
+    stats = batcher.stats
+    assert stats.accepted == (stats.succeeded + stats.failed + stats.cancelled + stats.expired
+                              + stats.deadline_exceeded)
+    assert batcher.queue_depth == 0
+    assert batcher.in_flight == 0
+
+
+async def until(condition: Any, timeout_s: float = 5.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not condition():
+            await asyncio.sleep(0.001)
+
+
+async def test_each_caller_gets_its_own_output() -> None:
+    model = RecordingModel()
+    batcher = make_batcher(model)
+    results = await asyncio.gather(*(batcher.submit(i) for i in range(20)))
+    assert [result.output for result in results] == [i * 2 for i in range(20)]
+    assert sum(size for size, _ in model.batches) == 20
+    assert_books_balance(batcher)
+    await batcher.drain(1)
+
+
+async def test_batches_fill_up_to_max_and_pad_to_the_smallest_bucket() -> None:
+    model = BlockingModel()
+    batcher = make_batcher(model)
+    first = asyncio.ensure_future(batcher.submit(0))
+    await until(model.started.is_set)  # the worker is busy: the next 11 queue up
+    rest = [asyncio.ensure_future(batcher.submit(i)) for i in range(1, 12)]
+    await until(lambda: batcher.queue_depth == 11)
+    model.release.set()
+    await asyncio.gather(first, *rest)
+    assert model.batches == [(1, 1), (8, 8), (3, 4)]
+    assert [result.batch_size for result in await asyncio.gather(*rest)] == [8] * 8 + [3] * 3
+    await batcher.drain(1)
+
+
+async def test_lone_request_is_not_held_for_the_window() -> None:
+    model = RecordingModel()
+    batcher = make_batcher(model, max_wait_s=5.0)
+    async with asyncio.timeout(1.0):  # far less than the 5 s window
+        result = await batcher.submit(21)
+    assert result.output == 42
+    await batcher.drain(1)
+
+
+async def test_window_waits_for_requests_on_their_way() -> None:
+    model = RecordingModel()
+    batcher = make_batcher(model, max_wait_s=2.0)
+
+    async def decoded_then_submitted(value: int, decode_s: float) -> int:
+        with batcher.expecting():
+            await asyncio.sleep(decode_s)
+            pending = asyncio.ensure_future(batcher.submit(value))
+            await asyncio.sleep(0)
+        return (await pending).output
+
+    outputs = await asyncio.gather(decoded_then_submitted(1, 0.0),
+                                   decoded_then_submitted(2, 0.1))
+    assert outputs == [2, 4]
+    assert model.batches == [(2, 2)]
+    await batcher.drain(1)
+
+
+async def test_window_is_bounded_by_max_wait() -> None:
+    model = RecordingModel()
+    batcher = make_batcher(model, max_wait_s=0.1)
+    with batcher.expecting():  # a request that never arrives must not hold the batch
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await batcher.submit(1)
+        waited = loop.time() - started
+    assert 0.09 <= waited < 1.0
+    await batcher.drain(1)
+
+
+async def test_cancelled_request_is_removed_and_never_computed() -> None:
+    model = BlockingModel()
+    batcher = make_batcher(model)
+    first = asyncio.ensure_future(batcher.submit(0))
+    await until(model.started.is_set)
+    doomed = asyncio.ensure_future(batcher.submit(100))
+    kept = asyncio.ensure_future(batcher.submit(1))
+    await until(lambda: batcher.queue_depth == 2)
+    doomed.cancel()
+    await until(lambda: batcher.queue_depth == 1)
+    model.release.set()
+    assert (await kept).output == 2
+    await first
+    assert model.batches == [(1, 1), (1, 1)]
+    assert batcher.stats.cancelled == 1
+    assert batcher.stats.computed_items == 2
+    assert_books_balance(batcher)
+    await batcher.drain(1)
+
+
+async def test_cancel_while_computing_does_not_disturb_the_batch() -> None:
+    model = BlockingModel()
+    batcher = make_batcher(model)
+    blocker = asyncio.ensure_future(batcher.submit(0))
+    await until(model.started.is_set)
+    tasks = [asyncio.ensure_future(batcher.submit(i)) for i in range(1, 5)]
+    await until(lambda: batcher.queue_depth == 4)
+    model.started.clear()
+    model.release.set()
+    await blocker
+    tasks[0].cancel()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(results[0], asyncio.CancelledError)
+    assert [result.output for result in results[1:]] == [4, 6, 8]
+    assert_books_balance(batcher)
+    await batcher.drain(1)
+
+
+async def test_poisoned_input_fails_alone_and_the_worker_carries_on() -> None:
+    model = FailingModel()
+    batcher = make_batcher(model, max_wait_s=0.2)
+    with batcher.expecting():
+        tasks = [asyncio.ensure_future(batcher.submit(v)) for v in (1, 2, -3, 4, 5, 6)]
+        await asyncio.sleep(0.01)
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(results[2], ModelFailed)
+    assert [r.output for i, r in enumerate(results) if i != 2] == [2, 4, 8, 10, 12]
+    assert batcher.stats.retried_batches >= 2
+    assert all(bucket in (1, 2, 4, 8) for _, bucket in model.batches)
+    assert (await batcher.submit(7)).output == 14  # still serving
+    assert_books_balance(batcher)
+    await batcher.drain(1)
+
+
+async def test_output_count_mismatch_fails_the_request() -> None:
+    batcher = make_batcher(lambda items, bucket: [0] * (len(items) + 1))
+    with pytest.raises(ModelFailed, match="2 outputs for 1 inputs"):
+        await batcher.submit(1)
+    await batcher.drain(1)
+
+
+async def test_full_queue_rejects_at_once() -> None:
+    model = BlockingModel()
+    batcher = make_batcher(model, max_queue_size=2)
+    running = asyncio.ensure_future(batcher.submit(0))
+    await until(model.started.is_set)
+    queued = [asyncio.ensure_future(batcher.submit(i)) for i in (1, 2)]
+    await until(lambda: batcher.queue_depth == 2)
+    with pytest.raises(QueueFull):
+        await batcher.submit(3)
+    assert batcher.stats.rejected_full == 1
+    model.release.set()
+    await asyncio.gather(running, *queued)
+    assert batcher.stats.accepted == 3
+    await batcher.drain(1)
+
+
+async def test_deadline_passing_in_the_queue_is_never_computed() -> None:
+    model = BlockingModel()
+    batcher = make_batcher(model)
+    running = asyncio.ensure_future(batcher.submit(0))
+    await until(model.started.is_set)
+    with pytest.raises(QueueTimeout):
+        await batcher.submit(5, timeout_s=0.05)
+    model.release.set()
+    await running
+    assert model.batches == [(1, 1)]
+    assert batcher.stats.expired == 1
+    assert_books_balance(batcher)
+    await batcher.drain(1)
+
+
+async def test_client_timeout_only_shortens_the_model_deadline() -> None:
+    model = BlockingModel()
+    batcher = make_batcher(model, queue_timeout_s=0.05)
+    running = asyncio.ensure_future(batcher.submit(0, timeout_s=60))
+    with pytest.raises(DeadlineExceeded):  # 0.05 s applies, not the client's 60 s
+        await running
+    model.release.set()
+    await batcher.drain(1)
+
+
+async def test_deadline_passing_while_computing_is_deadline_exceeded() -> None:
+    model = BlockingModel()
+    batcher = make_batcher(model)
+    with pytest.raises(DeadlineExceeded):
+        await batcher.submit(1, timeout_s=0.05)
+    assert batcher.stats.deadline_exceeded == 1
+    model.release.set()
+    await batcher.drain(1)
+    assert_books_balance(batcher)
+
+
+async def test_drain_finishes_queued_work_then_refuses() -> None:
+    model = RecordingModel(delay_s=0.01)
+    batcher = make_batcher(model, max_batch_size=2, bucket_sizes=(1, 2))
+    tasks = [asyncio.ensure_future(batcher.submit(i)) for i in range(10)]
+    await asyncio.sleep(0)
+    await batcher.drain(5)
+    assert [task.result().output for task in tasks] == [i * 2 for i in range(10)]
+    with pytest.raises(ShuttingDown):
+        await batcher.submit(1)
+    assert batcher.stats.rejected_shutdown == 1
+
+
+async def test_drain_limit_answers_what_is_left_with_shutting_down() -> None:
+    model = BlockingModel()
+    batcher = make_batcher(model)
+    tasks = [asyncio.ensure_future(batcher.submit(i)) for i in range(3)]
+    await until(model.started.is_set)
+    await batcher.drain(0.05)
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(isinstance(result, ShuttingDown) for result in results)
+    model.release.set()
+    assert_books_balance(batcher)
+
+
+async def test_dead_worker_answers_every_pending_request() -> None:
+    model = BlockingModel()
+    batcher = make_batcher(model)
+    running = asyncio.ensure_future(batcher.submit(0))
+    await until(model.started.is_set)
+    queued = [asyncio.ensure_future(batcher.submit(i)) for i in range(1, 4)]
+    await until(lambda: batcher.queue_depth == 3)
+
+    def broken_observer(*args: Any) -> None:
+        raise RuntimeError("bug in the worker")
+
+    batcher._observer = type("Broken", (), {"batch_done": staticmethod(broken_observer)})()
+    model.release.set()
+    async with asyncio.timeout(1.0):
+        results = await asyncio.gather(running, *queued, return_exceptions=True)
+    assert all(isinstance(result, WorkerDead) for result in results[1:])
+    assert not batcher.alive
+    with pytest.raises(WorkerDead):
+        await batcher.submit(9)
+
+
+def test_batcher_imports_neither_torch_nor_starlette() -> None:
+    code = ("import sys, batchd.batcher; "
+            "print(sorted(m for m in ('torch', 'starlette') if m in sys.modules))")
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    assert output == "[]"
