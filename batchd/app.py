@@ -208,6 +208,13 @@ async def predict(request: Request) -> Response:
     if slot is None:
         return error_response(UnknownModel(f"no model named {name!r}"), headers)
     metrics: Metrics = request.app.state.metrics
+    with runtime.track():
+        return await _predict(request, runtime, slot, metrics, headers, started)
+
+
+async def _predict(request: Request, runtime: Runtime, slot: ModelSlot, metrics: Metrics,
+                   headers: dict[str, str], started: float) -> Response:
+    name = slot.name
     try:
         if runtime.draining:
             raise ShuttingDown("the server is shutting down")

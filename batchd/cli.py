@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import socket
 import sys
 from pathlib import Path
 from types import FrameType
@@ -21,22 +23,47 @@ DEFAULT_CONFIG = Path("config/default.toml")
 
 
 class GracefulServer(uvicorn.Server):
-    """uvicorn's server, but readiness turns off the moment a stop signal arrives.
+    """uvicorn's server with a drain phase in front of its shut-down.
 
-    uvicorn then stops accepting connections, lets in-flight requests finish (up to the
-    drain limit) and runs the lifespan shut-down, which drains the batch queues.
+    On the first SIGTERM or SIGINT, readiness turns 503 and new predictions are refused
+    (503, reason shutdown) while the listener stays open and /health stays 200; requests
+    already accepted run to completion, up to server.drain_timeout_s. Then uvicorn shuts
+    down as usual (lifespan shut-down answers anything left with 503) and the process exits
+    0. A second signal skips the wait.
     """
 
-    def __init__(self, config: uvicorn.Config) -> None:
+    def __init__(self, config: uvicorn.Config, drain_timeout_s: float) -> None:
         super().__init__(config)
         self.fatal_error: str | None = None
+        self.drain_timeout_s = drain_timeout_s
+        self._draining = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain_task: asyncio.Task[None] | None = None
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        app = cast(Starlette, self.config.app)
-        if not self.should_exit:
-            logger.info("signal %d: draining (readiness off, finishing accepted requests)", sig)
-            begin_shutdown(app)
-        super().handle_exit(sig, frame)
+        if self._draining or self._loop is None:
+            super().handle_exit(sig, frame)
+            return
+        self._draining = True
+        logger.info("signal %d: draining (readiness off, finishing accepted requests)", sig)
+        begin_shutdown(cast(Starlette, self.config.app))
+        self._loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        self._drain_task = asyncio.get_running_loop().create_task(self._drain_then_exit())
+
+    async def _drain_then_exit(self) -> None:
+        runtime = getattr(cast(Starlette, self.config.app).state, "runtime", None)
+        if runtime is not None and not await runtime.wait_idle(self.drain_timeout_s):
+            logger.warning("drain limit of %.0fs reached with %d requests in progress; "
+                           "answering them 503", self.drain_timeout_s, runtime.active_requests)
+            await runtime.shutdown(timeout_s=0)
+            await runtime.wait_idle(5.0)
+        self.should_exit = True
 
     def fail(self, message: str) -> None:
         logger.error("fatal: %s; shutting down", message)
@@ -54,10 +81,12 @@ def serve(config: Config, host: str | None, port: int | None) -> int:
         port=server_config.port if port is None else port,
         log_config=None,
         log_level=server_config.log_level,
-        timeout_graceful_shutdown=int(server_config.drain_timeout_s) or None,
+        # Accepted requests were drained before uvicorn's own shut-down starts (see
+        # GracefulServer), so uvicorn need only wait briefly for responses to flush.
+        timeout_graceful_shutdown=5,
         lifespan="on",
     )
-    server = GracefulServer(uvicorn_config)
+    server = GracefulServer(uvicorn_config, server_config.drain_timeout_s)
     holder.append(server)
     server.run()
     if server.fatal_error or not server.started:

@@ -7,9 +7,10 @@ thread that will serve it, and starts its batcher. It knows nothing of HTTP.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -50,7 +51,9 @@ class Runtime:
     slots: dict[str, ModelSlot]
     metrics: Metrics
     draining: bool = False
+    active_requests: int = 0
     warm_task: asyncio.Task[None] | None = field(default=None, repr=False)
+    _idle: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     @classmethod
     def load(cls, config: Config, metrics: Metrics) -> Runtime:
@@ -124,18 +127,42 @@ class Runtime:
             reasons["server"] = "shutting down"
         return reasons
 
+    @contextlib.contextmanager
+    def track(self) -> Iterator[None]:
+        """Count a prediction request from arrival to response, for draining."""
+        self.active_requests += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self.active_requests -= 1
+            if self.active_requests == 0:
+                self._idle.set()
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no prediction request is in progress; False if the limit passed first."""
+        if self.active_requests == 0:
+            return True
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
     def start_draining(self) -> None:
-        """Stop taking new work: readiness fails at once, queued work still runs."""
+        """Refuse requests that arrive from now on and fail readiness; accepted ones finish."""
         self.draining = True
+
+    async def shutdown(self, timeout_s: float | None = None) -> None:
+        """Drain every queue within `timeout_s` (default: the configured drain limit), answer
+        whatever is left with ShuttingDown, then release the threads. Safe to call twice."""
+        self.start_draining()
         for slot in self.slots.values():
             slot.batcher.stop_accepting()
-
-    async def shutdown(self) -> None:
-        """Drain every queue within the configured limit, then release the threads."""
-        self.start_draining()
         if self.warm_task is not None and not self.warm_task.done():
             self.warm_task.cancel()
-        timeout = self.config.server.drain_timeout_s
+        timeout = self.config.server.drain_timeout_s if timeout_s is None else timeout_s
         await asyncio.gather(*(slot.batcher.drain(timeout) for slot in self.slots.values()))
         executors: Sequence[ThreadPoolExecutor] = list(
             {id(slot.executor): slot.executor for slot in self.slots.values()}.values()

@@ -1,0 +1,91 @@
+"""Config loading: every mistake fails at start-up naming the file and the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from batchd.config import load_config
+from batchd.errors import ConfigError
+from tests.conftest import ROOT, write_config
+
+
+def test_default_config_loads() -> None:
+    config = load_config(ROOT / "config" / "default.toml")
+    model = config.model("digits")
+    assert config.server.default_model == "digits"
+    assert model.checkpoint == (ROOT / "batchd" / "assets" / "digits.pt").resolve()
+    assert model.batching.bucket_sizes == (1, 2, 4, 8, 16, 32)
+    assert model.preprocess.color_mode == "L"
+    assert model.source.builder == "batchd.digits:build_model"
+
+
+def test_resnet18_config_parses(tmp_path: Path) -> None:
+    text = (ROOT / "config" / "resnet18.toml").read_text()
+    checkpoint = tmp_path / "r.pt"
+    checkpoint.write_bytes(b"")
+    text = text.replace("../checkpoints/resnet18-10.pt", str(checkpoint))
+    (tmp_path / "r.toml").write_text(text)
+    model = load_config(tmp_path / "r.toml").models[0]
+    assert model.source.arch == "resnet18"
+    assert (model.preprocess.resize, model.preprocess.crop) == (256, 224)
+    assert len(model.labels) == 10
+
+
+def test_buckets_default_to_powers_of_two(tmp_path: Path) -> None:
+    path = write_config(tmp_path / "c.toml", batching={"max_batch_size": 12, "buckets": []})
+    assert load_config(path).models[0].batching.bucket_sizes == (1, 2, 4, 8, 12)
+
+
+@pytest.mark.parametrize(
+    ("batching", "server", "key"),
+    [
+        ({"max_batch_size": 0, "buckets": []}, {}, "models[0].batching.max_batch_size"),
+        ({"buckets": [1, 64]}, {}, "models[0].batching.buckets"),
+        ({"max_wait_ms": -1}, {}, "models[0].batching.max_wait_ms"),
+        ({"max_batch_size": "8"}, {}, "models[0].batching.max_batch_size"),
+        ({"surprise": 1}, {}, "models[0].batching.surprise"),
+        ({}, {"port": 70000}, "server.port"),
+        ({}, {"portt": 1}, "server.portt"),
+        ({}, {"default_model": "nope"}, "server.default_model"),
+        ({}, {"log_level": "loud"}, "server.log_level"),
+    ],
+)
+def test_bad_values_name_file_and_key(tmp_path: Path, batching: dict, server: dict,
+                                      key: str) -> None:
+    path = write_config(tmp_path / "bad.toml", batching=batching, server=server)
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert str(path) in str(error.value)
+    assert key in str(error.value)
+
+
+def test_missing_checkpoint_names_the_key(tmp_path: Path) -> None:
+    path = write_config(tmp_path / "c.toml", checkpoint=tmp_path / "missing.pt")
+    with pytest.raises(ConfigError, match=r"models\[0\]\.checkpoint.*missing\.pt"):
+        load_config(path)
+
+
+def test_source_needs_exactly_one_of_arch_or_builder(tmp_path: Path) -> None:
+    path = write_config(tmp_path / "c.toml")
+    path.write_text(path.read_text().replace('builder = "batchd.digits:build_model"',
+                                             'builder = "batchd.digits:build_model"\n'
+                                             'arch = "resnet18"'))
+    with pytest.raises(ConfigError, match=r"models\[0\]\.source"):
+        load_config(path)
+
+
+def test_wrong_number_of_mean_values(tmp_path: Path) -> None:
+    path = write_config(tmp_path / "c.toml")
+    path.write_text(path.read_text().replace("mean = [0.31]", "mean = [0.3, 0.3, 0.3]"))
+    with pytest.raises(ConfigError, match=r"models\[0\]\.preprocess\.mean"):
+        load_config(path)
+
+
+def test_not_toml_and_not_found(tmp_path: Path) -> None:
+    (tmp_path / "broken.toml").write_text("[server\n")
+    with pytest.raises(ConfigError, match=r"broken\.toml: not valid TOML"):
+        load_config(tmp_path / "broken.toml")
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "absent.toml")

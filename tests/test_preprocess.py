@@ -1,0 +1,154 @@
+"""Decoding and preprocessing: odd but valid images convert correctly, hostile ones are refused."""
+
+from __future__ import annotations
+
+import io
+import struct
+import tracemalloc
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from batchd.config import PreprocessConfig
+from batchd.errors import BadInput, PayloadTooLarge, UnsupportedMediaType
+from batchd.preprocess import Preprocessor
+from tests.conftest import png_bytes
+
+RGB = PreprocessConfig(resize=16, crop=16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+GREY = PreprocessConfig(resize=8, crop=8, mean=(0.5,), std=(0.5,), color_mode="L")
+
+
+def encoded(image: Image.Image, format: str = "PNG", **save: object) -> bytes:
+    return png_bytes(image, format, **save)
+
+
+def test_rgb_image_to_uint8_tensor() -> None:
+    image = Image.new("RGB", (40, 20), (200, 100, 50))
+    tensor = Preprocessor(RGB).load(encoded(image))
+    assert tensor.dtype == torch.uint8
+    assert tensor.shape == (3, 16, 16)
+    assert tensor[:, 8, 8].tolist() == [200, 100, 50]
+
+
+def test_normalize_is_scale_mean_std() -> None:
+    batch = torch.full((2, 3, 4, 4), 255, dtype=torch.uint8)
+    assert torch.allclose(Preprocessor(RGB).normalize(batch), torch.ones(2, 3, 4, 4))
+
+
+@pytest.mark.parametrize(
+    ("image", "expected_rgb"),
+    [
+        (Image.new("CMYK", (10, 10), (0, 255, 255, 0)), [255, 0, 0]),
+        (Image.new("L", (10, 10), 77), [77, 77, 77]),
+        (Image.new("1", (10, 10), 1), [255, 255, 255]),
+        (Image.new("LA", (10, 10), (0, 0)), [255, 255, 255]),  # transparent: white background
+    ],
+)
+def test_colour_modes_convert_as_a_viewer_shows_them(image: Image.Image,
+                                                     expected_rgb: list[int]) -> None:
+    format = "JPEG" if image.mode == "CMYK" else "PNG"
+    tensor = Preprocessor(RGB).load(encoded(image, format, quality=100))
+    assert tensor.shape == (3, 16, 16)
+    assert tensor[:, 5, 5].tolist() == pytest.approx(expected_rgb, abs=2)
+
+
+def test_palette_with_alpha() -> None:
+    image = Image.new("P", (10, 10), 0)
+    image.putpalette([255, 0, 0] + [0, 0, 0] * 255)
+    image.info["transparency"] = 0
+    tensor = Preprocessor(RGB).load(encoded(image))
+    assert tensor[:, 5, 5].tolist() == [255, 255, 255]  # fully transparent red -> white
+
+
+def test_sixteen_bit_png_scales_instead_of_clipping() -> None:
+    array = np.full((8, 8), 32768, dtype=np.uint16)
+    image = Image.fromarray(array)
+    data = encoded(image)
+    assert Image.open(io.BytesIO(data)).mode.startswith("I")
+    tensor = Preprocessor(GREY).load(data)
+    assert tensor[0, 4, 4].item() == 128
+
+
+def test_exif_rotation_is_applied() -> None:
+    image = Image.new("RGB", (32, 16), (0, 0, 0))
+    image.paste((255, 255, 255), (0, 0, 16, 16))  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to view": the white half ends up on top
+    data = encoded(image, "JPEG", exif=exif, quality=100)
+    config = PreprocessConfig(resize=16, crop=16, mean=(0.5,) * 3, std=(0.5,) * 3)
+    tensor = Preprocessor(config).load(data)
+    assert tensor.shape == (3, 16, 16)
+    top, bottom = tensor[0, :6].float().mean(), tensor[0, -6:].float().mean()
+    assert top > 200 and bottom < 50
+
+
+def test_one_pixel_image() -> None:
+    tensor = Preprocessor(RGB).load(encoded(Image.new("RGB", (1, 1), (9, 8, 7))))
+    assert tensor.shape == (3, 16, 16)
+    assert tensor[:, 0, 0].tolist() == [9, 8, 7]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"\x00" * 100, np.random.default_rng(0).bytes(5000), b"\x89PNG\r\n\x1a\n" + b"x" * 50],
+    ids=["empty", "zeros", "random", "png-signature-then-junk"],
+)
+def test_garbage_is_bad_input(data: bytes) -> None:
+    with pytest.raises(BadInput) as error:
+        Preprocessor(RGB).load(data)
+    assert type(error.value) is BadInput
+
+
+@pytest.mark.parametrize("format", ["JPEG", "PNG"])
+def test_truncated_image_is_bad_input(format: str) -> None:
+    noise = np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    data = encoded(Image.fromarray(noise), format)
+    with pytest.raises(BadInput):
+        Preprocessor(RGB).load(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"%PDF-1.4\n%...", b"%!PS-Adobe-3.0 EPSF-3.0\n", b"\x00\x00\x01\x00\x01\x00\x10\x10"],
+    ids=["pdf", "eps", "ico"],
+)
+def test_refused_formats_are_unsupported(data: bytes) -> None:
+    with pytest.raises(UnsupportedMediaType):
+        Preprocessor(RGB).load(data + b"\x00" * 64)
+
+
+def test_real_ico_is_unsupported() -> None:
+    data = encoded(Image.new("RGB", (16, 16)), "ICO")
+    with pytest.raises(UnsupportedMediaType):
+        Preprocessor(RGB).load(data)
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A tiny PNG whose header declares width x height 1-bit pixels (the data is a stub)."""
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        crc = zlib.crc32(kind + payload)
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 4096)) + chunk(b"IEND", b""))
+
+
+def test_decompression_bomb_is_refused_from_the_header() -> None:
+    data = bomb_png(30_000, 30_000)  # 900 megapixels declared in a 100-byte file
+    tracemalloc.start()
+    with pytest.raises(PayloadTooLarge, match="pixels"):
+        Preprocessor(RGB, max_image_pixels=40_000_000).load(data)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 20_000_000  # decoding it would take 900 MB; the header check takes little
+
+
+def test_over_our_limit_but_under_pillows_is_still_refused() -> None:
+    data = bomb_png(3000, 3000)  # 9 MP: far below Pillow's own threshold
+    with pytest.raises(PayloadTooLarge):
+        Preprocessor(RGB, max_image_pixels=1_000_000).load(data)
