@@ -12,7 +12,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, TypeVar
 
 import anyio
@@ -25,6 +25,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from batchd import __version__
+from batchd.auth import BearerAuthMiddleware, resolve_token
 from batchd.config import Config
 from batchd.errors import (
     BadInput,
@@ -176,27 +177,32 @@ def request_id_of(request: Request) -> str:
     return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
 
 
-async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> tuple[bool, T | None]:
+async def cancel_on_disconnect(
+    request: Request, work: Coroutine[Any, Any, T]
+) -> tuple[bool, T | None]:
     """Await `work`, cancelling it if the client goes away first. Returns (disconnected, result).
 
     Only call once the body has been read: after that, receive() yields nothing but the
     disconnect message.
     """
-    result: T | None = None
-    disconnected = False
-    async with anyio.create_task_group() as group:
 
-        async def watch() -> None:
-            nonlocal disconnected
-            while (await request.receive())["type"] != "http.disconnect":
-                pass
-            disconnected = True
-            group.cancel_scope.cancel()
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
 
-        group.start_soon(watch)
-        result = await work
-        group.cancel_scope.cancel()
-    return disconnected, result
+    work_task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({work_task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (watcher, work_task):
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+    if work_task.cancelled():
+        return True, None
+    return False, work_task.result()
 
 
 async def predict(request: Request) -> Response:
@@ -248,6 +254,16 @@ async def _predict(request: Request, runtime: Runtime, slot: ModelSlot, metrics:
     return JSONResponse({"model": name, "predictions": predictions}, headers=headers)
 
 
+async def not_found(request: Request, exc: Exception) -> Response:
+    return JSONResponse({"error": f"no route {request.url.path}", "reason": "not_found"}, 404)
+
+
+async def method_not_allowed(request: Request, exc: Exception) -> Response:
+    return JSONResponse({"error": f"{request.method} is not allowed on {request.url.path}",
+                         "reason": "method_not_allowed"}, 405,
+                        headers=getattr(exc, "headers", None))
+
+
 def create_app(
     config: Config, on_fatal: Callable[[str], None] | None = None
 ) -> Starlette:
@@ -274,10 +290,15 @@ def create_app(
         Route("/predict", predict, methods=["POST"]),
         Route("/models/{name}/predict", predict, methods=["POST"]),
     ]
+    middleware = [Middleware(BodyLimitMiddleware, max_bytes=config.server.max_body_bytes)]
+    token = resolve_token(config.server)
+    if token is not None:
+        middleware.insert(0, Middleware(BearerAuthMiddleware, token=token))
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
-        middleware=[Middleware(BodyLimitMiddleware, max_bytes=config.server.max_body_bytes)],
+        middleware=middleware,
+        exception_handlers={404: not_found, 405: method_not_allowed},
     )
     app.state.metrics = metrics
     app.state.config = config

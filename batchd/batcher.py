@@ -63,13 +63,18 @@ class _Request(Generic[In, Out]):
 
 @dataclass
 class BatchStats:
-    """Counts kept by one batcher. After every request settles:
-    accepted == succeeded + failed + cancelled + expired + deadline_exceeded."""
+    """Counts kept by one batcher. Once every request has settled, the books balance:
+    accepted == succeeded + failed + cancelled + expired + deadline_exceeded, and
+    computed_items == accepted - cancelled_queued - expired - failed_unrun
+    (computed_items: inputs whose computation finished, with an output or a model error;
+    failed_unrun: answered by shutdown or a dead worker before their batch ran)."""
 
     accepted: int = 0
     succeeded: int = 0
     failed: int = 0
     cancelled: int = 0
+    cancelled_queued: int = 0
+    failed_unrun: int = 0
     expired: int = 0
     deadline_exceeded: int = 0
     rejected_full: int = 0
@@ -234,7 +239,8 @@ class Batcher(Generic[In, Out]):
             self.stats.deadline_exceeded += 1
             raise DeadlineExceeded(f"not finished within {timeout * 1000:.0f} ms") from None
         except asyncio.CancelledError:
-            self._unqueue(request)
+            if self._unqueue(request):
+                self.stats.cancelled_queued += 1
             self.stats.cancelled += 1
             raise
         except BaseException:
@@ -285,13 +291,16 @@ class Batcher(Generic[In, Out]):
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(remaining):
                         await self._wakeup.wait()
-            if not self._queue:  # everything queued was cancelled while we waited
-                continue
-            count = min(len(self._queue), self.max_batch_size)
-            batch = [self._queue.popleft() for _ in range(count)]
-            for request in batch:
-                request.state = _State.RUNNING
-            return batch
+            batch: list[_Request[In, Out]] = []
+            while self._queue and len(batch) < self.max_batch_size:
+                request = self._queue.popleft()
+                # A future already done was cancelled or timed out, and its submit() has not
+                # resumed yet; it stays QUEUED so that submit() books it as never run.
+                if not request.future.done():
+                    request.state = _State.RUNNING
+                    batch.append(request)
+            if batch:
+                return batch
 
     def bucket_for(self, size: int) -> int:
         """The smallest configured bucket that holds `size` inputs."""
@@ -346,6 +355,7 @@ class Batcher(Generic[In, Out]):
         else:
             logger.warning("%s: model failed on one input: %r", self.name, exc)
             error = ModelFailed(f"the model failed on this input: {type(exc).__name__}: {exc}")
+        self.stats.computed_items += 1
         if not request.future.done():
             request.future.set_exception(error)
 
@@ -364,8 +374,9 @@ class Batcher(Generic[In, Out]):
                 request.future.set_exception(error)
         while self._queue:
             request = self._queue.popleft()
-            request.state = _State.RUNNING
             if not request.future.done():
+                request.state = _State.RUNNING
+                self.stats.failed_unrun += 1
                 request.future.set_exception(error)
 
 

@@ -100,6 +100,8 @@ class ServerConfig:
     drain_timeout_s: float = 30.0
     watchdog_s: float = 60.0
     torch_threads: int = 0
+    auth_token_env: str = ""
+    auth_token_file: Path | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
@@ -154,6 +156,12 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
         raise ConfigError(
             f"{path}: key 'server.default_model': {server.default_model!r} is not one of {names}"
         )
+    if server.auth_token_file is not None:
+        token_file = (path.parent / server.auth_token_file).resolve()
+        if not token_file.is_file():
+            raise ConfigError(f"{path}: key 'server.auth_token_file': file not found: "
+                              f"{token_file}")
+        server = dataclasses.replace(server, auth_token_file=token_file)
     _check_server(server, path)
     return Config(server=server, models=tuple(models), path=path)
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import prometheus_client
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -27,8 +27,9 @@ LATENCY_BUCKETS = (
 
 # Every way a request can end, as the `outcome` label of batchd_requests_total.
 OUTCOMES = (
-    "success", "bad_input", "queue_full", "queue_timeout", "deadline_exceeded", "cancelled",
-    "model_error", "model_overloaded", "shutdown", "worker_dead", "not_ready",
+    "success", "bad_input", "payload_too_large", "unsupported_media_type", "queue_full",
+    "queue_timeout", "deadline_exceeded", "cancelled", "model_error", "model_overloaded",
+    "shutdown", "worker_dead", "not_ready",
 )
 
 
@@ -106,6 +107,7 @@ class Metrics:
             ["model"], registry=self.registry,
         )
         self.registry.register(_StateCollector(self._watched))
+        ProcessCollector(registry=self.registry)  # process_resident_memory_bytes and friends
 
     def watch(self, name: str, batcher: WatchedBatcher, model: WatchedModel) -> None:
         """Export a model's queue, counts and readiness; pre-create its labelled series."""
@@ -144,7 +146,15 @@ class _StateCollector(Collector):
         "batchd_batches": ("Batches the model computed.", lambda w: w.batcher.stats.batches),
         "batchd_batch_retries": ("Failed batches retried in halves to isolate a bad input.",
                                  lambda w: w.batcher.stats.retried_batches),
+        "batchd_batcher_cancelled_queued": (
+            "Requests cancelled (client gone) while still queued: never computed.",
+            lambda w: w.batcher.stats.cancelled_queued),
+        "batchd_batcher_failed_unrun": (
+            "Requests answered by shutdown or a dead worker before their batch ran.",
+            lambda w: w.batcher.stats.failed_unrun),
     }
+    _OUTCOMES = ("succeeded", "failed", "cancelled", "expired", "deadline_exceeded",
+                 "rejected_full", "rejected_shutdown")
 
     def __init__(self, watched: dict[str, _Watched]) -> None:
         self._watched = watched
@@ -160,3 +170,13 @@ class _StateCollector(Collector):
             for model, watched in self._watched.items():
                 counter.add_metric([model], read(watched))
             yield counter
+        settled = CounterMetricFamily(
+            "batchd_batcher_requests",
+            "Requests the batcher settled, by outcome; the accepted ones sum to "
+            "batchd_batcher_accepted_total (rejected_* never entered the queue).",
+            labels=["model", "outcome"],
+        )
+        for model, watched in self._watched.items():
+            for outcome in self._OUTCOMES:
+                settled.add_metric([model, outcome], getattr(watched.batcher.stats, outcome))
+        yield settled

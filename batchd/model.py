@@ -158,6 +158,8 @@ class ServedModel:
         self.compile_count = 0
         self.warm_compile_count = 0
         self.ready = False
+        self.consecutive_oom = 0
+        self.last_oom_at = 0.0
         self._compile_lock = threading.Lock()
         self._forward: Callable[[torch.Tensor], torch.Tensor] = self.module
         if config.runtime.compile:
@@ -224,9 +226,19 @@ class ServedModel:
                 output = self._forward(batch.to(self.device, non_blocking=True))
                 rows = output[:count].float().cpu()
         except torch.cuda.OutOfMemoryError as exc:
-            torch.cuda.empty_cache()
+            self.consecutive_oom += 1
+            self.last_oom_at = time.monotonic()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
             raise ModelOverloaded(f"out of device memory for a batch of {bucket}") from exc
+        self.consecutive_oom = 0
         return list(rows.unbind(0))
+
+    def out_of_memory_streak(self, window_s: float = 30.0) -> int:
+        """Batches in a row that ran out of device memory, if the last was recent, else 0."""
+        if time.monotonic() - self.last_oom_at > window_s:
+            return 0
+        return self.consecutive_oom
 
     def reference(self, item: torch.Tensor) -> torch.Tensor:
         """The eager answer for one input alone: what batching must reproduce."""

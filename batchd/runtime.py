@@ -23,6 +23,10 @@ from batchd.model import ServedModel
 
 logger = logging.getLogger("batchd.runtime")
 
+# Batches in a row that ran out of device memory (within 30 s) before readiness fails, so
+# that a load balancer sends traffic elsewhere until the device recovers.
+OOM_STREAK_NOT_READY = 3
+
 
 @dataclass
 class ModelSlot:
@@ -120,6 +124,9 @@ class Runtime:
                 reasons[slot.name] = f"worker stopped: {slot.batcher.dead_reason}"
             elif not slot.batcher.alive:
                 reasons[slot.name] = "worker not running"
+            elif slot.model.out_of_memory_streak() >= OOM_STREAK_NOT_READY:
+                reasons[slot.name] = (f"out of device memory on the last "
+                                      f"{slot.model.consecutive_oom} batches")
             elif slot.batcher.stalled_for() > watchdog_s:
                 reasons[slot.name] = (f"batch running for {slot.batcher.stalled_for():.0f}s "
                                       f"(watchdog {watchdog_s:.0f}s)")

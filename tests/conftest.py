@@ -73,6 +73,8 @@ def write_config(
     batching: dict[str, Any] | None = None,
     server: dict[str, Any] | None = None,
     checkpoint: Path = DIGITS_CHECKPOINT,
+    builder: str = "batchd.digits:build_model",
+    builder_kwargs: dict[str, Any] | None = None,
 ) -> Path:
     """A config serving the default digits model, with overrides."""
     batching = {"max_batch_size": 32, "max_wait_ms": 5, "buckets": [1, 2, 4, 8, 16, 32],
@@ -92,8 +94,9 @@ checkpoint = {toml_value(str(checkpoint))}
 labels = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"]
 
 [models.source]
-builder = "batchd.digits:build_model"
+builder = {toml_value(builder)}
 num_classes = 10
+kwargs = {{ {", ".join(f"{k} = {toml_value(v)}" for k, v in (builder_kwargs or {}).items())} }}
 
 [models.preprocess]
 resize = 8

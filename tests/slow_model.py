@@ -24,3 +24,45 @@ class SlowDigits(nn.Sequential):
 
 def build_slow(delay_ms: float = 50.0, num_classes: int = 10) -> nn.Module:
     return SlowDigits(delay_ms, num_classes)
+
+
+# An all-white 8x8 digit normalises to (1 - 0.31) / 0.38 = 1.816 everywhere: the marker.
+POISON_THRESHOLD = 1.8
+
+
+class PoisonedDigits(nn.Sequential):
+    """The digits CNN that raises on any batch holding an all-white image."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__(*build_model(num_classes))
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        if bool((batch.flatten(1).min(dim=1).values > POISON_THRESHOLD).any()):
+            raise ValueError("poisoned input")
+        return super().forward(batch)
+
+
+def build_poisoned(num_classes: int = 10) -> nn.Module:
+    return PoisonedDigits(num_classes)
+
+
+class OutOfMemoryDigits(nn.Sequential):
+    """The digits CNN that runs out of 'device memory' on batches larger than `max_ok`,
+    once the first `allow_calls` calls (the start-up probe and warm-up) have passed."""
+
+    def __init__(self, max_ok: int = 2, allow_calls: int = 1, num_classes: int = 10) -> None:
+        super().__init__(*build_model(num_classes))
+        self.max_ok = max_ok
+        self.allow_calls = allow_calls
+        self.calls = 0
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls > self.allow_calls and batch.shape[0] > self.max_ok:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return super().forward(batch)
+
+
+def build_out_of_memory(max_ok: int = 2, allow_calls: int = 1,
+                        num_classes: int = 10) -> nn.Module:
+    return OutOfMemoryDigits(max_ok, allow_calls, num_classes)

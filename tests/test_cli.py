@@ -36,10 +36,8 @@ def slow_server(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
     config = write_config(tmp_path / "slow.toml",
                           batching={"max_batch_size": 4, "buckets": [1, 2, 4],
                                     "max_wait_ms": 2},
-                          server={"drain_timeout_s": 30})
-    config.write_text(config.read_text().replace(
-        'builder = "batchd.digits:build_model"', 'builder = "tests.slow_model:build_slow"\n'
-        "kwargs = { delay_ms = 60 }"))
+                          server={"drain_timeout_s": 30},
+                          builder="tests.slow_model:build_slow", builder_kwargs={"delay_ms": 60})
     port = free_port()
     process = start(config, port)
     try:

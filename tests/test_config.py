@@ -69,9 +69,8 @@ def test_missing_checkpoint_names_the_key(tmp_path: Path) -> None:
 
 def test_source_needs_exactly_one_of_arch_or_builder(tmp_path: Path) -> None:
     path = write_config(tmp_path / "c.toml")
-    path.write_text(path.read_text().replace('builder = "batchd.digits:build_model"',
-                                             'builder = "batchd.digits:build_model"\n'
-                                             'arch = "resnet18"'))
+    path.write_text(path.read_text().replace("num_classes = 10",
+                                             'num_classes = 10\narch = "resnet18"'))
     with pytest.raises(ConfigError, match=r"models\[0\]\.source"):
         load_config(path)
 

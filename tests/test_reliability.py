@@ -1,0 +1,219 @@
+"""Overload, deadlines, disconnects and model faults, through a real server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image
+
+from tests.conftest import RunningServer, png_bytes, run_server, write_config
+
+SLOW = "tests.slow_model:build_slow"
+
+
+def digit(held_out: tuple[list[Any], list[int]], index: int = 0) -> bytes:
+    return png_bytes(held_out[0][index])
+
+
+def post(client: httpx.AsyncClient, body: bytes, **headers: str) -> Any:
+    return client.post("/predict", content=body, headers={"content-type": "image/png",
+                                                          **headers})
+
+
+def books_balance(server: RunningServer) -> None:
+    """Everything accepted was settled, and only what reached a batch was computed."""
+    accepted = server.metric("batchd_batcher_accepted_total")
+    settled = sum(server.metric("batchd_batcher_requests_total", {"outcome": outcome})
+                  for outcome in ("succeeded", "failed", "cancelled", "expired",
+                                  "deadline_exceeded"))
+    assert accepted == settled
+    never_ran = (server.metric("batchd_batcher_cancelled_queued_total")
+                 + server.metric("batchd_batcher_requests_total", {"outcome": "expired"})
+                 + server.metric("batchd_batcher_failed_unrun_total"))
+    assert server.metric("batchd_items_computed_total") == accepted - never_ran
+    assert server.metric("batchd_queue_depth") == 0
+    assert server.metric("batchd_in_flight_requests") == 0
+
+
+@pytest.fixture
+def slow_server(tmp_path: Path) -> Iterator[RunningServer]:
+    """One request per batch, 300 ms each, a queue of 2."""
+    config = write_config(tmp_path / "slow.toml", builder=SLOW, builder_kwargs={"delay_ms": 300},
+                          batching={"max_batch_size": 1, "buckets": [1], "max_queue_size": 2,
+                                    "queue_timeout_ms": 5000})
+    with run_server(config) as server:
+        yield server
+
+
+def test_full_queue_is_503_at_once(slow_server: RunningServer,
+                                   held_out: tuple[list[Any], list[int]]) -> None:
+    async def scenario() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=slow_server.url, timeout=30) as client:
+            return list(await asyncio.gather(*(post(client, digit(held_out)) for _ in range(8))))
+
+    responses = asyncio.run(scenario())
+    codes = sorted(response.status_code for response in responses)
+    assert codes.count(200) >= 3  # one computing, two queued
+    rejected = [response for response in responses if response.status_code == 503]
+    assert rejected
+    for response in rejected:
+        assert response.json()["reason"] == "queue_full"
+        assert response.headers["retry-after"] == "1"
+    assert slow_server.metric("batchd_requests_total", {"outcome": "queue_full"}) == len(rejected)
+    assert slow_server.metric("batchd_batcher_accepted_total") == codes.count(200)
+    books_balance(slow_server)
+
+
+def test_queue_deadline_and_compute_deadline(slow_server: RunningServer,
+                                             held_out: tuple[list[Any], list[int]]) -> None:
+    async def scenario() -> tuple[httpx.Response, httpx.Response, httpx.Response]:
+        async with httpx.AsyncClient(base_url=slow_server.url, timeout=30) as client:
+            first = asyncio.ensure_future(post(client, digit(held_out)))
+            while slow_server.metric("batchd_in_flight_requests") < 1:
+                await asyncio.sleep(0.01)
+            queued = await post(client, digit(held_out), **{"X-Request-Timeout-Ms": "100"})
+            return await first, queued, await post(client, digit(held_out),
+                                                   **{"X-Request-Timeout-Ms": "150"})
+
+    first, queued, computing = asyncio.run(scenario())
+    assert first.status_code == 200
+    assert queued.status_code == 503
+    assert queued.json()["reason"] == "queue_timeout"
+    assert computing.status_code == 504  # started at once, but takes 300 ms
+    assert computing.json()["reason"] == "deadline_exceeded"
+    time.sleep(0.4)  # let the abandoned batch finish before the books are read
+    assert slow_server.metric("batchd_requests_total", {"outcome": "queue_timeout"}) == 1
+    assert slow_server.metric("batchd_items_computed_total") == 2  # the expired one never ran
+    books_balance(slow_server)
+
+
+def test_bad_timeout_header_is_422(slow_server: RunningServer,
+                                   held_out: tuple[list[Any], list[int]]) -> None:
+    with slow_server.client() as client:
+        for value in ("soon", "-5", "0"):
+            response = client.post("/predict", content=digit(held_out),
+                                   headers={"content-type": "image/png",
+                                            "X-Request-Timeout-Ms": value})
+            assert response.status_code == 422, value
+
+
+def raw_request(port: int, body: bytes) -> socket.socket:
+    """Send a prediction request on a raw socket and leave it open (no response read)."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                 + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    return sock
+
+
+def test_disconnect_while_queued_is_cancelled_and_never_computed(
+    slow_server: RunningServer, held_out: tuple[list[Any], list[int]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    port = int(slow_server.url.rsplit(":", 1)[1])
+    body = digit(held_out)
+    computing = raw_request(port, body)
+    deadline = time.monotonic() + 10
+    while slow_server.metric("batchd_in_flight_requests") < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    queued = raw_request(port, body)
+    while slow_server.metric("batchd_queue_depth") < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    queued.close()  # the client goes away while its request waits
+    computing.close()  # and this one while its batch runs
+    while slow_server.metric("batchd_in_flight_requests") > 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.4)
+    assert slow_server.metric("batchd_batcher_cancelled_queued_total") == 1
+    assert slow_server.metric("batchd_requests_total", {"outcome": "cancelled"}) == 2
+    assert slow_server.metric("batchd_items_computed_total") == 1
+    with slow_server.client() as client:  # still serving
+        assert client.post("/predict", content=body,
+                           headers={"content-type": "image/png"}).status_code == 200
+    books_balance(slow_server)
+    text = caplog.text
+    assert "InvalidStateError" not in text
+    assert "never retrieved" not in text
+    assert "Traceback" not in text
+
+
+def test_poisoned_input_fails_alone(tmp_path: Path,
+                                    held_out: tuple[list[Any], list[int]]) -> None:
+    config = write_config(tmp_path / "poison.toml", builder="tests.slow_model:build_poisoned",
+                          batching={"max_batch_size": 8, "buckets": [1, 2, 4, 8],
+                                    "max_wait_ms": 200})
+    poison = png_bytes(Image.new("L", (8, 8), 255))
+    bodies = [digit(held_out, i) for i in range(7)]
+    bodies.insert(3, poison)
+
+    async def scenario(url: str) -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            return list(await asyncio.gather(*(post(client, body) for body in bodies)))
+
+    with run_server(config) as server:
+        responses = asyncio.run(scenario(server.url))
+        assert responses[3].status_code == 500
+        assert responses[3].json()["reason"] == "model_error"
+        assert [r.status_code for i, r in enumerate(responses) if i != 3] == [200] * 7
+        assert server.metric("batchd_batch_retries_total") >= 1
+        assert asyncio.run(scenario(server.url))[0].status_code == 200  # still serving
+        assert server.metric("batchd_requests_total", {"outcome": "model_error"}) == 2
+        books_balance(server)
+
+
+def test_out_of_memory_is_split_then_503_and_not_ready(
+    tmp_path: Path, held_out: tuple[list[Any], list[int]]
+) -> None:
+    batching = {"max_batch_size": 8, "buckets": [1, 2, 4, 8], "max_wait_ms": 200}
+    splits = write_config(tmp_path / "oom2.toml", builder="tests.slow_model:build_out_of_memory",
+                          builder_kwargs={"max_ok": 2, "allow_calls": 5}, batching=batching)
+    bodies = [digit(held_out, i) for i in range(8)]
+
+    async def scenario(url: str, count: int) -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            return list(await asyncio.gather(*(post(client, body) for body in bodies[:count])))
+
+    with run_server(splits) as server:
+        assert [r.status_code for r in asyncio.run(scenario(server.url, 8))] == [200] * 8
+        assert server.metric("batchd_batch_retries_total") >= 1
+
+    always = write_config(tmp_path / "oom0.toml", builder="tests.slow_model:build_out_of_memory",
+                          builder_kwargs={"max_ok": 0, "allow_calls": 5}, batching=batching)
+    with run_server(always) as server:
+        for _ in range(3):
+            (response,) = asyncio.run(scenario(server.url, 1))
+            assert response.status_code == 503
+            assert response.json()["reason"] == "model_overloaded"
+            assert response.headers["retry-after"] == "1"
+        ready = httpx.get(f"{server.url}/ready")
+        assert ready.status_code == 503
+        assert "out of device memory" in ready.json()["reasons"]["digits"]
+
+
+def test_hanging_model_fails_readiness_and_requests_end_at_deadline(
+    tmp_path: Path, held_out: tuple[list[Any], list[int]]
+) -> None:
+    config = write_config(tmp_path / "hang.toml", builder=SLOW,
+                          builder_kwargs={"delay_ms": 2500},
+                          batching={"queue_timeout_ms": 800}, server={"watchdog_s": 0.3})
+    with run_server(config, ready_timeout_s=60) as server, server.client() as client:
+        started = time.monotonic()
+        response = client.post("/predict", content=digit(held_out),
+                               headers={"content-type": "image/png"})
+        assert response.status_code == 504
+        assert time.monotonic() - started < 2.0
+        ready = client.get("/ready")
+        assert ready.status_code == 503
+        assert "watchdog" in ready.json()["reasons"]["digits"]
+        deadline = time.monotonic() + 10
+        while client.get("/ready").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.get("/ready").status_code == 200  # recovers once the batch ends
