@@ -195,13 +195,13 @@ class Batcher(Generic[In, Out]):
     # -- submission ---------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def expecting(self) -> Iterator[None]:
-        """Mark a request as on its way (being decoded), so the worker waits for it."""
-        self._expected += 1
+    def expecting(self, count: int = 1) -> Iterator[None]:
+        """Mark `count` inputs as on their way (being decoded), so the worker waits for them."""
+        self._expected += count
         try:
             yield
         finally:
-            self._expected -= 1
+            self._expected -= count
             self._wakeup.set()
 
     async def submit(self, item: In, timeout_s: float | None = None) -> BatchResult[Out]:

@@ -4,9 +4,10 @@ Its data set is scikit-learn's bundled copy of the UCI handwritten digits (1,797
 so training needs no download. Training feeds the images through the very Preprocessor
 that serving uses, so preprocessing cannot drift between the two.
 
-Train and write the shipped checkpoint (prints held-out accuracy):
+Train and write the shipped checkpoints (each prints its held-out accuracy):
 
     python -m batchd.digits --out batchd/assets/digits.pt
+    python -m batchd.digits --arch mlp --out batchd/assets/digits_mlp.pt
 """
 
 from __future__ import annotations
@@ -44,6 +45,19 @@ def build_model(num_classes: int = 10) -> nn.Module:
     )
 
 
+def build_mlp(num_classes: int = 10) -> nn.Module:
+    """A second, smaller network for the same data: a two-layer perceptron."""
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(64, 128),
+        nn.ReLU(),
+        nn.Linear(128, num_classes),
+    )
+
+
+BUILDERS = {"cnn": build_model, "mlp": build_mlp}
+
+
 def digit_images(split: str) -> tuple[list[Image.Image], list[int]]:
     """The 'train' or 'held_out' digits as 8-bit grey images, with their labels."""
     from sklearn.datasets import load_digits
@@ -76,7 +90,7 @@ def accuracy(network: nn.Module, images: list[Image.Image], labels: list[int]) -
     return sum(p == y for p, y in zip(predicted, labels, strict=True)) / len(labels)
 
 
-def train(epochs: int = 40, seed: int = 0) -> nn.Module:
+def train(epochs: int = 40, seed: int = 0, arch: str = "cnn") -> nn.Module:
     from batchd.preprocess import Preprocessor
 
     torch.manual_seed(seed)
@@ -84,7 +98,7 @@ def train(epochs: int = 40, seed: int = 0) -> nn.Module:
     images, labels = digit_images("train")
     inputs = preprocessor.normalize(torch.stack([preprocessor.load(image) for image in images]))
     targets = torch.tensor(labels)
-    network = build_model()
+    network = BUILDERS[arch]()
     optimizer = torch.optim.Adam(network.parameters(), lr=2e-3)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)
     for epoch in range(epochs):
@@ -111,8 +125,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "assets" / "digits.pt")
     parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--arch", choices=sorted(BUILDERS), default="cnn")
     args = parser.parse_args(argv)
-    network = train(args.epochs)
+    network = train(args.epochs, arch=args.arch)
     held_out = accuracy(network, *digit_images("held_out"))
     print(f"held-out accuracy: {held_out:.4f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)

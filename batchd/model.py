@@ -133,18 +133,6 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-class ServedModule(nn.Module):
-    """The network with its input normalisation in front, so both compile into one graph."""
-
-    def __init__(self, network: nn.Module, preprocessor: Preprocessor) -> None:
-        super().__init__()
-        self.network = network
-        self.preprocessor = preprocessor
-
-    def forward(self, batch_uint8: torch.Tensor) -> torch.Tensor:
-        return self.network(self.preprocessor.normalize(batch_uint8))
-
-
 class ServedModel:
     """One model ready to serve: network, preprocessing, labels and a batch runner."""
 
@@ -153,7 +141,7 @@ class ServedModel:
         self.name = config.name
         self.preprocessor = Preprocessor(config.preprocess, max_image_pixels)
         self.device = resolve_device(config.runtime.device)
-        self.module = ServedModule(network, self.preprocessor).to(self.device).eval()
+        self.network = network.to(self.device).eval()
         self.input_shape = self.preprocessor.input_shape
         self.compile_count = 0
         self.warm_compile_count = 0
@@ -161,7 +149,7 @@ class ServedModel:
         self.consecutive_oom = 0
         self.last_oom_at = 0.0
         self._compile_lock = threading.Lock()
-        self._forward: Callable[[torch.Tensor], torch.Tensor] = self.module
+        self._forward: Callable[[torch.Tensor], torch.Tensor] = self.network
         if config.runtime.compile:
             self._forward = self._compiled()
         self.num_classes = self._probe_num_classes()
@@ -188,12 +176,12 @@ class ServedModel:
                 self.compile_count += 1
             return compile_fx(graph, example_inputs, config_patches=patches)
 
-        return torch.compile(self.module, backend=counting_backend, dynamic=False)
+        return torch.compile(self.network, backend=counting_backend, dynamic=False)
 
     def _probe_num_classes(self) -> int:
         with torch.inference_mode():
-            probe = torch.zeros((1, *self.input_shape), dtype=torch.uint8, device=self.device)
-            output = self.module(probe)
+            probe = torch.zeros((1, *self.input_shape), dtype=torch.float32, device=self.device)
+            output = self.network(probe)
         if output.ndim != 2:
             raise ConfigError(f"model {self.name!r}: expected [N, classes] outputs, got "
                               f"shape {list(output.shape)}")
@@ -217,14 +205,12 @@ class ServedModel:
         self.ready = True
 
     def run_batch(self, items: Sequence[torch.Tensor], bucket: int) -> list[torch.Tensor]:
-        """Stack uint8 inputs, zero-pad to `bucket`, run, and return one logits row each."""
-        count = len(items)
-        batch = torch.zeros((bucket, *self.input_shape), dtype=torch.uint8)
-        torch.stack(list(items), out=batch[:count])
+        """Run inputs (uint8 images, or float32 already normalised), zero-padded to `bucket`;
+        return one logits row each."""
         try:
             with torch.inference_mode():
-                output = self._forward(batch.to(self.device, non_blocking=True))
-                rows = output[:count].float().cpu()
+                output = self._forward(self.assemble(items, bucket))
+                rows = output[:len(items)].float().cpu()
         except torch.cuda.OutOfMemoryError as exc:
             self.consecutive_oom += 1
             self.last_oom_at = time.monotonic()
@@ -233,6 +219,29 @@ class ServedModel:
             raise ModelOverloaded(f"out of device memory for a batch of {bucket}") from exc
         self.consecutive_oom = 0
         return list(rows.unbind(0))
+
+    def assemble(self, items: Sequence[torch.Tensor], bucket: int) -> torch.Tensor:
+        """One float32 batch of `bucket` rows on the device: the items, then zero rows.
+
+        uint8 images travel to the device as uint8 (a quarter of the bytes) and are
+        normalised there, once for the whole batch.
+        """
+        if len(items) > bucket:
+            raise ValueError(f"{len(items)} items do not fit a bucket of {bucket}")
+        for item in items:
+            if tuple(item.shape) != self.input_shape:
+                raise ValueError(f"input of shape {list(item.shape)}, expected "
+                                 f"{list(self.input_shape)}")
+        if all(item.dtype == torch.uint8 for item in items):
+            batch = torch.zeros((bucket, *self.input_shape), dtype=torch.uint8)
+            torch.stack(list(items), out=batch[:len(items)])
+            return self.preprocessor.normalize(batch.to(self.device, non_blocking=True))
+        batch = torch.zeros((bucket, *self.input_shape), dtype=torch.float32, device=self.device)
+        for index, item in enumerate(items):
+            row = item.to(self.device, non_blocking=True).unsqueeze(0)
+            batch[index] = self.preprocessor.normalize(row)[0] if item.dtype == torch.uint8 \
+                else row[0].to(torch.float32)
+        return batch
 
     def out_of_memory_streak(self, window_s: float = 30.0) -> int:
         """Batches in a row that ran out of device memory, if the last was recent, else 0."""
@@ -243,7 +252,7 @@ class ServedModel:
     def reference(self, item: torch.Tensor) -> torch.Tensor:
         """The eager answer for one input alone: what batching must reproduce."""
         with torch.inference_mode():
-            return self.module(item.unsqueeze(0).to(self.device))[0].float().cpu()
+            return self.network(self.assemble([item], 1))[0].float().cpu()
 
     def top_k(self, logits: torch.Tensor, k: int) -> list[tuple[str, float]]:
         """The k most probable labels with their softmax probabilities, highest first."""

@@ -1,0 +1,154 @@
+"""What the native API and the Open Inference Protocol share: the one table that maps
+batchd's errors to HTTP status codes, request ids, disconnect handling, and the frame
+around every prediction (readiness checks, draining, metrics)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from batchd.errors import (
+    BadInput,
+    BatchdError,
+    DeadlineExceeded,
+    InvalidParameter,
+    ModelFailed,
+    ModelOverloaded,
+    NotReady,
+    PayloadTooLarge,
+    QueueFull,
+    QueueTimeout,
+    ShuttingDown,
+    Unauthorized,
+    UnknownModel,
+    UnsupportedMediaType,
+    WorkerDead,
+)
+from batchd.metrics import Metrics
+from batchd.runtime import ModelSlot, Runtime
+
+T = TypeVar("T")
+
+TIMEOUT_HEADER = "x-request-timeout-ms"
+RETRY_AFTER_S = "1"
+CLIENT_CLOSED = 499  # nginx's code for "client closed request"; only ever seen in metrics
+
+# The one place where errors become HTTP status codes. 503s carry Retry-After.
+STATUS_FOR_ERROR: list[tuple[type[BatchdError], int]] = [
+    (PayloadTooLarge, 413),
+    (UnsupportedMediaType, 415),
+    (InvalidParameter, 422),
+    (BadInput, 400),
+    (Unauthorized, 401),
+    (UnknownModel, 404),
+    (QueueFull, 503),
+    (QueueTimeout, 503),
+    (ModelOverloaded, 503),
+    (ShuttingDown, 503),
+    (WorkerDead, 503),
+    (NotReady, 503),
+    (DeadlineExceeded, 504),
+    (ModelFailed, 500),
+]
+
+
+def status_for(error: BatchdError) -> int:
+    for error_type, status in STATUS_FOR_ERROR:
+        if isinstance(error, error_type):
+            return status
+    return 500
+
+
+def error_response(error: BatchdError, headers: dict[str, str] | None = None) -> JSONResponse:
+    status = status_for(error)
+    headers = dict(headers or {})
+    if status == 503:
+        headers["Retry-After"] = RETRY_AFTER_S
+    return JSONResponse({"error": str(error), "reason": error.reason}, status, headers=headers)
+
+
+def runtime_of(request: Request) -> Runtime:
+    runtime: Runtime | None = getattr(request.app.state, "runtime", None)
+    if runtime is None:
+        raise NotReady("the server is starting")
+    return runtime
+
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def request_id_of(request: Request) -> str:
+    given = request.headers.get("x-request-id", "")
+    return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+
+
+async def cancel_on_disconnect(
+    request: Request, work: Coroutine[Any, Any, T]
+) -> tuple[bool, T | None]:
+    """Await `work`, cancelling it if the client goes away first. Returns (disconnected, result).
+
+    Only call once the body has been read: after that, receive() yields nothing but the
+    disconnect message.
+    """
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    work_task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({work_task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (watcher, work_task):
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+    if work_task.cancelled():
+        return True, None
+    return False, work_task.result()
+
+
+PredictionHandler = Callable[[Request, ModelSlot, dict[str, str]], Awaitable[Response | None]]
+
+
+async def serve_prediction(request: Request, name: str, handler: PredictionHandler) -> Response:
+    """Run `handler` for model `name` inside the frame every prediction shares.
+
+    The frame answers 404 for an unknown model and 503 while draining or not ready, maps
+    BatchdErrors to their status, counts the request for draining, and records its outcome
+    and latency. A handler returns None when the client went away.
+    """
+    started = time.perf_counter()
+    runtime = runtime_of(request)
+    headers = {"X-Request-ID": request_id_of(request)}
+    slot = runtime.slots.get(name)
+    if slot is None:
+        return error_response(UnknownModel(f"no model named {name!r}"), headers)
+    metrics: Metrics = request.app.state.metrics
+    with runtime.track():
+        try:
+            if runtime.draining:
+                raise ShuttingDown("the server is shutting down")
+            if not slot.ready:
+                raise NotReady(f"model {name!r} is not ready: "
+                               f"{runtime.not_ready_reasons().get(name, 'unknown')}")
+            response = await handler(request, slot, headers)
+        except BatchdError as error:
+            response = error_response(error, headers)
+            outcome = error.reason
+        else:
+            outcome = "success"
+            if response is None:
+                outcome, response = "cancelled", Response(status_code=CLIENT_CLOSED)
+    metrics.request_done(name, outcome, response.status_code, time.perf_counter() - started)
+    return response

@@ -1,0 +1,290 @@
+"""The Open Inference Protocol, spoken by the unmodified tritonclient and by raw JSON."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import tritonclient.http as triton
+import tritonclient.http.aio as triton_aio
+from tritonclient.utils import InferenceServerException
+
+from batchd.config import load_config
+from batchd.model import ServedModel
+from tests.conftest import ROOT, RunningServer, png_bytes, run_server
+
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    text = (ROOT / "config" / "two_models.toml").read_text()
+    text = text.replace("compile = true", "compile = false").replace(
+        "../batchd/assets/", str(ROOT / "batchd" / "assets") + "/")
+    path = tmp_path_factory.mktemp("v2") / "two.toml"
+    path.write_text(text)
+    with run_server(path) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def offline() -> dict[str, ServedModel]:
+    config = load_config(ROOT / "config" / "two_models.toml")
+    return {model.name: ServedModel.from_config(dataclasses.replace(
+        model, runtime=dataclasses.replace(model.runtime, compile=False, device="cpu")))
+        for model in config.models}
+
+
+def host(server: RunningServer) -> str:
+    return server.url.removeprefix("http://")
+
+
+def preprocessed(model: ServedModel, images: list[Any]) -> np.ndarray:
+    """What a client that preprocesses itself sends as the FP32 `input`."""
+    batch = torch.stack([model.preprocessor.load(image) for image in images])
+    return model.preprocessor.normalize(batch).numpy()
+
+
+def expected_logits(model: ServedModel, images: list[Any]) -> np.ndarray:
+    return torch.stack([model.reference(model.preprocessor.load(image))
+                        for image in images]).numpy()
+
+
+def test_health_and_metadata(two_models: RunningServer) -> None:
+    client = triton.InferenceServerClient(host(two_models))
+    try:
+        assert client.is_server_live()
+        assert client.is_server_ready()
+        assert client.is_model_ready("digits")
+        assert client.is_model_ready("digits-mlp", model_version="1")
+        assert not client.is_model_ready("nope")
+        server = client.get_server_metadata()
+        assert server["name"] == "batchd"
+        assert "binary_tensor_data" in server["extensions"]
+        metadata = client.get_model_metadata("digits")
+        assert metadata["inputs"][0] == {"name": "input", "datatype": "FP32",
+                                         "shape": [-1, 1, 8, 8]}
+        assert {"name": "logits", "datatype": "FP32", "shape": [-1, 10]} in metadata["outputs"]
+        assert client.get_model_metadata("digits-mlp", "1")["name"] == "digits-mlp"
+        with pytest.raises(InferenceServerException):
+            client.get_model_metadata("digits", "2")
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+@pytest.mark.parametrize("model_name", ["digits", "digits-mlp"])
+def test_fp32_input_equals_offline(two_models: RunningServer, offline: dict[str, ServedModel],
+                                   held_out: tuple[list[Any], list[int]], binary: bool,
+                                   model_name: str) -> None:
+    model = offline[model_name]
+    images = held_out[0][:5]
+    data = preprocessed(model, images)
+    request = triton.InferInput("input", list(data.shape), "FP32")
+    request.set_data_from_numpy(data, binary_data=binary)
+    outputs = [triton.InferRequestedOutput("logits", binary_data=binary),
+               triton.InferRequestedOutput("probabilities", binary_data=binary)]
+    client = triton.InferenceServerClient(host(two_models))
+    try:
+        result = client.infer(model_name, [request], outputs=outputs)
+    finally:
+        client.close()
+    want = expected_logits(model, images)
+    np.testing.assert_allclose(result.as_numpy("logits"), want, atol=TOLERANCE)
+    np.testing.assert_allclose(result.as_numpy("probabilities"),
+                               torch.softmax(torch.from_numpy(want), 1).numpy(), atol=TOLERANCE)
+
+
+def test_encoded_images_with_classification(two_models: RunningServer,
+                                            held_out: tuple[list[Any], list[int]]) -> None:
+    images, labels = held_out[0][:6], held_out[1][:6]
+    encoded = np.array([png_bytes(image) for image in images], dtype=np.object_)
+    request = triton.InferInput("image", [len(images)], "BYTES")
+    request.set_data_from_numpy(encoded, binary_data=True)
+    client = triton.InferenceServerClient(host(two_models))
+    try:
+        result = client.infer("digits", [request], outputs=[
+            triton.InferRequestedOutput("probabilities", binary_data=True, class_count=3)])
+    finally:
+        client.close()
+    top = result.as_numpy("probabilities")
+    assert top.shape == (6, 3)
+    for row, label in zip(top, labels, strict=True):
+        value, index, name = row[0].decode().split(":")
+        assert int(index) == label and name == str(label)
+        assert 0.5 < float(value) <= 1.0
+
+
+def test_many_concurrent_async_requests(two_models: RunningServer,
+                                        offline: dict[str, ServedModel],
+                                        held_out: tuple[list[Any], list[int]]) -> None:
+    images = held_out[0][:60]
+    model = offline["digits"]
+    want = expected_logits(model, images)
+    data = preprocessed(model, images)
+
+    async def scenario() -> list[np.ndarray]:
+        client = triton_aio.InferenceServerClient(host(two_models), conn_limit=64)
+        try:
+            async def one(index: int) -> np.ndarray:
+                request = triton_aio.InferInput("input", [1, 1, 8, 8], "FP32")
+                request.set_data_from_numpy(data[index:index + 1], binary_data=True)
+                result = await client.infer("digits", [request], outputs=[
+                    triton_aio.InferRequestedOutput("logits", binary_data=True)])
+                return result.as_numpy("logits")[0]
+
+            return list(await asyncio.gather(*(one(i) for i in range(len(images)))))
+        finally:
+            await client.close()
+
+    got = np.stack(asyncio.run(scenario()))
+    np.testing.assert_allclose(got, want, atol=TOLERANCE)
+    assert two_models.metric("batchd_batch_size_count", {"model": "digits"}) < \
+        two_models.metric("batchd_batch_size_sum", {"model": "digits"})
+
+
+def test_request_larger_than_max_batch(two_models: RunningServer,
+                                       offline: dict[str, ServedModel],
+                                       held_out: tuple[list[Any], list[int]]) -> None:
+    images = held_out[0][:75]  # max_batch_size is 32
+    model = offline["digits"]
+    data = preprocessed(model, images)
+    response = httpx.post(f"{two_models.url}/v2/models/digits/versions/1/infer", json={
+        "id": "big-one",
+        "inputs": [{"name": "input", "datatype": "FP32", "shape": list(data.shape),
+                    "data": data.tolist()}],  # nested
+        "outputs": [{"name": "logits"}],
+    }, timeout=60)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["id"] == "big-one"
+    assert body["model_name"] == "digits"
+    (output,) = body["outputs"]
+    assert output["shape"] == [75, 10]
+    np.testing.assert_allclose(np.array(output["data"]).reshape(75, 10),
+                               expected_logits(model, images), atol=TOLERANCE)
+
+
+def test_base64_images_in_json(two_models: RunningServer,
+                               held_out: tuple[list[Any], list[int]]) -> None:
+    images, labels = held_out[0][:3], held_out[1][:3]
+    response = httpx.post(f"{two_models.url}/v2/models/digits-mlp/infer", json={
+        "inputs": [{"name": "image", "datatype": "BYTES", "shape": [3],
+                    "data": [base64.b64encode(png_bytes(i)).decode() for i in images]}],
+    })
+    assert response.status_code == 200, response.text
+    outputs = {output["name"]: output for output in response.json()["outputs"]}
+    probabilities = np.array(outputs["probabilities"]["data"]).reshape(3, 10)
+    assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    assert (probabilities.argmax(axis=1) == np.array(labels)).sum() >= 2
+
+
+BAD_REQUESTS: dict[str, tuple[dict[str, Any], int]] = {
+    "wrong-datatype": ({"inputs": [{"name": "input", "datatype": "INT64", "shape": [1, 1, 8, 8],
+                                    "data": [0] * 64}]}, 400),
+    "shape-vs-data": ({"inputs": [{"name": "input", "datatype": "FP32", "shape": [2, 1, 8, 8],
+                                   "data": [0.0] * 64}]}, 400),
+    "wrong-image-size": ({"inputs": [{"name": "input", "datatype": "FP32",
+                                      "shape": [1, 1, 9, 9], "data": [0.0] * 81}]}, 400),
+    "unknown-input": ({"inputs": [{"name": "pixels", "datatype": "FP32",
+                                   "shape": [1, 1, 8, 8], "data": [0.0] * 64}]}, 400),
+    "unknown-output": ({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 8, 8],
+                                    "data": [0.0] * 64}], "outputs": [{"name": "x"}]}, 400),
+    "not-numbers": ({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 8, 8],
+                                 "data": ["a"] * 64}]}, 400),
+    "no-inputs": ({"inputs": []}, 400),
+    "bad-base64": ({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                                "data": ["***"]}]}, 400),
+    "undecodable-image": ({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                                       "data": [base64.b64encode(b"nope").decode()]}]}, 400),
+}
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS)
+def test_malformed_requests_are_400_json(two_models: RunningServer, case: str) -> None:
+    body, status = BAD_REQUESTS[case]
+    response = httpx.post(f"{two_models.url}/v2/models/digits/infer", json=body)
+    assert response.status_code == status, response.text
+    assert "error" in response.json()
+
+
+def test_not_json_and_unknown_model(two_models: RunningServer) -> None:
+    garbage = httpx.post(f"{two_models.url}/v2/models/digits/infer", content=b"{not json")
+    assert garbage.status_code == 400
+    unknown = httpx.post(f"{two_models.url}/v2/models/nope/infer", json={"inputs": []})
+    assert unknown.status_code == 404
+    assert "error" in unknown.json()
+    wrong_version = httpx.post(f"{two_models.url}/v2/models/digits/versions/7/infer",
+                               json={"inputs": []})
+    assert wrong_version.status_code == 404
+    bad_header = httpx.post(f"{two_models.url}/v2/models/digits/infer", content=b"{}",
+                            headers={"Inference-Header-Content-Length": "99"})
+    assert bad_header.status_code == 400
+
+
+def test_timeout_parameter_is_the_queue_deadline(tmp_path: Path) -> None:
+    from tests.conftest import write_config
+
+    config = write_config(tmp_path / "slow.toml", builder="tests.slow_model:build_slow",
+                          builder_kwargs={"delay_ms": 400},
+                          batching={"max_batch_size": 1, "buckets": [1]})
+    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 8, 8],
+                        "data": [0.0] * 64}], "parameters": {"timeout": 100_000}}
+
+    async def scenario(url: str) -> tuple[httpx.Response, httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            first = asyncio.ensure_future(client.post("/v2/models/digits/infer", json={
+                "inputs": body["inputs"]}))
+            await asyncio.sleep(0.15)
+            second = await client.post("/v2/models/digits/infer", json=body)
+            return await first, second
+
+    with run_server(config) as server:
+        first, second = asyncio.run(scenario(server.url))
+    assert first.status_code == 200
+    assert second.status_code == 503
+    assert second.json()["reason"] == "queue_timeout"
+
+
+def test_slow_model_does_not_stall_another(tmp_path: Path,
+                                           held_out: tuple[list[Any], list[int]]) -> None:
+    text = (ROOT / "config" / "two_models.toml").read_text().replace(
+        "compile = true", "compile = false").replace(
+        "../batchd/assets/", str(ROOT / "batchd" / "assets") + "/").replace(
+        'builder = "batchd.digits:build_model"',
+        'builder = "tests.slow_model:build_slow"\nkwargs = { delay_ms = 200 }')
+    path = tmp_path / "slow-and-fast.toml"
+    path.write_text(text)
+    body = png_bytes(held_out[0][0])
+
+    async def scenario(url: str) -> tuple[list[float], list[int]]:
+        async with httpx.AsyncClient(base_url=url, timeout=60,
+                                     limits=httpx.Limits(max_connections=100)) as client:
+            slow = [asyncio.ensure_future(client.post(
+                "/models/digits/predict", content=body, headers={"content-type": "image/png"}))
+                for _ in range(40)]
+            await asyncio.sleep(0.3)
+            latencies = []
+            for _ in range(5):
+                started = asyncio.get_running_loop().time()
+                fast = await client.post("/models/digits-mlp/predict", content=body,
+                                         headers={"content-type": "image/png"})
+                assert fast.status_code == 200
+                latencies.append(asyncio.get_running_loop().time() - started)
+            codes = [response.status_code for response in await asyncio.gather(*slow)]
+            return latencies, codes
+
+    with run_server(path) as server:
+        latencies, codes = asyncio.run(scenario(server.url))
+    assert codes == [200] * 40
+    # The slow model's 40 requests take >= 400 ms of compute in batches of 32 + 8; the fast
+    # model waits for at most the one slow batch ahead of it on the shared thread.
+    assert max(latencies) < 0.6
