@@ -16,7 +16,7 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_PINS)
-	$(BIN)/pip install --quiet -e '.[test,load]'
+	$(BIN)/pip install --quiet -e '.[test,load,onnx]'
 	touch $@
 
 install: $(BIN)/.installed

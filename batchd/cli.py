@@ -15,8 +15,8 @@ import uvicorn
 from starlette.applications import Starlette
 
 from batchd.app import begin_shutdown, create_app
-from batchd.config import Config, load_config
-from batchd.errors import BatchdError
+from batchd.config import Config, ModelConfig, load_config
+from batchd.errors import BatchdError, ConfigError
 
 logger = logging.getLogger("batchd.cli")
 DEFAULT_CONFIG = Path("config/default.toml")
@@ -94,7 +94,37 @@ def serve(config: Config, host: str | None, port: int | None) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> None:
+def pick_model(config: Config, name: str | None) -> ModelConfig:
+    if name is None:
+        return config.model(config.server.default_model)
+    try:
+        return config.model(name)
+    except KeyError:
+        names = [model.name for model in config.models]
+        raise ConfigError(f"{config.path}: no model named {name!r}; models: {names}") from None
+
+
+def export_command(args: argparse.Namespace) -> int:
+    from batchd.export import export_model
+
+    model = pick_model(load_config(args.config), args.model)
+    report = export_model(model, args.format, args.out, args.tolerance)
+    return 0 if report.ok else 1
+
+
+def inspect_command(args: argparse.Namespace) -> int:
+    from batchd.inspection import checkpoint_report, explain_fit
+
+    lines, state = checkpoint_report(args.checkpoint)
+    print("\n".join(lines))
+    if args.config is None:
+        return 0
+    fits, explanation = explain_fit(pick_model(load_config(args.config), args.model), state)
+    print("\n".join(explanation))
+    return 0 if fits else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="batchd", description="dynamic-batching inference server")
     commands = parser.add_subparsers(dest="command", required=True)
     serve_parser = commands.add_parser("serve", help="serve the models of a config file")
@@ -102,15 +132,38 @@ def main(argv: list[str] | None = None) -> None:
                               help=f"TOML config (default: {DEFAULT_CONFIG})")
     serve_parser.add_argument("--host", help="override server.host")
     serve_parser.add_argument("--port", type=int, help="override server.port (0: any free port)")
-    args = parser.parse_args(argv)
 
+    export_parser = commands.add_parser(
+        "export", help="export a model and verify its numerical parity with the eager model")
+    export_parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    export_parser.add_argument("--model", help="model name (default: the default model)")
+    export_parser.add_argument("--format", required=True,
+                               choices=["torchscript", "exported", "onnx"])
+    export_parser.add_argument("--out", type=Path, required=True)
+    export_parser.add_argument("--tolerance", type=float, default=1e-4,
+                               help="largest allowed absolute difference in the outputs")
+
+    inspect_parser = commands.add_parser(
+        "inspect", help="list a checkpoint's tensors; explain whether it fits a config")
+    inspect_parser.add_argument("checkpoint", type=Path)
+    inspect_parser.add_argument("--config", type=Path)
+    inspect_parser.add_argument("--model", help="model name (default: the default model)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if args.command == "export":
+            sys.exit(export_command(args))
+        if args.command == "inspect":
+            sys.exit(inspect_command(args))
         config = load_config(args.config)
     except BatchdError as error:
         print(f"batchd: {error}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(2 if isinstance(error, ConfigError) else 1)
     logging.getLogger().setLevel(config.server.log_level.upper())
     sys.exit(serve(config, args.host, args.port))
 

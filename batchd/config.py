@@ -18,15 +18,23 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 from batchd.errors import ConfigError
 
 ColorMode = Literal["RGB", "L"]
+ArtifactFormat = Literal["torchscript", "exported", "onnx"]
+ARTIFACT_SUFFIXES: dict[str, ArtifactFormat] = {
+    ".ts": "torchscript", ".torchscript": "torchscript", ".pt2": "exported", ".onnx": "onnx",
+}
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 
 @dataclass(frozen=True)
 class SourceConfig:
-    """Where the network comes from: a torchvision architecture or an importable builder."""
+    """Where the network comes from: a torchvision architecture or an importable builder
+    (both with a state_dict checkpoint), or an exported artifact (TorchScript, a .pt2
+    ExportedProgram, or ONNX) that carries its own weights."""
 
     arch: str | None = None
     builder: str | None = None
+    artifact: Path | None = None
+    format: ArtifactFormat | None = None
     num_classes: int | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -79,8 +87,8 @@ class ModelConfig:
     """One served model."""
 
     name: str
-    checkpoint: Path
     source: SourceConfig
+    checkpoint: Path | None = None
     labels: tuple[str, ...] = ()
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
@@ -170,13 +178,28 @@ def _build_model(raw: dict[str, Any], key: str, path: Path) -> ModelConfig:
     raw = dict(raw)
     checkpoint = raw.get("checkpoint")
     if isinstance(checkpoint, str):
-        resolved = (path.parent / checkpoint).resolve()
-        if not resolved.is_file():
-            raise ConfigError(f"{path}: key '{key}.checkpoint': file not found: {resolved}")
-        raw["checkpoint"] = resolved
+        raw["checkpoint"] = _existing_file(path, f"{key}.checkpoint", checkpoint)
+    source = raw.get("source")
+    if isinstance(source, dict) and isinstance(source.get("artifact"), str):
+        raw["source"] = {**source, "artifact": _existing_file(path, f"{key}.source.artifact",
+                                                              source["artifact"])}
     model = _build(ModelConfig, raw, key, path)
     _check_model(model, key, path)
     return model
+
+
+def _existing_file(path: Path, key: str, value: str) -> Path:
+    resolved = (path.parent / value).resolve()
+    if not resolved.is_file():
+        raise ConfigError(f"{path}: key '{key}': file not found: {resolved}")
+    return resolved
+
+
+def artifact_format(source: SourceConfig) -> ArtifactFormat | None:
+    """The artifact's format: as configured, or from its file name."""
+    if source.artifact is None:
+        return None
+    return source.format or ARTIFACT_SUFFIXES.get(source.artifact.suffix)
 
 
 def _check_model(model: ModelConfig, key: str, path: Path) -> None:
@@ -186,8 +209,21 @@ def _check_model(model: ModelConfig, key: str, path: Path) -> None:
     if not model.name or "/" in model.name:
         fail("name", "must be a non-empty name without '/'")
     source = model.source
-    if (source.arch is None) == (source.builder is None):
-        fail("source", "set exactly one of 'arch' (a torchvision architecture) or 'builder'")
+    kinds = [kind for kind in ("arch", "builder", "artifact") if getattr(source, kind)]
+    if len(kinds) != 1:
+        fail("source", "set exactly one of 'arch' (a torchvision architecture), 'builder' "
+             "('package.module:function') or 'artifact' (an exported file)")
+    if source.artifact is not None:
+        fmt = artifact_format(source)
+        if fmt is None:
+            fail("source.format", f"cannot tell the format of {source.artifact.name}: set "
+                 "format to 'torchscript', 'exported' or 'onnx'")
+        if model.checkpoint is not None:
+            fail("checkpoint", "an artifact carries its own weights; remove 'checkpoint'")
+        if model.runtime.compile and fmt in ("onnx", "torchscript"):
+            fail("runtime.compile", f"a {fmt} artifact cannot be compiled; set compile = false")
+    elif model.checkpoint is None:
+        fail("checkpoint", "is required (a state_dict file) unless the source is an artifact")
     if source.builder is not None and ":" not in source.builder:
         fail("source.builder", "must look like 'package.module:function'")
     if source.num_classes is not None and source.num_classes < 1:

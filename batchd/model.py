@@ -9,6 +9,7 @@ graph compilation is counted so that a recompile while serving is visible.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import pickle
@@ -101,8 +102,8 @@ def describe_mismatch(network: nn.Module, state: dict[str, torch.Tensor]) -> lis
         problems.append(
             "unexpected keys: " + ", ".join(f"{k} {list(found[k])}" for k in unexpected)
         )
-    for key in expected.keys() & found.keys():
-        if expected[key] != found[key]:
+    for key in expected:
+        if key in found and expected[key] != found[key]:
             problems.append(
                 f"shape of {key}: checkpoint has {list(found[key])}, model expects "
                 f"{list(expected[key])}"
@@ -110,10 +111,28 @@ def describe_mismatch(network: nn.Module, state: dict[str, torch.Tensor]) -> lis
     return problems
 
 
-def load_network(config: ModelConfig) -> nn.Module:
-    """Build the network and load its checkpoint strictly, in eval mode, on the CPU."""
+def checkpoint_classes(checkpoint: dict[str, Any]) -> tuple[str, ...]:
+    """Class names a training checkpoint carries under 'classes' (empty when none)."""
+    classes = checkpoint.get("classes")
+    if isinstance(classes, (list, tuple)) and all(isinstance(c, str) for c in classes):
+        return tuple(classes)
+    return ()
+
+
+def load_network(config: ModelConfig) -> tuple[nn.Module, tuple[str, ...]]:
+    """The network in eval mode on the CPU, and the class names its checkpoint carries.
+
+    From a state_dict: build, then load strictly. From an artifact: load it as its
+    consumers would (see batchd.artifacts).
+    """
+    if config.source.artifact is not None:
+        from batchd.artifacts import load_artifact
+
+        return load_artifact(config, resolve_device(config.runtime.device)), ()
+    assert config.checkpoint is not None  # validated by config
     network = build_network(config)
-    state = extract_state_dict(read_checkpoint(config.checkpoint), config.checkpoint)
+    checkpoint = read_checkpoint(config.checkpoint)
+    state = extract_state_dict(checkpoint, config.checkpoint)
     problems = describe_mismatch(network, state)
     if problems:
         raise CheckpointError(
@@ -121,7 +140,7 @@ def load_network(config: ModelConfig) -> nn.Module:
             "configured network:\n  " + "\n  ".join(problems)
         )
     network.load_state_dict(state, strict=True)
-    return network.eval()
+    return network.eval(), checkpoint_classes(checkpoint)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -136,12 +155,15 @@ def resolve_device(name: str) -> torch.device:
 class ServedModel:
     """One model ready to serve: network, preprocessing, labels and a batch runner."""
 
-    def __init__(self, config: ModelConfig, network: nn.Module, max_image_pixels: int) -> None:
+    def __init__(self, config: ModelConfig, network: nn.Module, max_image_pixels: int,
+                 labels: tuple[str, ...] = ()) -> None:
         self.config = config
         self.name = config.name
         self.preprocessor = Preprocessor(config.preprocess, max_image_pixels)
         self.device = resolve_device(config.runtime.device)
-        self.network = network.to(self.device).eval()
+        self.network = network.to(self.device)
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            self.network.eval()  # an ExportedProgram's module was captured in eval already
         self.input_shape = self.preprocessor.input_shape
         self.compile_count = 0
         self.warm_compile_count = 0
@@ -153,14 +175,20 @@ class ServedModel:
         if config.runtime.compile:
             self._forward = self._compiled()
         self.num_classes = self._probe_num_classes()
-        self.labels = config.labels or tuple(str(i) for i in range(self.num_classes))
+        self.labels = labels or tuple(str(i) for i in range(self.num_classes))
         if len(self.labels) != self.num_classes:
             raise ConfigError(f"model {self.name!r}: {len(self.labels)} labels for a network "
                               f"with {self.num_classes} outputs")
 
     @classmethod
     def from_config(cls, config: ModelConfig, max_image_pixels: int = 40_000_000) -> ServedModel:
-        return cls(config, load_network(config), max_image_pixels)
+        """Load the network; labels come from the config, else from the checkpoint."""
+        network, classes = load_network(config)
+        if config.labels and classes and tuple(config.labels) != classes:
+            raise CheckpointError(
+                f"model {config.name!r}: the config's labels {list(config.labels)} disagree with "
+                f"the classes stored in {config.checkpoint}: {list(classes)}")
+        return cls(config, network, max_image_pixels, config.labels or classes)
 
     def _compiled(self) -> Callable[[torch.Tensor], torch.Tensor]:
         from torch._inductor import list_mode_options

@@ -20,7 +20,7 @@ def digits_config(tmp_path: Path, checkpoint: Path = DIGITS_CHECKPOINT):  # type
 
 
 def test_loads_in_eval_mode(tmp_path: Path) -> None:
-    network = load_network(digits_config(tmp_path))
+    network, _ = load_network(digits_config(tmp_path))
     assert not network.training
     assert all(not module.training for module in network.modules())
 
@@ -29,7 +29,7 @@ def test_training_checkpoint_with_model_key(tmp_path: Path) -> None:
     state = torch.load(DIGITS_CHECKPOINT, weights_only=True)
     path = tmp_path / "train.pt"
     torch.save({"model": state, "epoch": 40, "optimizer": {"lr": torch.tensor(0.1)}}, path)
-    network = load_network(digits_config(tmp_path, path))
+    network, _ = load_network(digits_config(tmp_path, path))
     assert torch.equal(network.state_dict()["0.weight"], state["0.weight"])
 
 
