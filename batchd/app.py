@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -30,6 +31,7 @@ from batchd.http_common import (
     TIMEOUT_HEADER,
     cancel_on_disconnect,
     error_response,
+    note_batch,
     runtime_of,
     serve_prediction,
 )
@@ -130,6 +132,7 @@ async def _predict(request: Request, slot: ModelSlot, headers: dict[str, str]) -
     disconnected, result = await cancel_on_disconnect(request, slot.batcher.submit(item, timeout_s))
     if disconnected or result is None:
         return None
+    note_batch(request, result)
     predictions = [{"label": label, "prob": prob}
                    for label, prob in slot.model.top_k(result.output, top_k)]
     headers["Server-Timing"] = (f"queue;dur={result.queue_wait_s * 1000:.2f}, "
@@ -190,10 +193,23 @@ def create_app(
         middleware=middleware,
         exception_handlers={404: not_found, 405: method_not_allowed, BatchdError: batchd_error},
     )
+    if config.server.access_log:
+        enable_access_log()
     app.state.metrics = metrics
     app.state.config = config
     app.state.version = __version__
     return app
+
+
+def enable_access_log() -> None:
+    """Write access-log lines, bare JSON, to standard output."""
+    access = logging.getLogger("batchd.access")
+    if not access.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        access.addHandler(handler)
+    access.setLevel(logging.INFO)
+    access.propagate = False
 
 
 def begin_shutdown(app: Starlette) -> None:

@@ -110,6 +110,7 @@ class ServerConfig:
     torch_threads: int = 0
     auth_token_env: str = ""
     auth_token_file: Path | None = None
+    access_log: bool = False
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 

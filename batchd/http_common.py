@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import logging
 import re
 import time
 import uuid
@@ -15,6 +17,7 @@ from typing import Any, TypeVar
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from batchd.batcher import BatchResult
 from batchd.errors import (
     BadInput,
     BatchdError,
@@ -36,6 +39,8 @@ from batchd.metrics import Metrics
 from batchd.runtime import ModelSlot, Runtime
 
 T = TypeVar("T")
+# One JSON object a line, one line a prediction request (server.access_log = true).
+access_logger = logging.getLogger("batchd.access")
 
 TIMEOUT_HEADER = "x-request-timeout-ms"
 RETRY_AFTER_S = "1"
@@ -150,5 +155,25 @@ async def serve_prediction(request: Request, name: str, handler: PredictionHandl
             outcome = "success"
             if response is None:
                 outcome, response = "cancelled", Response(status_code=CLIENT_CLOSED)
-    metrics.request_done(name, outcome, response.status_code, time.perf_counter() - started)
+    elapsed = time.perf_counter() - started
+    metrics.request_done(name, outcome, response.status_code, elapsed)
+    if runtime.config.server.access_log:
+        log_access(request, headers["X-Request-ID"], name, response.status_code, outcome, elapsed)
     return response
+
+
+def note_batch(request: Request, result: BatchResult[Any]) -> None:
+    """Remember how a request was served, for its access-log line."""
+    request.state.queue_wait_s = result.queue_wait_s
+    request.state.batch_size = result.batch_size
+
+
+def log_access(request: Request, request_id: str, model: str, status: int, outcome: str,
+               elapsed_s: float) -> None:
+    queue_wait = getattr(request.state, "queue_wait_s", None)
+    access_logger.info(json.dumps({
+        "id": request_id, "model": model, "method": request.method, "path": request.url.path,
+        "status": status, "outcome": outcome, "latency_ms": round(elapsed_s * 1000, 3),
+        "queue_wait_ms": None if queue_wait is None else round(queue_wait * 1000, 3),
+        "batch_size": getattr(request.state, "batch_size", None),
+    }, separators=(",", ":")))

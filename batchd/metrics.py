@@ -34,6 +34,8 @@ OUTCOMES = (
 
 
 class WatchedBatcher(Protocol):
+    max_queue_size: int
+
     @property
     def queue_depth(self) -> int: ...
     @property
@@ -135,6 +137,8 @@ class _StateCollector(Collector):
                                       lambda w: w.batcher.in_flight),
         "batchd_model_ready": ("1 when the model is loaded, warmed and serving, else 0.",
                                lambda w: 1.0 if w.model.ready else 0.0),
+        "batchd_queue_capacity": ("The most requests the model's queue holds (max_queue_size).",
+                                  lambda w: w.batcher.max_queue_size),
     }
     _COUNTERS: dict[str, tuple[str, Callable[[_Watched], float]]] = {
         "batchd_recompiles": ("Graph compilations after warm-up (should stay 0).",

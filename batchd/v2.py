@@ -29,7 +29,13 @@ from starlette.routing import Route
 from batchd import __version__
 from batchd.batcher import BatchResult
 from batchd.errors import BadInput, BatchdError, UnknownModel
-from batchd.http_common import cancel_on_disconnect, error_response, runtime_of, serve_prediction
+from batchd.http_common import (
+    cancel_on_disconnect,
+    error_response,
+    note_batch,
+    runtime_of,
+    serve_prediction,
+)
 from batchd.runtime import ModelSlot
 
 INPUT_TENSOR = "input"
@@ -133,6 +139,7 @@ async def _infer(request: Request, slot: ModelSlot, headers: dict[str, str]) -> 
         request, submit_all(slot, items, timeout_s))
     if disconnected or results is None:
         return None
+    note_batch(request, max(results, key=lambda result: result.queue_wait_s))
     logits = torch.stack([result.output for result in results]).numpy()
     return encode_response(slot, payload, logits, outputs, headers)
 

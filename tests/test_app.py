@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 from typing import Any
 
@@ -170,3 +171,32 @@ def test_metrics_add_up_after_load(tmp_path: Path,
         assert server.metric("batchd_queue_wait_seconds_count") == 64
         assert server.metric("batchd_request_duration_seconds_count", {"code": "400"}) == 1
         assert server.metric("batchd_model_ready") == 1
+
+
+def test_request_id_server_timing_and_access_log(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                 held_out: tuple[list[Any], list[int]]) -> None:
+    import json
+    import logging
+
+    config_path = write_config(tmp_path / "log.toml", server={"access_log": True})
+    access = logging.getLogger("batchd.access")
+    with run_server(config_path) as server, server.client() as client:
+        access.addHandler(caplog.handler)
+        try:
+            given = client.post("/predict", content=png_bytes(held_out[0][0]),
+                                headers={"content-type": "image/png", "x-request-id": "abc-123"})
+            fresh = client.post("/predict", content=b"junk",
+                                headers={"content-type": "image/png"})
+        finally:
+            access.removeHandler(caplog.handler)
+    assert given.headers["x-request-id"] == "abc-123"
+    assert len(fresh.headers["x-request-id"]) == 32
+    timing = given.headers["server-timing"]
+    assert re.fullmatch(r'queue;dur=[\d.]+, compute;dur=[\d.]+, batch;desc="1"', timing)
+    lines = [json.loads(record.getMessage()) for record in caplog.records
+             if record.name == "batchd.access"]
+    assert [line["id"] for line in lines] == ["abc-123", fresh.headers["x-request-id"]]
+    assert lines[0]["status"] == 200 and lines[0]["batch_size"] == 1
+    assert lines[0]["model"] == "digits" and lines[0]["queue_wait_ms"] >= 0
+    assert lines[1]["status"] == 400 and lines[1]["outcome"] == "bad_input"
+    assert lines[1]["batch_size"] is None
