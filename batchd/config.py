@@ -80,6 +80,10 @@ class RuntimeConfig:
     device: str = "auto"
     compile: bool = True
     compile_mode: CompileMode = "default"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Largest allowed |low-precision - float32| on the softmax probabilities, checked at
+    # start-up on a seeded batch; a model outside it refuses to start.
+    dtype_tolerance: float = 0.01
 
 
 @dataclass(frozen=True)

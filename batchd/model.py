@@ -161,10 +161,15 @@ class ServedModel:
         self.name = config.name
         self.preprocessor = Preprocessor(config.preprocess, max_image_pixels)
         self.device = resolve_device(config.runtime.device)
+        self.input_shape = self.preprocessor.input_shape
         self.network = network.to(self.device)
         with contextlib.suppress(NotImplementedError, RuntimeError):
             self.network.eval()  # an ExportedProgram's module was captured in eval already
-        self.input_shape = self.preprocessor.input_shape
+        self.dtype = getattr(torch, config.runtime.dtype)
+        self.low_precision_error: float | None = None
+        self._staging: dict[int, torch.Tensor] = {}
+        if self.dtype != torch.float32:
+            self._cast_with_parity_check()
         self.compile_count = 0
         self.warm_compile_count = 0
         self.ready = False
@@ -190,6 +195,24 @@ class ServedModel:
                 f"the classes stored in {config.checkpoint}: {list(classes)}")
         return cls(config, network, max_image_pixels, config.labels or classes)
 
+    def _cast_with_parity_check(self) -> None:
+        """Run in bf16/fp16 only if its probabilities stay within dtype_tolerance of float32's."""
+        generator = torch.Generator().manual_seed(0)
+        probe = torch.randn((4, *self.input_shape), generator=generator).to(self.device)
+        with torch.inference_mode():
+            reference = torch.softmax(self.network(probe).float(), dim=1)
+            self.network = self.network.to(self.dtype)
+            low = torch.softmax(self.network(probe.to(self.dtype)).float(), dim=1)
+        self.low_precision_error = float((low - reference).abs().max())
+        tolerance = self.config.runtime.dtype_tolerance
+        logger.info("model %s: %s probabilities differ from float32 by at most %.2e "
+                    "(tolerance %.0e)",
+                    self.name, self.config.runtime.dtype, self.low_precision_error, tolerance)
+        if self.low_precision_error > tolerance:
+            raise CheckpointError(
+                f"model {self.name!r}: {self.config.runtime.dtype} probabilities differ from fp32 "
+                f"by {self.low_precision_error:.3e} > runtime.dtype_tolerance {tolerance}")
+
     def _compiled(self) -> Callable[[torch.Tensor], torch.Tensor]:
         from torch._inductor import list_mode_options
         from torch._inductor.compile_fx import compile_fx
@@ -208,7 +231,7 @@ class ServedModel:
 
     def _probe_num_classes(self) -> int:
         with torch.inference_mode():
-            probe = torch.zeros((1, *self.input_shape), dtype=torch.float32, device=self.device)
+            probe = torch.zeros((1, *self.input_shape), dtype=self.dtype, device=self.device)
             output = self.network(probe)
         if output.ndim != 2:
             raise ConfigError(f"model {self.name!r}: expected [N, classes] outputs, got "
@@ -261,15 +284,30 @@ class ServedModel:
                 raise ValueError(f"input of shape {list(item.shape)}, expected "
                                  f"{list(self.input_shape)}")
         if all(item.dtype == torch.uint8 for item in items):
-            batch = torch.zeros((bucket, *self.input_shape), dtype=torch.uint8)
-            torch.stack(list(items), out=batch[:len(items)])
-            return self.preprocessor.normalize(batch.to(self.device, non_blocking=True))
+            staging = self._staging_buffer(bucket)
+            torch.stack(list(items), out=staging[:len(items)])
+            staging[len(items):].zero_()
+            batch = self.preprocessor.normalize(staging.to(self.device, non_blocking=True))
+            return batch.to(self.dtype)
         batch = torch.zeros((bucket, *self.input_shape), dtype=torch.float32, device=self.device)
         for index, item in enumerate(items):
             row = item.to(self.device, non_blocking=True).unsqueeze(0)
             batch[index] = self.preprocessor.normalize(row)[0] if item.dtype == torch.uint8 \
                 else row[0].to(torch.float32)
-        return batch
+        return batch.to(self.dtype)
+
+    def _staging_buffer(self, bucket: int) -> torch.Tensor:
+        """A reusable uint8 host buffer per bucket; pinned on CUDA so the upload is async.
+
+        Reuse is safe: the previous batch's output was copied back to the host (which
+        waits for the stream) before the next batch is assembled on this same thread.
+        """
+        buffer = self._staging.get(bucket)
+        if buffer is None:
+            pin = self.device.type == "cuda"
+            buffer = torch.zeros((bucket, *self.input_shape), dtype=torch.uint8, pin_memory=pin)
+            self._staging[bucket] = buffer
+        return buffer
 
     def out_of_memory_streak(self, window_s: float = 30.0) -> int:
         """Batches in a row that ran out of device memory, if the last was recent, else 0."""

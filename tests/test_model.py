@@ -87,3 +87,35 @@ def test_top_k_is_sorted_and_labelled(tmp_path: Path) -> None:
     top = model.top_k(logits, 3)
     assert [label for label, _ in top] == ["1", "9", "2"]
     assert top[0][1] == pytest.approx(float(torch.softmax(logits, 0)[1]))
+
+
+def test_bfloat16_runs_within_its_checked_tolerance(tmp_path: Path) -> None:
+    config = digits_config(tmp_path)
+    eager = ServedModel.from_config(dataclasses.replace(
+        config, runtime=dataclasses.replace(config.runtime, compile=False)))
+    low = ServedModel.from_config(dataclasses.replace(
+        config, runtime=dataclasses.replace(config.runtime, compile=False, dtype="bfloat16")))
+    assert low.low_precision_error is not None and 0 < low.low_precision_error <= 0.01
+    torch.manual_seed(1)
+    items = [torch.randint(0, 256, (1, 8, 8), dtype=torch.uint8) for _ in range(3)]
+    for row, item in zip(low.run_batch(items, 4), items, strict=True):
+        assert row.dtype == torch.float32
+        difference = torch.softmax(row, 0) - torch.softmax(eager.reference(item), 0)
+        assert float(difference.abs().max()) < 0.02
+    strict = dataclasses.replace(config, runtime=dataclasses.replace(
+        config.runtime, compile=False, dtype="bfloat16", dtype_tolerance=1e-9))
+    with pytest.raises(CheckpointError, match="dtype_tolerance"):
+        ServedModel.from_config(strict)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_path_matches_cpu(tmp_path: Path) -> None:
+    config = digits_config(tmp_path)
+    cpu = ServedModel.from_config(dataclasses.replace(
+        config, runtime=dataclasses.replace(config.runtime, compile=False)))
+    gpu = ServedModel.from_config(dataclasses.replace(
+        config, runtime=dataclasses.replace(config.runtime, compile=False, device="cuda")))
+    items = [torch.randint(0, 256, (1, 8, 8), dtype=torch.uint8) for _ in range(5)]
+    assert gpu._staging_buffer(8).is_pinned()
+    for row, item in zip(gpu.run_batch(items, 8), items, strict=True):
+        torch.testing.assert_close(row, cpu.reference(item), atol=1e-4, rtol=1e-4)

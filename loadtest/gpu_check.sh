@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The GPU benchmark, for a machine with an NVIDIA GPU and no network (under 8 minutes):
+# ResNet-50, 1,000 classes, bf16, buckets up to 256, against the per-request baseline and
+# the in-process ceiling on the same GPU. Prints images/s, p99 and the ratio to the ceiling.
+#
+# It installs nothing from the network: packages the machine lacks (starlette, uvicorn,
+# python-multipart) must be carried as wheels in .whl/ (see README, Performance).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD"
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/batchd-site \
+        .whl/*.whl
+    export PYTHONPATH="/tmp/batchd-site:$PWD"
+fi
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+[ -f checkpoints/resnet50-1000.pt ] || python3 -m loadtest.make_checkpoint \
+    --arch resnet50 --num-classes 1000 --out checkpoints/resnet50-1000.pt
+timeout 420 python3 -m loadtest.bench --workload resnet50-gpu --concurrency 1,32,128,256 \
+    --requests-per-client 4 --min-requests 200 --ceiling-seconds 3
