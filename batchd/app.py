@@ -73,6 +73,10 @@ def describe(slot: ModelSlot) -> dict[str, Any]:
                      "queue_timeout_ms": batching.queue_timeout_ms},
         "device": str(slot.model.device),
         "compiled": slot.config.runtime.compile,
+        "compiled_buckets": [size for size in batching.bucket_sizes
+                             if slot.config.runtime.compile
+                             and size not in slot.model.eager_buckets],
+        "dtype": slot.config.runtime.dtype,
         "ready": slot.ready,
     }
 

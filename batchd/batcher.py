@@ -15,9 +15,10 @@ import bisect
 import contextlib
 import enum
 import logging
+import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
@@ -138,6 +139,7 @@ class Batcher(Generic[In, Out]):
         self.dead_reason: str | None = None
         self.busy_since: float | None = None
         self.stats = BatchStats()
+        self._bucket_seconds: dict[int, float] = {}
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -292,7 +294,8 @@ class Batcher(Generic[In, Out]):
                     async with asyncio.timeout(remaining):
                         await self._wakeup.wait()
             batch: list[_Request[In, Out]] = []
-            while self._queue and len(batch) < self.max_batch_size:
+            count = self.batch_count(len(self._queue))
+            while self._queue and len(batch) < count:
                 request = self._queue.popleft()
                 # A future already done was cancelled or timed out, and its submit() has not
                 # resumed yet; it stays QUEUED so that submit() books it as never run.
@@ -305,6 +308,28 @@ class Batcher(Generic[In, Out]):
     def bucket_for(self, size: int) -> int:
         """The smallest configured bucket that holds `size` inputs."""
         return self.bucket_sizes[bisect.bisect_left(self.bucket_sizes, size)]
+
+    def set_bucket_costs(self, seconds: Mapping[int, float]) -> None:
+        """Measured seconds per batch of each bucket size, to choose batches by cost."""
+        self._bucket_seconds = dict(seconds)
+
+    def batch_count(self, queued: int) -> int:
+        """How many queued requests the next batch takes.
+
+        As many as fit, unless a smaller bucket filled exactly costs less per request than
+        padding up to the next bucket (from the costs measured at warm-up): with 20
+        queued and buckets 16 and 32, running 16 now and 4 right after can beat computing
+        12 padding rows. Without measured costs, as many as fit.
+        """
+        count = min(queued, self.max_batch_size)
+        costs = self._bucket_seconds
+        if count < 2 or not costs or count in costs:
+            return count
+        best, best_cost = count, costs.get(self.bucket_for(count), math.inf) / count
+        for size in self.bucket_sizes:
+            if size < count and size in costs and costs[size] / size < best_cost:
+                best, best_cost = size, costs[size] / size
+        return best
 
     async def _compute(self, batch: list[_Request[In, Out]]) -> None:
         live = [request for request in batch if not request.future.done()]

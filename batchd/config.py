@@ -80,6 +80,8 @@ class RuntimeConfig:
     device: str = "auto"
     compile: bool = True
     compile_mode: CompileMode = "default"
+    # Time each bucket compiled and eager at warm-up and serve it with the faster.
+    pick_faster: bool = True
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # Largest allowed |low-precision - float32| on the softmax probabilities, checked at
     # start-up on a seeded batch; a model outside it refuses to start.

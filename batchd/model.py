@@ -177,6 +177,8 @@ class ServedModel:
         self.last_oom_at = 0.0
         self._compile_lock = threading.Lock()
         self._forward: Callable[[torch.Tensor], torch.Tensor] = self.network
+        self.eager_buckets: set[int] = set()  # buckets served eager (see warm_up)
+        self.bucket_seconds: dict[int, float] = {}  # measured at warm-up
         if config.runtime.compile:
             self._forward = self._compiled()
         self.num_classes = self._probe_num_classes()
@@ -244,23 +246,54 @@ class ServedModel:
         return self.compile_count - self.warm_compile_count if self.ready else 0
 
     def warm_up(self, progress: Callable[[str], None] | None = None) -> None:
-        """Run every bucket size once so that serving never compiles."""
+        """Run every bucket size once so that serving never compiles.
+
+        With runtime.pick_faster, each bucket is then timed compiled and eager, and served
+        by the faster: on a small CPU, inductor's code can lose to eager at small batches.
+        """
         buckets = self.config.batching.bucket_sizes
         report = progress or logger.info
+        item = [torch.zeros(self.input_shape, dtype=torch.uint8)]
         for index, size in enumerate(buckets, start=1):
             started = time.monotonic()
-            self.run_batch([torch.zeros(self.input_shape, dtype=torch.uint8)], size)
+            self.run_batch(item, size)
+            choose = self.config.runtime.compile and self.config.runtime.pick_faster
+            # One timed run feeds the batcher's cost model; choosing a path takes three each.
+            seconds = self._time_bucket(item, size, runs=3 if choose else 1, warm=choose)
+            note = f"; {seconds * 1000:.1f} ms a batch"
+            if choose:
+                self.eager_buckets.add(size)
+                eager_s = self._time_bucket(item, size, runs=3, warm=True)
+                if seconds <= eager_s:
+                    self.eager_buckets.discard(size)
+                note = (f"; compiled {seconds * 1000:.1f} ms, eager {eager_s * 1000:.1f} ms: "
+                        f"serving {'eager' if size in self.eager_buckets else 'compiled'}")
+                seconds = min(seconds, eager_s)
+            self.bucket_seconds[size] = seconds
             report(f"model {self.name}: warmed bucket {index}/{len(buckets)} (batch {size}) in "
-                   f"{time.monotonic() - started:.2f}s")
+                   f"{time.monotonic() - started:.2f}s{note}")
         self.warm_compile_count = self.compile_count
         self.ready = True
+
+    def _time_bucket(self, items: list[torch.Tensor], bucket: int, runs: int,
+                     warm: bool) -> float:
+        """Median seconds of one batch of `bucket` on the path it is routed to now."""
+        if warm:
+            self.run_batch(items, bucket)
+        times = []
+        for _ in range(runs):
+            started = time.perf_counter()
+            self.run_batch(items, bucket)
+            times.append(time.perf_counter() - started)
+        return sorted(times)[len(times) // 2]
 
     def run_batch(self, items: Sequence[torch.Tensor], bucket: int) -> list[torch.Tensor]:
         """Run inputs (uint8 images, or float32 already normalised), zero-padded to `bucket`;
         return one logits row each."""
         try:
             with torch.inference_mode():
-                output = self._forward(self.assemble(items, bucket))
+                forward = self.network if bucket in self.eager_buckets else self._forward
+                output = forward(self.assemble(items, bucket))
                 rows = output[:len(items)].float().cpu()
         except torch.cuda.OutOfMemoryError as exc:
             self.consecutive_oom += 1

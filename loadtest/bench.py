@@ -21,9 +21,7 @@ import contextlib
 import dataclasses
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -34,6 +32,7 @@ from typing import Any
 import torch
 
 from loadtest.images import photo_jpeg
+from loadtest.servers import batchd_command, free_port, serving
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKLOADS = {
@@ -117,42 +116,18 @@ def offline_answer(config_path: Path, image: bytes) -> tuple[str, float]:
 # -- the servers --------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextlib.contextmanager
 def server(kind: str, config_path: Path, log: Path) -> Iterator[str]:
     port = free_port()
     if kind == "batchd":
-        command = [sys.executable, "-m", "batchd", "serve", "--config", str(config_path),
-                   "--port", str(port)]
+        command = batchd_command(config_path, port)
     else:
         command = [sys.executable, "-m", "uvicorn", "loadtest.baseline:app", "--host",
                    "127.0.0.1", "--port", str(port), "--log-level", "warning"]
-    env = {**os.environ, "BATCHD_BASELINE_CONFIG": str(config_path)}
-    with log.open("w") as output:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=output,
-                                   stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        import httpx
-
-        deadline = time.monotonic() + 900
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise SystemExit(f"{kind} exited during start-up; see {log}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            time.sleep(0.5)
+    env = {"BATCHD_BASELINE_CONFIG": str(config_path)}
+    with serving(command, f"http://127.0.0.1:{port}", log, env) as url:
         stage(f"{kind} ready on {url}")
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
 
 
 def recompiles(url: str) -> float:

@@ -21,17 +21,16 @@ import contextlib
 import io
 import os
 import random
-import socket
-import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
+
+from loadtest.servers import batchd_command, free_port, serving
 
 # What each kind of request may be answered with; anything else is a surprise.
 EXPECTED = {
@@ -180,31 +179,6 @@ def check_rss(tally: Tally, warm_until: float) -> list[str]:
     return []
 
 
-@contextlib.contextmanager
-def own_server(config: Path) -> Iterator[str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "batchd", "serve", "--config", str(config), "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise SystemExit(f"server exited with {process.returncode} during start-up")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            time.sleep(0.2)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
-
-
 def run(url: str, seconds: float, concurrency: int) -> int:
     bodies = digit_pngs(64)
     before = metrics(url)
@@ -246,7 +220,9 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     if args.url:
         sys.exit(run(args.url.rstrip("/"), seconds, args.concurrency))
-    with own_server(args.config) as url:
+    port = free_port()
+    with serving(batchd_command(args.config, port), f"http://127.0.0.1:{port}",
+                 ready_timeout_s=300) as url:
         code = run(url, seconds, args.concurrency)
     sys.exit(code)
 

@@ -187,8 +187,11 @@ def wait_ready(url: str, timeout_s: float, thread: threading.Thread | None = Non
         if thread is not None and not thread.is_alive():
             raise RuntimeError("server thread exited before becoming ready")
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
+            response = httpx.get(f"{url}/ready", timeout=5)
+            if response.status_code == 200:
                 return
+            if "warm-up failed" in response.text:
+                raise RuntimeError(f"{url}: {response.text}")
         time.sleep(0.1)
     raise TimeoutError(f"{url} not ready after {timeout_s}s")
 

@@ -47,22 +47,19 @@ def build_poisoned(num_classes: int = 10) -> nn.Module:
 
 
 class OutOfMemoryDigits(nn.Sequential):
-    """The digits CNN that runs out of 'device memory' on batches larger than `max_ok`,
-    once the first `allow_calls` calls (the start-up probe and warm-up) have passed."""
+    """The digits CNN that runs out of 'device memory' on batches larger than `max_ok` that
+    hold a real image; warm-up's constant (all-zero) batches pass."""
 
-    def __init__(self, max_ok: int = 2, allow_calls: int = 1, num_classes: int = 10) -> None:
+    def __init__(self, max_ok: int = 2, num_classes: int = 10) -> None:
         super().__init__(*build_model(num_classes))
         self.max_ok = max_ok
-        self.allow_calls = allow_calls
-        self.calls = 0
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        if self.calls > self.allow_calls and batch.shape[0] > self.max_ok:
+        real_images = batch.flatten(1).std(dim=1) > 1e-3
+        if batch.shape[0] > self.max_ok and bool(real_images.any()):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return super().forward(batch)
 
 
-def build_out_of_memory(max_ok: int = 2, allow_calls: int = 1,
-                        num_classes: int = 10) -> nn.Module:
-    return OutOfMemoryDigits(max_ok, allow_calls, num_classes)
+def build_out_of_memory(max_ok: int = 2, num_classes: int = 10) -> nn.Module:
+    return OutOfMemoryDigits(max_ok, num_classes)

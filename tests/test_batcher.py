@@ -278,3 +278,26 @@ def test_batcher_imports_neither_torch_nor_starlette() -> None:
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True).stdout.strip()
     assert output == "[]"
+
+
+async def test_measured_costs_choose_an_exact_bucket_over_padding() -> None:
+    model = BlockingModel()
+    batcher = make_batcher(model)
+    # Batches of 8 are dear (8 s) and of 4 cheap (2 s): 6 queued run as 4 + 2, not 8.
+    batcher.set_bucket_costs({1: 1.0, 2: 1.5, 4: 2.0, 8: 8.0})
+    assert [batcher.batch_count(n) for n in (0, 1, 2, 3, 4, 6, 8, 20)] == [0, 1, 2, 3, 4, 4, 8, 8]
+    running = asyncio.ensure_future(batcher.submit(0))
+    await until(model.started.is_set)
+    queued = [asyncio.ensure_future(batcher.submit(i)) for i in range(1, 7)]
+    await until(lambda: batcher.queue_depth == 6)
+    model.release.set()
+    await asyncio.gather(running, *queued)
+    assert model.batches == [(1, 1), (4, 4), (2, 2)]
+    await batcher.drain(1)
+
+
+def test_without_costs_a_batch_takes_all_that_fit() -> None:
+    batcher: Batcher[int, int] = Batcher(RecordingModel(), max_batch_size=8,
+                                         bucket_sizes=(1, 2, 4, 8), max_wait_s=0,
+                                         max_queue_size=10, queue_timeout_s=1)
+    assert [batcher.batch_count(n) for n in (1, 3, 6, 9)] == [1, 3, 6, 8]

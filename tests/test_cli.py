@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,13 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from loadtest.servers import free_port
 from tests.conftest import ROOT, png_bytes, scrape, wait_ready, write_config
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def start(config: Path, port: int) -> subprocess.Popen[str]:

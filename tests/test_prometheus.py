@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -16,15 +15,10 @@ import httpx
 import pytest
 import yaml
 
+from loadtest.servers import free_port
 from tests.conftest import ROOT, RunningServer, png_bytes, run_server, write_config
 
 REQUESTS = 150
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture

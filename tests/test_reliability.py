@@ -174,7 +174,7 @@ def test_out_of_memory_is_split_then_503_and_not_ready(
 ) -> None:
     batching = {"max_batch_size": 8, "buckets": [1, 2, 4, 8], "max_wait_ms": 200}
     splits = write_config(tmp_path / "oom2.toml", builder="tests.slow_model:build_out_of_memory",
-                          builder_kwargs={"max_ok": 2, "allow_calls": 5}, batching=batching)
+                          builder_kwargs={"max_ok": 2}, batching=batching)
     bodies = [digit(held_out, i) for i in range(8)]
 
     async def scenario(url: str, count: int) -> list[httpx.Response]:
@@ -186,7 +186,7 @@ def test_out_of_memory_is_split_then_503_and_not_ready(
         assert server.metric("batchd_batch_retries_total") >= 1
 
     always = write_config(tmp_path / "oom0.toml", builder="tests.slow_model:build_out_of_memory",
-                          builder_kwargs={"max_ok": 0, "allow_calls": 5}, batching=batching)
+                          builder_kwargs={"max_ok": 0}, batching=batching)
     with run_server(always) as server:
         for _ in range(3):
             (response,) = asyncio.run(scenario(server.url, 1))
@@ -203,7 +203,8 @@ def test_hanging_model_fails_readiness_and_requests_end_at_deadline(
 ) -> None:
     config = write_config(tmp_path / "hang.toml", builder=SLOW,
                           builder_kwargs={"delay_ms": 2500},
-                          batching={"queue_timeout_ms": 800}, server={"watchdog_s": 0.3})
+                          batching={"queue_timeout_ms": 800, "max_batch_size": 1, "buckets": [1]},
+                          server={"watchdog_s": 0.3})
     with run_server(config, ready_timeout_s=60) as server, server.client() as client:
         started = time.monotonic()
         response = client.post("/predict", content=digit(held_out),

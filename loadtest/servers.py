@@ -1,0 +1,56 @@
+"""Starting a server in a child process on a free 127.0.0.1 port, for load tools and tests."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def batchd_command(config: Path, port: int) -> list[str]:
+    return [sys.executable, "-m", "batchd", "serve", "--config", str(config), "--port", str(port)]
+
+
+@contextlib.contextmanager
+def serving(command: list[str], url: str, log: Path | None = None,
+            env: dict[str, str] | None = None, ready_timeout_s: float = 900) -> Iterator[str]:
+    """Run `command` until the block ends; yields `url` once its /ready answers 200."""
+    output = log.open("w") if log is not None else subprocess.DEVNULL
+    try:
+        process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **(env or {})},
+                                   stdout=output, stderr=subprocess.STDOUT)
+    finally:
+        if log is not None:
+            output.close()  # type: ignore[union-attr]
+    try:
+        deadline = time.monotonic() + ready_timeout_s
+        while True:
+            if process.poll() is not None:
+                where = f"; see {log}" if log else ""
+                raise SystemExit(f"{command[:3]} exited with {process.returncode} during "
+                                 f"start-up{where}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{url} not ready after {ready_timeout_s:.0f}s")
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
