@@ -66,6 +66,47 @@ class FailingModel(RecordingModel):
 # -- a real server ---------------------------------------------------------------------
 
 
+def toml_table(values: dict[str, Any]) -> str:
+    return "\n".join(f"{key} = {toml_value(value)}" for key, value in values.items())
+
+
+def digits_model_table(
+    name: str = "digits",
+    *,
+    source: dict[str, Any],
+    checkpoint: Path | None = DIGITS_CHECKPOINT,
+    batching: dict[str, Any] | None = None,
+    compile: bool = False,
+) -> str:
+    """One [[models]] entry with the digits model's labels and preprocessing."""
+    batching = {"max_batch_size": 32, "max_wait_ms": 5, "buckets": [1, 2, 4, 8, 16, 32],
+                **(batching or {})}
+    checkpoint_line = "" if checkpoint is None else f"checkpoint = {toml_value(str(checkpoint))}"
+    return f"""
+[[models]]
+name = {toml_value(name)}
+{checkpoint_line}
+labels = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"]
+
+[models.source]
+{toml_table(source)}
+
+[models.preprocess]
+resize = 8
+crop = 8
+mean = [0.31]
+std = [0.38]
+color_mode = "L"
+
+[models.batching]
+{toml_table(batching)}
+
+[models.runtime]
+device = "cpu"
+compile = {toml_value(compile)}
+"""
+
+
 def write_config(
     path: Path,
     *,
@@ -77,41 +118,14 @@ def write_config(
     builder_kwargs: dict[str, Any] | None = None,
 ) -> Path:
     """A config serving the default digits model, with overrides."""
-    batching = {"max_batch_size": 32, "max_wait_ms": 5, "buckets": [1, 2, 4, 8, 16, 32],
-                **(batching or {})}
     server = {"host": "127.0.0.1", "port": 0, **(server or {})}
-
-    def table(values: dict[str, Any]) -> str:
-        return "\n".join(f"{key} = {toml_value(value)}" for key, value in values.items())
-
-    path.write_text(f"""
-[server]
-{table(server)}
-
-[[models]]
-name = "digits"
-checkpoint = {toml_value(str(checkpoint))}
-labels = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"]
-
-[models.source]
-builder = {toml_value(builder)}
-num_classes = 10
-kwargs = {{ {", ".join(f"{k} = {toml_value(v)}" for k, v in (builder_kwargs or {}).items())} }}
-
-[models.preprocess]
-resize = 8
-crop = 8
-mean = [0.31]
-std = [0.38]
-color_mode = "L"
-
-[models.batching]
-{table(batching)}
-
-[models.runtime]
-device = "cpu"
-compile = {toml_value(compile)}
-""")
+    source: dict[str, Any] = {"builder": builder, "num_classes": 10}
+    model = digits_model_table(source=source, checkpoint=checkpoint, batching=batching,
+                               compile=compile)
+    if builder_kwargs:
+        kwargs = ", ".join(f"{key} = {toml_value(value)}" for key, value in builder_kwargs.items())
+        model = model.replace("num_classes = 10", f"num_classes = 10\nkwargs = {{ {kwargs} }}")
+    path.write_text(f"[server]\n{toml_table(server)}\n{model}")
     return path
 
 

@@ -19,7 +19,14 @@ from batchd.digits import build_model
 from batchd.errors import CheckpointError, ConfigError
 from batchd.export import ParityError, export_model, seeded_inputs, trace_torchscript
 from batchd.model import ServedModel, load_network
-from tests.conftest import DIGITS_CHECKPOINT, ROOT, png_bytes, run_server, write_config
+from tests.conftest import (
+    DIGITS_CHECKPOINT,
+    ROOT,
+    digits_model_table,
+    png_bytes,
+    run_server,
+    write_config,
+)
 
 FORMATS = {"torchscript": ".ts", "exported": ".pt2", "onnx": ".onnx"}
 SERVED_TOLERANCE = 1e-4
@@ -96,28 +103,11 @@ def test_a_train_mode_trace_is_the_trap_export_avoids(digits_config: Any) -> Non
 
 
 def artifact_config(tmp_path: Path, artifacts: dict[str, Path]) -> Path:
-    blocks = []
-    for fmt, path in artifacts.items():
-        blocks.append(f"""
-[[models]]
-name = "digits-{fmt}"
-labels = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"]
-[models.source]
-artifact = "{path}"
-[models.preprocess]
-resize = 8
-crop = 8
-mean = [0.31]
-std = [0.38]
-color_mode = "L"
-[models.batching]
-max_batch_size = 8
-buckets = [1, 4, 8]
-max_wait_ms = 20
-[models.runtime]
-device = "cpu"
-compile = false
-""")
+    blocks = [digits_model_table(f"digits-{fmt}", source={"artifact": str(path)},
+                                 checkpoint=None,
+                                 batching={"max_batch_size": 8, "buckets": [1, 4, 8],
+                                           "max_wait_ms": 20})
+              for fmt, path in artifacts.items()]
     path = tmp_path / "artifacts.toml"
     path.write_text('[server]\nhost = "127.0.0.1"\nport = 0\n' + "".join(blocks))
     return path
@@ -155,7 +145,7 @@ def test_artifact_config_rules(tmp_path: Path, artifacts: dict[str, Path]) -> No
         load_config(path)
     path = artifact_config(tmp_path, {"exported": artifacts["exported"]})
     with_checkpoint = f'checkpoint = "{DIGITS_CHECKPOINT}"\n[models.source]'
-    path.write_text(path.read_text().replace("[models.source]", with_checkpoint))
+    path.write_text(path.read_text().replace("[models.source]", with_checkpoint, 1))
     with pytest.raises(ConfigError, match=r"models\[0\]\.checkpoint"):
         load_config(path)
 
