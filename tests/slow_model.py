@@ -30,11 +30,8 @@ def build_slow(delay_ms: float = 50.0, num_classes: int = 10) -> nn.Module:
 POISON_THRESHOLD = 1.8
 
 
-class PoisonedDigits(nn.Sequential):
-    """The digits CNN that raises on any batch holding an all-white image."""
-
-    def __init__(self, num_classes: int = 10) -> None:
-        super().__init__(*build_model(num_classes))
+class PoisonedDigits(SlowDigits):
+    """The (slowed) digits CNN that raises on any batch holding an all-white image."""
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         if bool((batch.flatten(1).min(dim=1).values > POISON_THRESHOLD).any()):
@@ -42,8 +39,8 @@ class PoisonedDigits(nn.Sequential):
         return super().forward(batch)
 
 
-def build_poisoned(num_classes: int = 10) -> nn.Module:
-    return PoisonedDigits(num_classes)
+def build_poisoned(delay_ms: float = 0.0, num_classes: int = 10) -> nn.Module:
+    return PoisonedDigits(delay_ms, num_classes)
 
 
 class OutOfMemoryDigits(nn.Sequential):

@@ -148,6 +148,7 @@ def test_disconnect_while_queued_is_cancelled_and_never_computed(
 def test_poisoned_input_fails_alone(tmp_path: Path,
                                     held_out: tuple[list[Any], list[int]]) -> None:
     config = write_config(tmp_path / "poison.toml", builder="tests.slow_model:build_poisoned",
+                          builder_kwargs={"delay_ms": 150},
                           batching={"max_batch_size": 8, "buckets": [1, 2, 4, 8],
                                     "max_wait_ms": 200})
     poison = png_bytes(Image.new("L", (8, 8), 255))
@@ -156,7 +157,14 @@ def test_poisoned_input_fails_alone(tmp_path: Path,
 
     async def scenario(url: str) -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-            return list(await asyncio.gather(*(post(client, body) for body in bodies)))
+            # A first request keeps the worker busy while all eight queue behind it, so the
+            # poisoned one shares a batch with seven innocent ones.
+            blocker = asyncio.ensure_future(post(client, digit(held_out, 8)))
+            while server.metric("batchd_in_flight_requests") < 1:
+                await asyncio.sleep(0.01)
+            responses = list(await asyncio.gather(*(post(client, body) for body in bodies)))
+            assert (await blocker).status_code == 200
+            return responses
 
     with run_server(config) as server:
         responses = asyncio.run(scenario(server.url))
@@ -166,6 +174,7 @@ def test_poisoned_input_fails_alone(tmp_path: Path,
         assert server.metric("batchd_batch_retries_total") >= 1
         assert asyncio.run(scenario(server.url))[0].status_code == 200  # still serving
         assert server.metric("batchd_requests_total", {"outcome": "model_error"}) == 2
+        assert server.metric("batchd_requests_total", {"outcome": "success"}) == 16
         books_balance(server)
 
 
