@@ -100,6 +100,10 @@ class ModelConfig:
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
+    def with_runtime(self, **changes: Any) -> ModelConfig:
+        """The same model with some runtime settings changed (e.g. compile=False)."""
+        return dataclasses.replace(self, runtime=dataclasses.replace(self.runtime, **changes))
+
 
 @dataclass(frozen=True)
 class ServerConfig:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import json
 import os
 import statistics
@@ -107,8 +106,7 @@ def offline_answer(config_path: Path, image: bytes) -> tuple[str, float]:
 
     config = load_config(config_path)
     model_config = config.model(config.server.default_model)
-    model = ServedModel.from_config(dataclasses.replace(
-        model_config, runtime=dataclasses.replace(model_config.runtime, compile=False)))
+    model = ServedModel.from_config(model_config.with_runtime(compile=False))
     label, prob = model.top_k(model.reference(model.preprocessor.load(image)), 1)[0]
     return label, prob
 

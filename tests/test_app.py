@@ -23,12 +23,7 @@ LOGIT_TOLERANCE = 1e-4
 def offline_logits(config_path: Path, images: list[Image.Image]) -> list[torch.Tensor]:
     """What the same checkpoint gives each input alone, eager, in eval mode."""
     config = load_config(config_path)
-    model_config = config.models[0]
-    import dataclasses
-
-    eager = dataclasses.replace(model_config, runtime=dataclasses.replace(
-        model_config.runtime, compile=False))
-    model = ServedModel.from_config(eager)
+    model = ServedModel.from_config(config.models[0].with_runtime(compile=False))
     return [model.reference(model.preprocessor.load(image)) for image in images]
 
 

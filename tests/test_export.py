@@ -116,8 +116,7 @@ def artifact_config(tmp_path: Path, artifacts: dict[str, Path]) -> Path:
 def test_artifacts_serve_like_the_eager_model(tmp_path: Path, artifacts: dict[str, Path],
                                               digits_config: Any,
                                               held_out: tuple[list[Any], list[int]]) -> None:
-    eager = ServedModel.from_config(dataclasses.replace(
-        digits_config, runtime=dataclasses.replace(digits_config.runtime, compile=False)))
+    eager = ServedModel.from_config(digits_config.with_runtime(compile=False))
     images = held_out[0][:12]
     expected = [torch.softmax(eager.reference(eager.preprocessor.load(i)), 0) for i in images]
 

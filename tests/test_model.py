@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -68,9 +67,7 @@ def test_pickled_object_checkpoint_is_refused(tmp_path: Path) -> None:
 
 def test_padding_never_changes_an_answer(tmp_path: Path) -> None:
     config = digits_config(tmp_path)
-    config = dataclasses.replace(config, runtime=dataclasses.replace(config.runtime,
-                                                                     compile=False))
-    model = ServedModel.from_config(config)
+    model = ServedModel.from_config(config.with_runtime(compile=False))
     torch.manual_seed(0)
     items = [torch.randint(0, 256, (1, 8, 8), dtype=torch.uint8) for _ in range(5)]
     alone = [model.reference(item) for item in items]
@@ -91,10 +88,8 @@ def test_top_k_is_sorted_and_labelled(tmp_path: Path) -> None:
 
 def test_bfloat16_runs_within_its_checked_tolerance(tmp_path: Path) -> None:
     config = digits_config(tmp_path)
-    eager = ServedModel.from_config(dataclasses.replace(
-        config, runtime=dataclasses.replace(config.runtime, compile=False)))
-    low = ServedModel.from_config(dataclasses.replace(
-        config, runtime=dataclasses.replace(config.runtime, compile=False, dtype="bfloat16")))
+    eager = ServedModel.from_config(config.with_runtime(compile=False))
+    low = ServedModel.from_config(config.with_runtime(compile=False, dtype="bfloat16"))
     assert low.low_precision_error is not None and 0 < low.low_precision_error <= 0.01
     torch.manual_seed(1)
     items = [torch.randint(0, 256, (1, 8, 8), dtype=torch.uint8) for _ in range(3)]
@@ -102,8 +97,7 @@ def test_bfloat16_runs_within_its_checked_tolerance(tmp_path: Path) -> None:
         assert row.dtype == torch.float32
         difference = torch.softmax(row, 0) - torch.softmax(eager.reference(item), 0)
         assert float(difference.abs().max()) < 0.02
-    strict = dataclasses.replace(config, runtime=dataclasses.replace(
-        config.runtime, compile=False, dtype="bfloat16", dtype_tolerance=1e-9))
+    strict = config.with_runtime(compile=False, dtype="bfloat16", dtype_tolerance=1e-9)
     with pytest.raises(CheckpointError, match="dtype_tolerance"):
         ServedModel.from_config(strict)
 
@@ -111,10 +105,8 @@ def test_bfloat16_runs_within_its_checked_tolerance(tmp_path: Path) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_path_matches_cpu(tmp_path: Path) -> None:
     config = digits_config(tmp_path)
-    cpu = ServedModel.from_config(dataclasses.replace(
-        config, runtime=dataclasses.replace(config.runtime, compile=False)))
-    gpu = ServedModel.from_config(dataclasses.replace(
-        config, runtime=dataclasses.replace(config.runtime, compile=False, device="cuda")))
+    cpu = ServedModel.from_config(config.with_runtime(compile=False))
+    gpu = ServedModel.from_config(config.with_runtime(compile=False, device="cuda"))
     items = [torch.randint(0, 256, (1, 8, 8), dtype=torch.uint8) for _ in range(5)]
     assert gpu._staging_buffer(8).is_pinned()
     for row, item in zip(gpu.run_batch(items, 8), items, strict=True):

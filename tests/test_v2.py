@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -38,8 +37,7 @@ def two_models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServ
 @pytest.fixture(scope="module")
 def offline() -> dict[str, ServedModel]:
     config = load_config(ROOT / "config" / "two_models.toml")
-    return {model.name: ServedModel.from_config(dataclasses.replace(
-        model, runtime=dataclasses.replace(model.runtime, compile=False, device="cpu")))
+    return {model.name: ServedModel.from_config(model.with_runtime(compile=False, device="cpu"))
         for model in config.models}
 
 
