@@ -128,7 +128,9 @@ def test_chunked_body_growing_past_the_limit_is_413(server: RunningServer) -> No
             sent += len(chunk)
         reply = read_response(sock)
     assert reply.startswith("HTTP/1.1 413"), reply[:200]
-    assert sent < 2_000_000
+    # The answer came long before the 64 MB were sent; loopback socket buffers can still
+    # absorb a few MB between the server's reply and this loop seeing it.
+    assert sent < 16_000_000
 
 
 def test_oversized_multipart_is_413(server: RunningServer) -> None:
