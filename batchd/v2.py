@@ -28,10 +28,9 @@ from starlette.routing import Route
 
 from batchd import __version__
 from batchd.batcher import BatchResult
-from batchd.errors import BadInput, BatchdError, UnknownModel
+from batchd.errors import BadInput, UnknownModel
 from batchd.http_common import (
     cancel_on_disconnect,
-    error_response,
     note_batch,
     runtime_of,
     serve_prediction,
@@ -78,19 +77,13 @@ async def server_ready(request: Request) -> Response:
 
 
 async def model_ready(request: Request) -> Response:
-    try:
-        slot = model_slot(request)
-    except BatchdError as error:
-        return error_response(error)
+    slot = model_slot(request)  # an unknown model's UnknownModel becomes 404 in the app
     ready = slot.ready and not runtime_of(request).draining
     return JSONResponse({"name": slot.name, "ready": ready}, 200 if ready else NOT_READY)
 
 
 async def model_metadata(request: Request) -> Response:
-    try:
-        slot = model_slot(request)
-    except BatchdError as error:
-        return error_response(error)
+    slot = model_slot(request)
     channels, height, width = slot.model.input_shape
     classes = slot.model.num_classes
     return JSONResponse({
@@ -107,10 +100,7 @@ async def model_metadata(request: Request) -> Response:
 
 
 async def infer(request: Request) -> Response:
-    try:
-        slot = model_slot(request)
-    except BatchdError as error:
-        return error_response(error)
+    slot = model_slot(request)
     return await serve_prediction(request, slot.name, _infer)
 
 
