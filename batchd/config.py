@@ -49,6 +49,11 @@ class PreprocessConfig:
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
     color_mode: ColorMode = "RGB"
 
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of one preprocessed image."""
+        return (3 if self.color_mode == "RGB" else 1, self.crop, self.crop)
+
 
 @dataclass(frozen=True)
 class BatchingConfig:
@@ -247,7 +252,7 @@ def _check_model(model: ModelConfig, key: str, path: Path) -> None:
         fail("preprocess", "resize and crop must be at least 1")
     if pre.crop > pre.resize:
         fail("preprocess.crop", f"{pre.crop} is larger than resize {pre.resize}")
-    channels = 3 if pre.color_mode == "RGB" else 1
+    channels = pre.input_shape[0]
     for name in ("mean", "std"):
         values = getattr(pre, name)
         if len(values) != channels:

@@ -118,8 +118,7 @@ def export_model(config: ModelConfig, fmt: ArtifactFormat, out: Path,
                  progress: Callable[[str], None] = print) -> ParityReport:
     """Export, reload as a consumer would, and compare; raises ParityError (no file left)."""
     network, _ = load_network(config)
-    channels = 3 if config.preprocess.color_mode == "RGB" else 1
-    input_shape = (channels, config.preprocess.crop, config.preprocess.crop)
+    input_shape = config.preprocess.input_shape
     sizes = parity_batch_sizes(config)
     out.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=out.suffix)

@@ -48,8 +48,8 @@ class Preprocessor:
     def __init__(self, config: PreprocessConfig, max_image_pixels: int = 40_000_000) -> None:
         self.config = config
         self.max_image_pixels = max_image_pixels
-        channels = 3 if config.color_mode == "RGB" else 1
-        self.input_shape = (channels, config.crop, config.crop)
+        self.input_shape = config.input_shape
+        channels = self.input_shape[0]
         self._mean = torch.tensor(config.mean, dtype=torch.float32).view(1, channels, 1, 1)
         self._std = torch.tensor(config.std, dtype=torch.float32).view(1, channels, 1, 1)
 
