@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from batchd.app import create_app
     from batchd.batcher import Batcher, BatchResult
     from batchd.config import Config, load_config
+    from batchd.http import create_app
 
 _LAZY = {
-    "create_app": "batchd.app",
+    "create_app": "batchd.http",
     "Batcher": "batchd.batcher",
     "BatchResult": "batchd.batcher",
     "Config": "batchd.config",

@@ -6,6 +6,12 @@ output per input, and resolves each caller's await with its own output.
 
 Concurrency invariant: every method except `run_batch` itself runs on the event loop's
 single thread, so the queue, the counters and the request states need no locks.
+
+Every accepted request is answered exactly once, whatever the model does: a batch that
+raises is retried in halves and stays owned by the worker until every half is answered;
+a model that raises something other than an `Exception` (SystemExit, CancelledError, ...)
+stops the worker, and everything it held or queued is answered WorkerDead at once; a
+drain that runs out of time answers everything left with ShuttingDown.
 """
 
 from __future__ import annotations
@@ -19,10 +25,11 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
+from batchd.device_thread import DeviceThread
 from batchd.errors import (
     BatchdError,
     DeadlineExceeded,
@@ -68,7 +75,7 @@ class BatchStats:
     accepted == succeeded + failed + cancelled + expired + deadline_exceeded, and
     computed_items == accepted - cancelled_queued - expired - failed_unrun
     (computed_items: inputs whose computation finished, with an output or a model error;
-    failed_unrun: answered by shutdown or a dead worker before their batch ran)."""
+    failed_unrun: answered by shutdown or a dead worker before their computation finished)."""
 
     accepted: int = 0
     succeeded: int = 0
@@ -126,7 +133,7 @@ class Batcher(Generic[In, Out]):
         self.max_queue_size = max_queue_size
         self.queue_timeout_s = queue_timeout_s
         self._owns_executor = executor is None
-        self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix=f"batchd-{name}")
+        self._executor = executor or DeviceThread(f"batchd-{name}")
         self._observer = observer
         self._queue: deque[_Request[In, Out]] = deque()
         self._wakeup = asyncio.Event()
@@ -155,23 +162,36 @@ class Batcher(Generic[In, Out]):
         """Refuse new submissions (ShuttingDown); what is queued still runs."""
         self._accepting = False
 
-    async def drain(self, timeout_s: float) -> None:
-        """Finish queued work within `timeout_s`, then answer whatever is left with ShuttingDown."""
+    async def drain(self, timeout_s: float) -> bool:
+        """Finish queued work within `timeout_s`, then answer whatever is left with
+        ShuttingDown. True when everything finished in time."""
         self._accepting = False
         self._closing = True
         self._wakeup.set()
+        finished = True
         if self._task is not None and not self._task.done():
             done, _ = await asyncio.wait({self._task}, timeout=timeout_s)
-            if not done:
-                logger.warning("%s: drain limit of %.1fs reached; failing the rest", self.name,
-                               timeout_s)
-                self._fail_all(ShuttingDown("the server shut down before this request ran"))
-                self._task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._task
-        self._fail_all(ShuttingDown("the server shut down before this request ran"))
+            finished = bool(done)
+            if not finished:
+                logger.warning("%s: drain limit of %.1fs reached; answering the %d requests "
+                               "left 503", self.name, timeout_s, self._in_flight)
+        await self.abandon()
         if self._owns_executor:
             self._executor.shutdown(wait=False, cancel_futures=True)
+        return finished
+
+    async def abandon(self) -> None:
+        """Answer every queued or computing request with ShuttingDown now and stop the worker.
+
+        A batch still computing is left to finish on its thread; its outputs are dropped.
+        """
+        self._accepting = False
+        self._closing = True
+        self._fail_all(ShuttingDown("the server shut down before this request finished"))
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
 
     # -- observation --------------------------------------------------------------------
 
@@ -271,7 +291,8 @@ class Batcher(Generic[In, Out]):
             batch = await self._next_batch()
             if batch is None:
                 return
-            await self._compute(batch)
+            if not await self._compute(batch):
+                return
 
     async def _next_batch(self) -> list[_Request[In, Out]] | None:
         while True:
@@ -331,29 +352,46 @@ class Batcher(Generic[In, Out]):
                 best, best_cost = size, costs[size] / size
         return best
 
-    async def _compute(self, batch: list[_Request[In, Out]]) -> None:
+    async def _compute(self, batch: list[_Request[In, Out]]) -> bool:
+        """Compute a batch; False when the worker died doing so.
+
+        The batch stays in `_running` until every request of it is answered, so that a
+        drain or a dying worker also answers the half that a retry has not reached yet.
+        """
         live = [request for request in batch if not request.future.done()]
         if not live:
-            return
+            return True
+        self._running = live
+        try:
+            await self._run(live)
+        except _WorkerFault as fault:
+            self._die(fault.cause)
+            return False
+        except Exception as exc:  # a fault in the worker itself: it cannot safely go on
+            self._die(exc)
+            return False
+        finally:
+            self._running = []
+            self.busy_since = None
+        return True
+
+    async def _run(self, live: list[_Request[In, Out]]) -> None:
         bucket = self.bucket_for(len(live))
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         self.busy_since = started
-        self._running = live
-        try:
-            outputs = await loop.run_in_executor(
-                self._executor, self._run_batch, [request.item for request in live], bucket
-            )
-            if len(outputs) != len(live):
-                raise RuntimeError(f"model returned {len(outputs)} outputs for {len(live)} inputs")
-        except Exception as exc:  # the model's failure, not the worker's
-            self.busy_since = None
-            self._running = []
-            await self._recover(live, exc)
+        outputs, error = await loop.run_in_executor(
+            self._executor, self._call_model, [request.item for request in live], bucket
+        )
+        self.busy_since = None
+        if error is None and outputs is not None and len(outputs) != len(live):
+            error = RuntimeError(f"model returned {len(outputs)} outputs for {len(live)} inputs")
+        if error is not None:
+            if not isinstance(error, Exception):
+                raise _WorkerFault(error)
+            await self._recover(live, error)
             return
-        finally:
-            self.busy_since = None
-            self._running = []
+        assert outputs is not None
         compute_s = time.monotonic() - started
         self.stats.batches += 1
         self.stats.computed_items += len(live)
@@ -364,14 +402,25 @@ class Batcher(Generic[In, Out]):
         if self._observer is not None:
             self._observer.batch_done(len(live), bucket, waits, compute_s)
 
+    def _call_model(
+        self, items: list[In], bucket: int
+    ) -> tuple[Sequence[Out] | None, BaseException | None]:
+        """Runs on the model's thread. Whatever the model raises comes back as a value, so
+        that a CancelledError or SystemExit from the model cannot pass for the worker's own
+        cancellation or end the event loop."""
+        try:
+            return self._run_batch(items, bucket), None
+        except BaseException as exc:
+            return None, exc
+
     async def _recover(self, live: list[_Request[In, Out]], exc: Exception) -> None:
         """A batch raised: retry it in halves so that only the inputs that fail alone fail."""
         if len(live) > 1:
             self.stats.retried_batches += 1
             middle = len(live) // 2
             logger.info("%s: batch of %d raised %r; retrying in halves", self.name, len(live), exc)
-            await self._compute(live[:middle])
-            await self._compute(live[middle:])
+            await self._run(live[:middle])
+            await self._run(live[middle:])
             return
         (request,) = live
         error: BatchdError
@@ -387,22 +436,32 @@ class Batcher(Generic[In, Out]):
     def _worker_finished(self, task: asyncio.Task[None]) -> None:
         if task.cancelled() or task.exception() is None:
             return
-        exc = task.exception()
-        self.dead_reason = repr(exc)
-        logger.error("%s: worker died", self.name, exc_info=exc)
-        self._fail_all(WorkerDead(f"the worker of model {self.name!r} stopped: {exc!r}"))
+        self._die(task.exception())
+
+    def _die(self, cause: BaseException | None) -> None:
+        """The worker stopped for good: answer everything it held or queued with WorkerDead."""
+        self.dead_reason = repr(cause)
+        logger.error("%s: worker stopped: %r; answering %d requests 503", self.name, cause,
+                     self._in_flight, exc_info=cause)
+        self._fail_all(WorkerDead(f"the worker of model {self.name!r} stopped: {cause!r}"))
 
     def _fail_all(self, error: BatchdError) -> None:
         """Answer every queued or computing request with `error`; nothing more will run."""
-        for request in self._running:
-            if not request.future.done():
-                request.future.set_exception(error)
-        while self._queue:
-            request = self._queue.popleft()
+        pending = [*self._running, *self._queue]
+        self._queue.clear()
+        for request in pending:
             if not request.future.done():
                 request.state = _State.RUNNING
                 self.stats.failed_unrun += 1
                 request.future.set_exception(error)
+
+
+class _WorkerFault(Exception):
+    """The model raised a BaseException that is not an Exception: the worker must stop."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(repr(cause))
+        self.cause = cause
 
 
 __all__ = ["BatchObserver", "BatchResult", "BatchStats", "Batcher"]

@@ -9,34 +9,40 @@ import socket
 import sys
 from pathlib import Path
 from types import FrameType
-from typing import cast
 
 import uvicorn
-from starlette.applications import Starlette
 
-from batchd.app import begin_shutdown, create_app
 from batchd.config import Config, ModelConfig, load_config
 from batchd.errors import BatchdError, ConfigError
+from batchd.http import create_app
+from batchd.runtime import Runtime
 
 logger = logging.getLogger("batchd.cli")
 DEFAULT_CONFIG = Path("config/default.toml")
+# How long uvicorn waits for responses to flush once the runtime has drained.
+FLUSH_TIMEOUT_S = 5
 
 
 class GracefulServer(uvicorn.Server):
-    """uvicorn's server with a drain phase in front of its shut-down.
+    """uvicorn's server with the runtime's drain in front of its shut-down.
 
-    On the first SIGTERM or SIGINT, readiness turns 503 and new predictions are refused
-    (503, reason shutdown) while the listener stays open and /health stays 200; requests
-    already accepted run to completion, up to server.drain_timeout_s. Then uvicorn shuts
-    down as usual (lifespan shut-down answers anything left with 503) and the process exits
-    0. A second signal skips the wait.
+    The order on the first SIGTERM or SIGINT:
+      1. runtime.begin_drain(): readiness 503, new predictions 503 (reason shutdown); the
+         listener stays open and /health stays 200;
+      2. runtime.drain(server.drain_timeout_s): accepted requests run to completion; at
+         the limit every one still in progress is answered 503 JSON, wherever it is;
+      3. uvicorn's own shut-down: stop accepting, close connections, lifespan shut-down
+         (runtime.close(): workers stopped, device threads released, never joined);
+      4. exit 0.
+    A second signal goes straight to the end of step 2 (everything left is answered 503
+    JSON at once), then on; the exit status stays 0.
     """
 
-    def __init__(self, config: uvicorn.Config, drain_timeout_s: float) -> None:
+    def __init__(self, config: uvicorn.Config, runtime: Runtime) -> None:
         super().__init__(config)
+        self.runtime = runtime
         self.fatal_error: str | None = None
-        self.drain_timeout_s = drain_timeout_s
-        self._draining = False
+        self._signals = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_task: asyncio.Task[None] | None = None
 
@@ -45,49 +51,51 @@ class GracefulServer(uvicorn.Server):
         await super().serve(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self._draining or self._loop is None:
-            super().handle_exit(sig, frame)
+        # uvicorn's own handler would re-raise the signal at exit (status 143); the drain
+        # below answers every request instead, so the signal is consumed here.
+        self._signals += 1
+        if self._loop is None:
+            self.should_exit = True
             return
-        self._draining = True
-        logger.info("signal %d: draining (readiness off, finishing accepted requests)", sig)
-        begin_shutdown(cast(Starlette, self.config.app))
-        self._loop.call_soon_threadsafe(self._start_drain)
+        logger.info("signal %d (%s): %s", sig, "first" if self._signals == 1 else "again",
+                    "draining" if self._signals == 1 else "answering what is left now")
+        self._loop.call_soon_threadsafe(self._on_signal, self._signals)
 
-    def _start_drain(self) -> None:
-        self._drain_task = asyncio.get_running_loop().create_task(self._drain_then_exit())
+    def _on_signal(self, count: int) -> None:
+        if count == 1:
+            self._drain_task = asyncio.get_running_loop().create_task(self._drain_then_exit())
+        else:
+            asyncio.get_running_loop().create_task(self._abandon_then_exit())
 
     async def _drain_then_exit(self) -> None:
-        runtime = getattr(cast(Starlette, self.config.app).state, "runtime", None)
-        if runtime is not None and not await runtime.wait_idle(self.drain_timeout_s):
-            logger.warning("drain limit of %.0fs reached with %d requests in progress; "
-                           "answering them 503", self.drain_timeout_s, runtime.active_requests)
-            await runtime.shutdown(timeout_s=0)
-            await runtime.wait_idle(5.0)
+        await self.runtime.drain(self.runtime.config.server.drain_timeout_s)
         self.should_exit = True
 
-    def fail(self, message: str) -> None:
-        logger.error("fatal: %s; shutting down", message)
-        self.fatal_error = message
+    async def _abandon_then_exit(self) -> None:
+        await self.runtime.abandon()
         self.should_exit = True
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.runtime.fatal_error and not self.fatal_error:
+            self.fatal_error = self.runtime.fatal_error
+            logger.error("fatal: %s; shutting down", self.fatal_error)
+            self.should_exit = True
+        return await super().on_tick(counter)
 
 
 def serve(config: Config, host: str | None, port: int | None) -> int:
     server_config = config.server
-    holder: list[GracefulServer] = []
-    app = create_app(config, on_fatal=lambda message: holder[0].fail(message))
+    runtime = Runtime(config)
     uvicorn_config = uvicorn.Config(
-        app,
+        create_app(config, runtime),
         host=host or server_config.host,
         port=server_config.port if port is None else port,
         log_config=None,
         log_level=server_config.log_level,
-        # Accepted requests were drained before uvicorn's own shut-down starts (see
-        # GracefulServer), so uvicorn need only wait briefly for responses to flush.
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=FLUSH_TIMEOUT_S,
         lifespan="on",
     )
-    server = GracefulServer(uvicorn_config, server_config.drain_timeout_s)
-    holder.append(server)
+    server = GracefulServer(uvicorn_config, runtime)
     server.run()
     if server.fatal_error or not server.started:
         return 1
@@ -108,8 +116,8 @@ def export_command(args: argparse.Namespace) -> int:
     from batchd.export import export_model
 
     model = pick_model(load_config(args.config), args.model)
-    report = export_model(model, args.format, args.out, args.tolerance)
-    return 0 if report.ok else 1
+    export_model(model, args.format, args.out, args.tolerance)  # ParityError: exit 1
+    return 0
 
 
 def inspect_command(args: argparse.Namespace) -> int:

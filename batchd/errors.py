@@ -1,4 +1,4 @@
-"""batchd's exceptions. Only the HTTP layer maps them to status codes (see batchd.app)."""
+"""batchd's exceptions. Only the HTTP layer maps them to status codes (batchd.http.frame)."""
 
 from __future__ import annotations
 

@@ -10,15 +10,11 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from batchd.batcher import BatchStats
-
-# The *_created series double every counter and histogram for no use a dashboard has.
-prometheus_client.disable_created_metrics()
 
 LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
@@ -47,14 +43,13 @@ class WatchedBatcher(Protocol):
 class WatchedModel(Protocol):
     @property
     def recompiles(self) -> int: ...
-    @property
-    def ready(self) -> bool: ...
 
 
 @dataclass
 class _Watched:
     batcher: WatchedBatcher
     model: WatchedModel
+    is_ready: Callable[[], bool]
 
 
 class _BatchObserver:
@@ -111,9 +106,11 @@ class Metrics:
         self.registry.register(_StateCollector(self._watched))
         ProcessCollector(registry=self.registry)  # process_resident_memory_bytes and friends
 
-    def watch(self, name: str, batcher: WatchedBatcher, model: WatchedModel) -> None:
-        """Export a model's queue, counts and readiness; pre-create its labelled series."""
-        self._watched[name] = _Watched(batcher, model)
+    def watch(self, name: str, batcher: WatchedBatcher, model: WatchedModel,
+              is_ready: Callable[[], bool]) -> None:
+        """Export a model's queue, counts and readiness (`is_ready`: the runtime's one
+        definition of it); pre-create its labelled series."""
+        self._watched[name] = _Watched(batcher, model, is_ready)
         for outcome in OUTCOMES:
             self.requests.labels(name, outcome)
         self.padding.labels(name)
@@ -135,8 +132,8 @@ class _StateCollector(Collector):
                                lambda w: w.batcher.queue_depth),
         "batchd_in_flight_requests": ("Requests accepted by the batcher and not yet answered.",
                                       lambda w: w.batcher.in_flight),
-        "batchd_model_ready": ("1 when the model is loaded, warmed and serving, else 0.",
-                               lambda w: 1.0 if w.model.ready else 0.0),
+        "batchd_model_ready": ("1 when the model is ready to serve (as /ready says), else 0.",
+                               lambda w: 1.0 if w.is_ready() else 0.0),
         "batchd_queue_capacity": ("The most requests the model's queue holds (max_queue_size).",
                                   lambda w: w.batcher.max_queue_size),
     }

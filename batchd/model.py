@@ -13,7 +13,6 @@ import contextlib
 import importlib
 import logging
 import pickle
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -175,7 +174,6 @@ class ServedModel:
         self.ready = False
         self.consecutive_oom = 0
         self.last_oom_at = 0.0
-        self._compile_lock = threading.Lock()
         self._forward: Callable[[torch.Tensor], torch.Tensor] = self.network
         self.eager_buckets: set[int] = set()  # buckets served eager (see warm_up)
         self.bucket_seconds: dict[int, float] = {}  # measured at warm-up
@@ -220,13 +218,9 @@ class ServedModel:
         from torch._inductor.compile_fx import compile_fx
 
         patches = list_mode_options(self.config.runtime.compile_mode)
-        buckets = len(self.config.batching.bucket_sizes)
-        dynamo_config = torch._dynamo.config
-        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, buckets + 2)
 
         def counting_backend(graph: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
-            with self._compile_lock:
-                self.compile_count += 1
+            self.compile_count += 1  # compiles happen on the model's one thread
             return compile_fx(graph, example_inputs, config_patches=patches)
 
         return torch.compile(self.network, backend=counting_backend, dynamic=False)

@@ -1,23 +1,39 @@
-"""The served models at run time: each model with its batcher, start-up and shut-down.
+"""The served models at run time, and the server's life cycle.
 
-This is where the batching core meets torch: it builds each ServedModel, warms it on the
-thread that will serve it, and starts its batcher. It knows nothing of HTTP.
+This is where the batching core meets torch: the runtime builds each ServedModel, warms
+it on the thread that will serve it, starts its batcher, and owns every step of start-up
+and shut-down, in one order:
+
+    load()          build every model and load its checkpoint (strict), on its device thread
+    start()         warm every model in the background; each serves once it is warm
+    begin_drain()   readiness off; new predictions are refused (ShuttingDown)
+    drain(limit)    wait for the admitted requests; at the limit, abandon()
+    abandon()       answer everything still in progress with ShuttingDown, at once
+    close()         stop the workers and release the device threads
+
+It also owns each model's one readiness status (`status`), which every view reads: /ready,
+/models, the Open Inference Protocol's health endpoints, the prediction frame and the
+batchd_model_ready gauge. It knows nothing of HTTP.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
+import functools
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 
+import anyio
 import torch
 
 from batchd.batcher import Batcher
 from batchd.config import Config, ModelConfig
+from batchd.device_thread import DeviceThread
+from batchd.errors import NotReady, ShuttingDown
 from batchd.metrics import Metrics
 from batchd.model import ServedModel, resolve_device
 
@@ -26,6 +42,33 @@ logger = logging.getLogger("batchd.runtime")
 # Batches in a row that ran out of device memory (within 30 s) before readiness fails, so
 # that a load balancer sends traffic elsewhere until the device recovers.
 OOM_STREAK_NOT_READY = 3
+# After abandon(), how long drain() waits for the answers to be written.
+FLUSH_S = 2.0
+
+
+class ModelState(enum.Enum):
+    """Where a model stands; only READY serves."""
+
+    LOADING = "loading"
+    WARMING = "warming"
+    READY = "ready"
+    WARM_UP_FAILED = "warm_up_failed"
+    WORKER_DEAD = "worker_dead"
+    OUT_OF_MEMORY = "out_of_memory"
+    STALLED = "stalled"
+    DRAINING = "draining"
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """A snapshot of one model's readiness, with the reason when it is not ready."""
+
+    state: ModelState
+    reason: str = ""
+
+    @property
+    def ready(self) -> bool:
+        return self.state is ModelState.READY
 
 
 @dataclass
@@ -35,48 +78,76 @@ class ModelSlot:
     config: ModelConfig
     model: ServedModel
     batcher: Batcher[torch.Tensor, torch.Tensor]
-    executor: ThreadPoolExecutor
+    executor: DeviceThread
+    preprocess_limiter: anyio.CapacityLimiter
     warm_error: str | None = None
 
     @property
     def name(self) -> str:
         return self.config.name
 
-    @property
-    def ready(self) -> bool:
-        return self.model.ready and self.batcher.alive
+    async def preprocess(self, data: bytes) -> torch.Tensor:
+        """Decode and preprocess one encoded image in the decoding thread pool."""
+        return await anyio.to_thread.run_sync(self.model.preprocessor.load, data,
+                                              limiter=self.preprocess_limiter)
+
+    def status(self, draining: bool, watchdog_s: float) -> ModelStatus:
+        if self.warm_error:
+            return ModelStatus(ModelState.WARM_UP_FAILED, f"warm-up failed: {self.warm_error}")
+        if self.batcher.dead_reason:
+            return ModelStatus(ModelState.WORKER_DEAD,
+                               f"worker stopped: {self.batcher.dead_reason}")
+        if not self.model.ready or not self.batcher.alive:
+            return ModelStatus(ModelState.WARMING, "warming up")
+        if draining:
+            return ModelStatus(ModelState.DRAINING, "shutting down")
+        if self.model.out_of_memory_streak() >= OOM_STREAK_NOT_READY:
+            return ModelStatus(ModelState.OUT_OF_MEMORY, f"out of device memory on the last "
+                               f"{self.model.consecutive_oom} batches")
+        stalled = self.batcher.stalled_for()
+        if stalled > watchdog_s:
+            return ModelStatus(ModelState.STALLED, f"batch running for {stalled:.0f}s "
+                               f"(watchdog {watchdog_s:.0f}s)")
+        return ModelStatus(ModelState.READY)
 
 
-@dataclass
 class Runtime:
-    """Every served model, by name."""
+    """Every served model by name, and the life cycle of the whole server."""
 
-    config: Config
-    slots: dict[str, ModelSlot]
-    metrics: Metrics
-    draining: bool = False
-    active_requests: int = 0
-    warm_task: asyncio.Task[None] | None = field(default=None, repr=False)
-    _idle: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    def __init__(self, config: Config, metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics(
+            max(model.batching.max_batch_size for model in config.models))
+        self.slots: dict[str, ModelSlot] = {}
+        self.draining = False
+        self.fatal_error: str | None = None
+        self.preprocess_limiter: anyio.CapacityLimiter | None = None
+        self._threads: dict[str, DeviceThread] = {}
+        self._warm_task: asyncio.Task[None] | None = None
+        self._admitted: set[anyio.CancelScope] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
 
-    @classmethod
-    def load(cls, config: Config, metrics: Metrics) -> Runtime:
-        """Build every model and load its checkpoint (strict); raises on any mismatch."""
-        if config.server.torch_threads:
-            torch.set_num_threads(config.server.torch_threads)
-        executors: dict[str, ThreadPoolExecutor] = {}
-        slots = {}
-        for model_config in config.models:
+    # -- start-up -----------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Build every model and load its checkpoint (strict); raises on any mismatch.
+
+        Blocking: call it off the event loop.
+        """
+        limiter = anyio.CapacityLimiter(self.config.server.preprocess_threads)
+        self.preprocess_limiter = limiter
+        for model_config in self.config.models:
             # One batch at a time per device: models sharing a device take turns fairly.
             device_key = str(resolve_device(model_config.runtime.device))
-            executor = executors.setdefault(
-                device_key, ThreadPoolExecutor(1, thread_name_prefix=f"batchd-{device_key}")
-            )
+            thread = self._threads.get(device_key)
+            if thread is None:
+                thread = self._threads[device_key] = DeviceThread(f"batchd-{device_key}")
             # Every torch call of a model, loading included, runs on its device's thread:
             # a second thread running parallel torch work would start a second OpenMP team,
             # and on a small CPU the two teams slow each other down (measured: 1.8x).
-            model = executor.submit(
-                ServedModel.from_config, model_config, config.server.max_image_pixels
+            model = thread.submit(
+                ServedModel.from_config, model_config, self.config.server.max_image_pixels
             ).result()
             batching = model_config.batching
             batcher: Batcher[torch.Tensor, torch.Tensor] = Batcher(
@@ -86,18 +157,25 @@ class Runtime:
                 max_wait_s=batching.max_wait_ms / 1000.0,
                 max_queue_size=batching.max_queue_size,
                 queue_timeout_s=batching.queue_timeout_ms / 1000.0,
-                executor=executor,
-                observer=metrics.observer(model_config.name),
+                executor=thread,
+                observer=self.metrics.observer(model_config.name),
                 name=model_config.name,
             )
-            metrics.watch(model_config.name, batcher, model)
-            slots[model_config.name] = ModelSlot(model_config, model, batcher, executor)
+            slot = ModelSlot(model_config, model, batcher, thread, limiter)
+            self.slots[model_config.name] = slot
+            self.metrics.watch(model_config.name, batcher, model,
+                               functools.partial(self.is_ready, model_config.name))
             logger.info("model %s: loaded %s on %s", model_config.name,
-                        model_config.checkpoint, model.device)
-        return cls(config, slots, metrics)
+                        model_config.checkpoint or model_config.source.artifact, model.device)
 
-    async def warm_up(self, on_fatal: Callable[[str], None] | None = None) -> None:
-        """Warm each model on its serving thread, then start its batcher."""
+    async def start(self) -> None:
+        """Warm every model in the background; returns at once."""
+        self._warm_task = asyncio.get_running_loop().create_task(self._warm_up(),
+                                                                 name="batchd-warm-up")
+
+    async def _warm_up(self) -> None:
+        """Warm each model on its serving thread, then start its batcher. A model whose
+        warm-up fails stays failed (and the server fatal); the others still warm."""
         loop = asyncio.get_running_loop()
         for slot in self.slots.values():
             started = time.monotonic()
@@ -106,79 +184,115 @@ class Runtime:
             except Exception as exc:
                 slot.warm_error = repr(exc)
                 logger.exception("model %s: warm-up failed", slot.name)
-                if on_fatal is not None:
-                    on_fatal(f"model {slot.name}: warm-up failed: {exc!r}")
-                return
+                self.fatal_error = self.fatal_error or f"model {slot.name}: warm-up failed: {exc!r}"
+                continue
             slot.batcher.set_bucket_costs(slot.model.bucket_seconds)
             slot.batcher.start()
             logger.info("model %s: ready after %.1fs of warm-up", slot.name,
                         time.monotonic() - started)
 
-    @property
-    def ready(self) -> bool:
-        return not self.not_ready_reasons()
+    # -- readiness: the one definition ----------------------------------------------------
+
+    def status(self, name: str) -> ModelStatus:
+        """Model `name`'s status (KeyError if there is no such model)."""
+        if not self.slots:
+            return ModelStatus(ModelState.LOADING, "loading models")
+        return self.slots[name].status(self.draining, self.config.server.watchdog_s)
+
+    def is_ready(self, name: str) -> bool:
+        return self.status(name).ready
 
     def not_ready_reasons(self) -> dict[str, str]:
-        reasons = {}
-        watchdog_s = self.config.server.watchdog_s
-        for slot in self.slots.values():
-            if slot.warm_error:
-                reasons[slot.name] = f"warm-up failed: {slot.warm_error}"
-            elif not slot.model.ready:
-                reasons[slot.name] = "warming up"
-            elif slot.batcher.dead_reason:
-                reasons[slot.name] = f"worker stopped: {slot.batcher.dead_reason}"
-            elif not slot.batcher.alive:
-                reasons[slot.name] = "worker not running"
-            elif slot.model.out_of_memory_streak() >= OOM_STREAK_NOT_READY:
-                reasons[slot.name] = (f"out of device memory on the last "
-                                      f"{slot.model.consecutive_oom} batches")
-            elif slot.batcher.stalled_for() > watchdog_s:
-                reasons[slot.name] = (f"batch running for {slot.batcher.stalled_for():.0f}s "
-                                      f"(watchdog {watchdog_s:.0f}s)")
+        """Why the server is not ready, by model (and "server"); empty when it is ready."""
+        if not self.slots:
+            return {"server": "loading models"}
+        reasons = {name: status.reason for name in self.slots
+                   if not (status := self.status(name)).ready}
         if self.draining:
             reasons["server"] = "shutting down"
         return reasons
 
+    @property
+    def ready(self) -> bool:
+        return not self.not_ready_reasons()
+
+    def slot_for_prediction(self, name: str) -> ModelSlot:
+        """The slot to serve a prediction for `name`; raises unless it serves now."""
+        if self.draining:
+            raise ShuttingDown("the server is shutting down")
+        status = self.status(name)
+        if not status.ready:
+            raise NotReady(f"model {name!r} is not ready: {status.reason}")
+        return self.slots[name]
+
+    # -- requests in progress -------------------------------------------------------------
+
+    @property
+    def active_requests(self) -> int:
+        return len(self._admitted)
+
     @contextlib.contextmanager
-    def track(self) -> Iterator[None]:
-        """Count a prediction request from arrival to response, for draining."""
-        self.active_requests += 1
+    def admit(self) -> Iterator[anyio.CancelScope]:
+        """Count a prediction from arrival to response. The caller runs it inside the scope
+        it gets, which abandon() cancels: the caller then answers ShuttingDown."""
+        if self.draining:
+            raise ShuttingDown("the server is shutting down")
+        scope = anyio.CancelScope()
+        self._admitted.add(scope)
         self._idle.clear()
         try:
-            yield
+            yield scope
         finally:
-            self.active_requests -= 1
-            if self.active_requests == 0:
+            self._admitted.discard(scope)
+            if not self._admitted:
                 self._idle.set()
 
     async def wait_idle(self, timeout_s: float) -> bool:
-        """Wait until no prediction request is in progress; False if the limit passed first."""
-        if self.active_requests == 0:
-            return True
-        try:
-            async with asyncio.timeout(timeout_s):
-                await self._idle.wait()
-        except TimeoutError:
-            return False
-        return True
+        """Wait until no prediction is in progress; False if the limit passed first."""
+        with anyio.move_on_after(timeout_s):
+            await self._idle.wait()
+        return self._idle.is_set()
 
-    def start_draining(self) -> None:
-        """Refuse requests that arrive from now on and fail readiness; accepted ones finish."""
+    # -- shut-down ------------------------------------------------------------------------
+
+    def begin_drain(self) -> None:
+        """Turn readiness off and refuse new predictions; admitted ones go on."""
+        if not self.draining:
+            logger.info("draining: readiness off, finishing %d requests in progress",
+                        self.active_requests)
         self.draining = True
 
-    async def shutdown(self, timeout_s: float | None = None) -> None:
-        """Drain every queue within `timeout_s` (default: the configured drain limit), answer
-        whatever is left with ShuttingDown, then release the threads. Safe to call twice."""
-        self.start_draining()
-        for slot in self.slots.values():
-            slot.batcher.stop_accepting()
-        if self.warm_task is not None and not self.warm_task.done():
-            self.warm_task.cancel()
-        timeout = self.config.server.drain_timeout_s if timeout_s is None else timeout_s
-        await asyncio.gather(*(slot.batcher.drain(timeout) for slot in self.slots.values()))
-        executors: Sequence[ThreadPoolExecutor] = list(
-            {id(slot.executor): slot.executor for slot in self.slots.values()}.values()
-        )
-        for executor in executors:
-            executor.shutdown(wait=False, cancel_futures=True)
+    async def drain(self, timeout_s: float) -> bool:
+        """Let the admitted requests finish within `timeout_s`, then abandon the rest.
+        True when every request finished on its own."""
+        self.begin_drain()
+        if await self.wait_idle(timeout_s):
+            return True
+        logger.warning("drain limit of %.1fs reached with %d requests in progress; "
+                       "answering them 503", timeout_s, self.active_requests)
+        await self.abandon()
+        return False
+
+    async def abandon(self) -> None:
+        """Answer every request still in progress with ShuttingDown, now: those queued or
+        computing through their batcher, those still uploading or decoding through their
+        scope. Then wait (briefly) for the answers to be written."""
+        self.begin_drain()
+        await asyncio.gather(*(slot.batcher.abandon() for slot in self.slots.values()))
+        for scope in list(self._admitted):
+            scope.cancel()
+        if not await self.wait_idle(FLUSH_S):
+            logger.error("%d requests still unanswered %.0fs after abandoning them",
+                         self.active_requests, FLUSH_S)
+
+    async def close(self) -> None:
+        """Stop warming and serving and release the device threads (without waiting for a
+        call in progress: a hung model must not keep the process alive). Idempotent."""
+        self.begin_drain()
+        if self._warm_task is not None and not self._warm_task.done():
+            self._warm_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._warm_task
+        await self.abandon()
+        for thread in self._threads.values():
+            thread.shutdown(wait=False, cancel_futures=True)

@@ -170,8 +170,8 @@ def scrape(url: str, name: str, labels: dict[str, str] | None = None) -> float:
 @contextlib.contextmanager
 def run_server(config_path: Path, ready_timeout_s: float = 300) -> Iterator[RunningServer]:
     """Serve a config with a real uvicorn on a free 127.0.0.1 port, in a thread."""
-    from batchd.app import begin_shutdown, create_app
     from batchd.config import load_config
+    from batchd.http import create_app
 
     config = load_config(config_path)
     app = create_app(config)
@@ -189,7 +189,7 @@ def run_server(config_path: Path, ready_timeout_s: float = 300) -> Iterator[Runn
         wait_ready(url, ready_timeout_s, thread)
         yield RunningServer(url, app, server)
     finally:
-        begin_shutdown(app)
+        app.state.runtime.begin_drain()
         server.should_exit = True
         thread.join(timeout=60)
         sock.close()

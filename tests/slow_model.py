@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 
 import torch
@@ -60,3 +62,36 @@ class OutOfMemoryDigits(nn.Sequential):
 
 def build_out_of_memory(max_ok: int = 2, num_classes: int = 10) -> nn.Module:
     return OutOfMemoryDigits(max_ok, num_classes)
+
+
+class Fatal(BaseException):
+    """Something a model can raise that is not an Exception (as a C extension might)."""
+
+
+FAULTS: dict[str, type[BaseException]] = {
+    "raise": ValueError,
+    "system_exit": SystemExit,
+    "cancelled": asyncio.CancelledError,
+    "fatal": Fatal,
+}
+
+
+class FaultyDigits(SlowDigits):
+    """The slowed digits CNN that misbehaves on any batch holding an all-white image, after
+    its delay: raises (`fault` names what), or with fault "hang" never returns."""
+
+    def __init__(self, fault: str, delay_ms: float = 0.0, num_classes: int = 10) -> None:
+        super().__init__(delay_ms, num_classes)
+        self.fault = fault
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        output = super().forward(batch)
+        if bool((batch.flatten(1).min(dim=1).values > POISON_THRESHOLD).any()):
+            if self.fault == "hang":
+                threading.Event().wait()
+            raise FAULTS[self.fault]("poisoned input")
+        return output
+
+
+def build_faulty(fault: str, delay_ms: float = 0.0, num_classes: int = 10) -> nn.Module:
+    return FaultyDigits(fault, delay_ms, num_classes)

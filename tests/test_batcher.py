@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import pytest
@@ -23,18 +25,36 @@ from tests.conftest import BlockingModel, FailingModel, RecordingModel
 pytestmark = pytest.mark.anyio
 
 
-def make_batcher(model: Any, **overrides: Any) -> Batcher[int, int]:
-    settings: dict[str, Any] = {
-        "max_batch_size": 8,
-        "bucket_sizes": (1, 2, 4, 8),
-        "max_wait_s": 0.05,
-        "max_queue_size": 100,
-        "queue_timeout_s": 10.0,
-    }
-    settings.update(overrides)
-    batcher: Batcher[int, int] = Batcher(model, **settings)
-    batcher.start()
-    return batcher
+MakeBatcher = Callable[..., Batcher[int, int]]
+
+
+@pytest.fixture
+async def make_batcher() -> AsyncIterator[MakeBatcher]:
+    """Builds started batchers over fake models; every one is drained on teardown, even when
+    the test failed, so that no worker outlives its test."""
+    made: list[Batcher[int, int]] = []
+
+    def make(model: Any, start: bool = True, **overrides: Any) -> Batcher[int, int]:
+        settings: dict[str, Any] = {
+            "max_batch_size": 8,
+            "bucket_sizes": (1, 2, 4, 8),
+            "max_wait_s": 0.05,
+            "max_queue_size": 100,
+            "queue_timeout_s": 10.0,
+        }
+        settings.update(overrides)
+        batcher: Batcher[int, int] = Batcher(model, **settings)
+        if start:
+            batcher.start()
+        made.append(batcher)
+        return batcher
+
+    yield make
+    for batcher in made:
+        release = getattr(batcher._run_batch, "release", None)
+        if release is not None:
+            release.set()
+        await batcher.drain(1.0)
 
 
 def assert_books_balance(batcher: Batcher[Any, Any]) -> None:
@@ -51,7 +71,7 @@ async def until(condition: Any, timeout_s: float = 5.0) -> None:
             await asyncio.sleep(0.001)
 
 
-async def test_each_caller_gets_its_own_output() -> None:
+async def test_each_caller_gets_its_own_output(make_batcher: MakeBatcher) -> None:
     model = RecordingModel()
     batcher = make_batcher(model)
     results = await asyncio.gather(*(batcher.submit(i) for i in range(20)))
@@ -61,7 +81,8 @@ async def test_each_caller_gets_its_own_output() -> None:
     await batcher.drain(1)
 
 
-async def test_batches_fill_up_to_max_and_pad_to_the_smallest_bucket() -> None:
+async def test_batches_fill_up_to_max_and_pad_to_the_smallest_bucket(
+        make_batcher: MakeBatcher) -> None:
     model = BlockingModel()
     batcher = make_batcher(model)
     first = asyncio.ensure_future(batcher.submit(0))
@@ -75,7 +96,7 @@ async def test_batches_fill_up_to_max_and_pad_to_the_smallest_bucket() -> None:
     await batcher.drain(1)
 
 
-async def test_lone_request_is_not_held_for_the_window() -> None:
+async def test_lone_request_is_not_held_for_the_window(make_batcher: MakeBatcher) -> None:
     model = RecordingModel()
     batcher = make_batcher(model, max_wait_s=5.0)
     async with asyncio.timeout(1.0):  # far less than the 5 s window
@@ -84,7 +105,7 @@ async def test_lone_request_is_not_held_for_the_window() -> None:
     await batcher.drain(1)
 
 
-async def test_window_waits_for_requests_on_their_way() -> None:
+async def test_window_waits_for_requests_on_their_way(make_batcher: MakeBatcher) -> None:
     model = RecordingModel()
     batcher = make_batcher(model, max_wait_s=2.0)
 
@@ -102,7 +123,7 @@ async def test_window_waits_for_requests_on_their_way() -> None:
     await batcher.drain(1)
 
 
-async def test_window_is_bounded_by_max_wait() -> None:
+async def test_window_is_bounded_by_max_wait(make_batcher: MakeBatcher) -> None:
     model = RecordingModel()
     batcher = make_batcher(model, max_wait_s=0.1)
     with batcher.expecting():  # a request that never arrives must not hold the batch
@@ -114,7 +135,7 @@ async def test_window_is_bounded_by_max_wait() -> None:
     await batcher.drain(1)
 
 
-async def test_cancelled_request_is_removed_and_never_computed() -> None:
+async def test_cancelled_request_is_removed_and_never_computed(make_batcher: MakeBatcher) -> None:
     model = BlockingModel()
     batcher = make_batcher(model)
     first = asyncio.ensure_future(batcher.submit(0))
@@ -134,7 +155,7 @@ async def test_cancelled_request_is_removed_and_never_computed() -> None:
     await batcher.drain(1)
 
 
-async def test_cancel_while_computing_does_not_disturb_the_batch() -> None:
+async def test_cancel_while_computing_does_not_disturb_the_batch(make_batcher: MakeBatcher) -> None:
     model = BlockingModel()
     batcher = make_batcher(model)
     blocker = asyncio.ensure_future(batcher.submit(0))
@@ -152,7 +173,8 @@ async def test_cancel_while_computing_does_not_disturb_the_batch() -> None:
     await batcher.drain(1)
 
 
-async def test_poisoned_input_fails_alone_and_the_worker_carries_on() -> None:
+async def test_poisoned_input_fails_alone_and_the_worker_carries_on(
+        make_batcher: MakeBatcher) -> None:
     model = FailingModel()
     batcher = make_batcher(model, max_wait_s=0.2)
     with batcher.expecting():
@@ -168,14 +190,14 @@ async def test_poisoned_input_fails_alone_and_the_worker_carries_on() -> None:
     await batcher.drain(1)
 
 
-async def test_output_count_mismatch_fails_the_request() -> None:
+async def test_output_count_mismatch_fails_the_request(make_batcher: MakeBatcher) -> None:
     batcher = make_batcher(lambda items, bucket: [0] * (len(items) + 1))
     with pytest.raises(ModelFailed, match="2 outputs for 1 inputs"):
         await batcher.submit(1)
     await batcher.drain(1)
 
 
-async def test_full_queue_rejects_at_once() -> None:
+async def test_full_queue_rejects_at_once(make_batcher: MakeBatcher) -> None:
     model = BlockingModel()
     batcher = make_batcher(model, max_queue_size=2)
     running = asyncio.ensure_future(batcher.submit(0))
@@ -191,7 +213,7 @@ async def test_full_queue_rejects_at_once() -> None:
     await batcher.drain(1)
 
 
-async def test_deadline_passing_in_the_queue_is_never_computed() -> None:
+async def test_deadline_passing_in_the_queue_is_never_computed(make_batcher: MakeBatcher) -> None:
     model = BlockingModel()
     batcher = make_batcher(model)
     running = asyncio.ensure_future(batcher.submit(0))
@@ -206,7 +228,7 @@ async def test_deadline_passing_in_the_queue_is_never_computed() -> None:
     await batcher.drain(1)
 
 
-async def test_client_timeout_only_shortens_the_model_deadline() -> None:
+async def test_client_timeout_only_shortens_the_model_deadline(make_batcher: MakeBatcher) -> None:
     model = BlockingModel()
     batcher = make_batcher(model, queue_timeout_s=0.05)
     running = asyncio.ensure_future(batcher.submit(0, timeout_s=60))
@@ -216,7 +238,8 @@ async def test_client_timeout_only_shortens_the_model_deadline() -> None:
     await batcher.drain(1)
 
 
-async def test_deadline_passing_while_computing_is_deadline_exceeded() -> None:
+async def test_deadline_passing_while_computing_is_deadline_exceeded(
+        make_batcher: MakeBatcher) -> None:
     model = BlockingModel()
     batcher = make_batcher(model)
     with pytest.raises(DeadlineExceeded):
@@ -227,7 +250,7 @@ async def test_deadline_passing_while_computing_is_deadline_exceeded() -> None:
     assert_books_balance(batcher)
 
 
-async def test_drain_finishes_queued_work_then_refuses() -> None:
+async def test_drain_finishes_queued_work_then_refuses(make_batcher: MakeBatcher) -> None:
     model = RecordingModel(delay_s=0.01)
     batcher = make_batcher(model, max_batch_size=2, bucket_sizes=(1, 2))
     tasks = [asyncio.ensure_future(batcher.submit(i)) for i in range(10)]
@@ -239,7 +262,8 @@ async def test_drain_finishes_queued_work_then_refuses() -> None:
     assert batcher.stats.rejected_shutdown == 1
 
 
-async def test_drain_limit_answers_what_is_left_with_shutting_down() -> None:
+async def test_drain_limit_answers_what_is_left_with_shutting_down(
+        make_batcher: MakeBatcher) -> None:
     model = BlockingModel()
     batcher = make_batcher(model)
     tasks = [asyncio.ensure_future(batcher.submit(i)) for i in range(3)]
@@ -251,7 +275,7 @@ async def test_drain_limit_answers_what_is_left_with_shutting_down() -> None:
     assert_books_balance(batcher)
 
 
-async def test_dead_worker_answers_every_pending_request() -> None:
+async def test_dead_worker_answers_every_pending_request(make_batcher: MakeBatcher) -> None:
     model = BlockingModel()
     batcher = make_batcher(model)
     running = asyncio.ensure_future(batcher.submit(0))
@@ -280,7 +304,8 @@ def test_batcher_imports_neither_torch_nor_starlette() -> None:
     assert output == "[]"
 
 
-async def test_measured_costs_choose_an_exact_bucket_over_padding() -> None:
+async def test_measured_costs_choose_an_exact_bucket_over_padding(
+        make_batcher: MakeBatcher) -> None:
     model = BlockingModel()
     batcher = make_batcher(model)
     # Batches of 8 are dear (8 s) and of 4 cheap (2 s): 6 queued run as 4 + 2, not 8.
@@ -301,3 +326,89 @@ def test_without_costs_a_batch_takes_all_that_fit() -> None:
                                          bucket_sizes=(1, 2, 4, 8), max_wait_s=0,
                                          max_queue_size=10, queue_timeout_s=1)
     assert [batcher.batch_count(n) for n in (1, 3, 6, 9)] == [1, 3, 6, 8]
+
+
+class RaiseThenHang:
+    """Raises on the first batch it gets; blocks on every later one until released."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.hung = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, items: Sequence[int], bucket: int) -> list[int]:
+        self.batches.append(list(items))
+        if len(self.batches) > 1:
+            self.hung.set()
+            self.release.wait(timeout=30)
+        raise ValueError("poisoned batch")
+
+
+async def queue_then_start(batcher: Batcher[int, int], count: int) -> list[asyncio.Future[Any]]:
+    """Queue `count` requests before the worker starts, so that they form one batch."""
+    requests = [asyncio.ensure_future(batcher.submit(i)) for i in range(count)]
+    await until(lambda: batcher.queue_depth == count)
+    batcher.start()
+    return requests
+
+
+def assert_never_ran_books(batcher: Batcher[Any, Any]) -> None:
+    stats = batcher.stats
+    assert_books_balance(batcher)
+    assert stats.computed_items == (stats.accepted - stats.cancelled_queued - stats.expired
+                                    - stats.failed_unrun)
+
+
+async def test_drain_limit_during_a_retry_answers_both_halves(make_batcher: MakeBatcher) -> None:
+    model = RaiseThenHang()
+    batcher = make_batcher(model, start=False)
+    requests = await queue_then_start(batcher, 8)
+    await until(model.hung.is_set)  # the first half is computing; the second waits its turn
+    assert [len(batch) for batch in model.batches] == [8, 4]
+    assert not await batcher.drain(0.05)
+    async with asyncio.timeout(1.0):
+        results = await asyncio.gather(*requests, return_exceptions=True)
+    assert all(isinstance(result, ShuttingDown) for result in results), results
+    assert batcher.stats.failed_unrun == 8
+    assert_never_ran_books(batcher)
+
+
+@pytest.mark.parametrize("fault", [SystemExit(3), asyncio.CancelledError(), KeyboardInterrupt(),
+                                   GeneratorExit()], ids=type)
+async def test_base_exception_from_the_model_answers_its_batch_and_the_queue(
+        make_batcher: MakeBatcher, fault: BaseException) -> None:
+    model = BlockingModel()
+    original = model.__call__
+
+    def dying(items: Sequence[int], bucket: int) -> list[int]:
+        result = original(items, bucket)
+        if len(items) > 1:
+            raise fault
+        return result
+
+    batcher = make_batcher(dying, max_batch_size=4, bucket_sizes=(1, 4))
+    holder = asyncio.ensure_future(batcher.submit(100))
+    await until(model.started.is_set)
+    requests = [asyncio.ensure_future(batcher.submit(i)) for i in range(6)]
+    await until(lambda: batcher.queue_depth == 6)
+    model.release.set()
+    async with asyncio.timeout(1.0):
+        results = await asyncio.gather(*requests, return_exceptions=True)
+    assert (await holder).output == 200
+    assert all(isinstance(result, WorkerDead) for result in results), results
+    assert not batcher.alive
+    assert batcher.dead_reason is not None and type(fault).__name__ in batcher.dead_reason
+    assert batcher.stats.failed_unrun == 6  # 4 in the batch that killed it, 2 queued
+    assert_never_ran_books(batcher)
+    with pytest.raises(WorkerDead):
+        await batcher.submit(9)
+
+
+def test_a_hung_model_call_does_not_keep_the_process_alive() -> None:
+    code = ("import time; from batchd.device_thread import DeviceThread; "
+            "thread = DeviceThread('hung'); thread.submit(time.sleep, 3600); time.sleep(0.1); "
+            "thread.shutdown(wait=False); print('exiting')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0
+    assert result.stdout.strip() == "exiting"

@@ -270,9 +270,9 @@ def test_auth_token_required_except_on_probes(tmp_path: Path, monkeypatch: pytes
 
 
 def test_auth_env_unset_refuses_start_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from batchd.app import create_app
     from batchd.config import load_config
     from batchd.errors import ConfigError
+    from batchd.http import create_app
 
     monkeypatch.delenv("BATCHD_TEST_TOKEN", raising=False)
     config = write_config(tmp_path / "auth.toml", server={"auth_token_env": "BATCHD_TEST_TOKEN"})

@@ -1,6 +1,6 @@
-"""What the native API and the Open Inference Protocol share: the one table that maps
-batchd's errors to HTTP status codes, request ids, disconnect handling, and the frame
-around every prediction (readiness checks, draining, metrics)."""
+"""The frame every prediction shares, on the native API and the Open Inference Protocol
+alike: the one table that maps batchd's errors to HTTP status codes, request ids,
+disconnect handling, admission (draining, readiness), metrics and the access log."""
 
 from __future__ import annotations
 
@@ -35,7 +35,6 @@ from batchd.errors import (
     UnsupportedMediaType,
     WorkerDead,
 )
-from batchd.metrics import Metrics
 from batchd.runtime import ModelSlot, Runtime
 
 T = TypeVar("T")
@@ -46,28 +45,30 @@ TIMEOUT_HEADER = "x-request-timeout-ms"
 RETRY_AFTER_S = "1"
 CLIENT_CLOSED = 499  # nginx's code for "client closed request"; only ever seen in metrics
 
-# The one place where errors become HTTP status codes. 503s carry Retry-After.
-STATUS_FOR_ERROR: list[tuple[type[BatchdError], int]] = [
-    (PayloadTooLarge, 413),
-    (UnsupportedMediaType, 415),
-    (InvalidParameter, 422),
-    (BadInput, 400),
-    (Unauthorized, 401),
-    (UnknownModel, 404),
-    (QueueFull, 503),
-    (QueueTimeout, 503),
-    (ModelOverloaded, 503),
-    (ShuttingDown, 503),
-    (WorkerDead, 503),
-    (NotReady, 503),
-    (DeadlineExceeded, 504),
-    (ModelFailed, 500),
-]
+# The one place where errors become HTTP status codes, looked up along the error's class
+# hierarchy (its most specific listed class wins). 503s carry Retry-After.
+STATUS_FOR_ERROR: dict[type[BatchdError], int] = {
+    BadInput: 400,
+    PayloadTooLarge: 413,
+    UnsupportedMediaType: 415,
+    InvalidParameter: 422,
+    Unauthorized: 401,
+    UnknownModel: 404,
+    QueueFull: 503,
+    QueueTimeout: 503,
+    ModelOverloaded: 503,
+    ShuttingDown: 503,
+    WorkerDead: 503,
+    NotReady: 503,
+    DeadlineExceeded: 504,
+    ModelFailed: 500,
+}
 
 
 def status_for(error: BatchdError) -> int:
-    for error_type, status in STATUS_FOR_ERROR:
-        if isinstance(error, error_type):
+    for cls in type(error).__mro__:
+        status = STATUS_FOR_ERROR.get(cls)
+        if status is not None:
             return status
     return 500
 
@@ -81,9 +82,7 @@ def error_response(error: BatchdError, headers: dict[str, str] | None = None) ->
 
 
 def runtime_of(request: Request) -> Runtime:
-    runtime: Runtime | None = getattr(request.app.state, "runtime", None)
-    if runtime is None:
-        raise NotReady("the server is starting")
+    runtime: Runtime = request.app.state.runtime
     return runtime
 
 
@@ -129,34 +128,33 @@ PredictionHandler = Callable[[Request, ModelSlot, dict[str, str]], Awaitable[Res
 async def serve_prediction(request: Request, name: str, handler: PredictionHandler) -> Response:
     """Run `handler` for model `name` inside the frame every prediction shares.
 
-    The frame answers 404 for an unknown model and 503 while draining or not ready, maps
-    BatchdErrors to their status, counts the request for draining, and records its outcome
-    and latency. A handler returns None when the client went away.
+    The frame resolves the model once (404 if unknown; 503 while draining or not ready),
+    admits the request so that a drain waits for it (and, at the drain limit, answers it
+    503 wherever it is: uploading, decoding, queued or computing), maps BatchdErrors to
+    their status, and records the outcome and latency. A handler returns None when the
+    client went away.
     """
     started = time.perf_counter()
     runtime = runtime_of(request)
     headers = {"X-Request-ID": request_id_of(request)}
-    slot = runtime.slots.get(name)
-    if slot is None:
+    if name not in runtime.slots:
         return error_response(UnknownModel(f"no model named {name!r}"), headers)
-    metrics: Metrics = request.app.state.metrics
-    with runtime.track():
-        try:
-            if runtime.draining:
-                raise ShuttingDown("the server is shutting down")
-            if not slot.ready:
-                raise NotReady(f"model {name!r} is not ready: "
-                               f"{runtime.not_ready_reasons().get(name, 'unknown')}")
-            response = await handler(request, slot, headers)
-        except BatchdError as error:
-            response = error_response(error, headers)
-            outcome = error.reason
-        else:
-            outcome = "success"
-            if response is None:
-                outcome, response = "cancelled", Response(status_code=CLIENT_CLOSED)
+    try:
+        with runtime.admit() as scope:
+            slot = runtime.slot_for_prediction(name)
+            with scope:
+                response = await handler(request, slot, headers)
+            if scope.cancelled_caught:
+                raise ShuttingDown("the server shut down before this request finished")
+    except BatchdError as error:
+        response = error_response(error, headers)
+        outcome = error.reason
+    else:
+        outcome = "success"
+        if response is None:
+            outcome, response = "cancelled", Response(status_code=CLIENT_CLOSED)
     elapsed = time.perf_counter() - started
-    metrics.request_done(name, outcome, response.status_code, elapsed)
+    runtime.metrics.request_done(name, outcome, response.status_code, elapsed)
     if runtime.config.server.access_log:
         log_access(request, headers["X-Request-ID"], name, response.status_code, outcome, elapsed)
     return response

@@ -15,8 +15,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from batchd.config import ServerConfig
 from batchd.errors import ConfigError
 
-# Probes and scrapers must work without credentials.
-OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
+# Probes and scrapers send no credentials (a Kubernetes probe cannot), so the health
+# endpoints of both APIs and the metrics stay open; they reveal no model output.
+OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/v2/health/live", "/v2/health/ready"})
 
 
 def resolve_token(server: ServerConfig) -> str | None:

@@ -1,11 +1,16 @@
 """The Open Inference Protocol (KServe v2) over REST, with the binary tensor data and
 classification extensions, so Triton and KServe clients work unmodified.
 
-Each model has two alternative inputs (a request sends one of them):
-  - `input`: FP32 [N, C, H, W], already preprocessed (normalised) by the client;
-  - `image`: BYTES [N], encoded images that batchd decodes and preprocesses itself.
+A model takes one of two inputs per request:
+  - `input`: FP32 [N, C, H, W], already preprocessed (normalised) by the client; the
+    input the model metadata lists;
+  - `image`: BYTES [N], encoded images that batchd decodes and preprocesses itself; listed
+    in the metadata's `parameters.alternative_inputs`.
 and two outputs: `logits` and `probabilities`, FP32 [N, num_classes]. A request's N samples
 go to the dynamic batcher as N items and come back in order.
+
+The event loop only moves bytes and futures: parsing the JSON header, decoding base64,
+building arrays from nested lists and encoding the answer run in the decoding thread pool.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from starlette.routing import Route
 from batchd import __version__
 from batchd.batcher import BatchResult
 from batchd.errors import BadInput, UnknownModel
-from batchd.http_common import (
+from batchd.http.frame import (
     cancel_on_disconnect,
     note_batch,
     runtime_of,
@@ -42,7 +47,7 @@ INPUT_IMAGES = "image"
 OUTPUTS = ("logits", "probabilities")
 VERSION = "1"
 PLATFORM = "pytorch"
-EXTENSIONS = ["binary_tensor_data", "classification", "schedule_policy"]
+EXTENSIONS = ["binary_tensor_data", "classification"]
 HEADER_LENGTH = "inference-header-content-length"
 NOT_READY = 400  # the protocol: "a 4xx status code indicates false"
 
@@ -54,13 +59,29 @@ class RequestedOutput:
     classification: int = 0
 
 
+@dataclass(frozen=True)
+class InferRequest:
+    """A parsed inference request: exactly one of `images` and `tensors` is set."""
+
+    images: list[bytes] | None
+    tensors: list[torch.Tensor] | None
+    outputs: list[RequestedOutput]
+    timeout_s: float | None
+    request_id: str | None
+
+
 def model_slot(request: Request) -> ModelSlot:
+    """The slot a metadata or readiness call names (UnknownModel -> 404)."""
+    name = checked_name(request)
+    return runtime_of(request).slots[name]
+
+
+def checked_name(request: Request) -> str:
     name = request.path_params["name"]
     version = request.path_params.get("version", VERSION)
-    slot = runtime_of(request).slots.get(name)
-    if slot is None or version != VERSION:
+    if name not in runtime_of(request).slots or version != VERSION:
         raise UnknownModel(f"no model named {name!r} with version {version!r}")
-    return slot
+    return str(name)
 
 
 async def server_metadata(request: Request) -> Response:
@@ -77,9 +98,9 @@ async def server_ready(request: Request) -> Response:
 
 
 async def model_ready(request: Request) -> Response:
-    slot = model_slot(request)  # an unknown model's UnknownModel becomes 404 in the app
-    ready = slot.ready and not runtime_of(request).draining
-    return JSONResponse({"name": slot.name, "ready": ready}, 200 if ready else NOT_READY)
+    name = checked_name(request)
+    ready = runtime_of(request).status(name).ready
+    return JSONResponse({"name": name, "ready": ready}, 200 if ready else NOT_READY)
 
 
 async def model_metadata(request: Request) -> Response:
@@ -92,46 +113,86 @@ async def model_metadata(request: Request) -> Response:
         "platform": PLATFORM,
         "inputs": [
             {"name": INPUT_TENSOR, "datatype": "FP32", "shape": [-1, channels, height, width]},
-            {"name": INPUT_IMAGES, "datatype": "BYTES", "shape": [-1]},
         ],
         "outputs": [{"name": name, "datatype": "FP32", "shape": [-1, classes]}
                     for name in OUTPUTS],
+        # A request sends `inputs` as listed, or this one in its place (never both).
+        "parameters": {"alternative_inputs": [
+            {"name": INPUT_IMAGES, "datatype": "BYTES", "shape": [-1]},
+        ]},
     })
 
 
 async def infer(request: Request) -> Response:
-    slot = model_slot(request)
-    return await serve_prediction(request, slot.name, _infer)
+    return await serve_prediction(request, checked_name(request), _infer)
 
 
 async def _infer(request: Request, slot: ModelSlot, headers: dict[str, str]) -> Response | None:
-    payload, binary = split_body(await request.body(), request.headers.get(HEADER_LENGTH))
+    body = await request.body()
+    limiter = slot.preprocess_limiter
+    parsed = await anyio.to_thread.run_sync(
+        parse_request, body, request.headers.get(HEADER_LENGTH), slot.model.input_shape,
+        slot.model.num_classes, limiter=limiter)
+    if parsed.images is not None:
+        with slot.batcher.expecting(len(parsed.images)):
+            items = list(await asyncio.gather(*(slot.preprocess(image)
+                                                for image in parsed.images)))
+    else:
+        assert parsed.tensors is not None
+        items = parsed.tensors
+    disconnected, results = await cancel_on_disconnect(
+        request, submit_all(slot, items, parsed.timeout_s))
+    if disconnected or results is None:
+        return None
+    note_batch(request, max(results, key=lambda result: result.queue_wait_s))
+    content, media_type, extra = await anyio.to_thread.run_sync(
+        encode_response, slot.name, slot.model.labels, parsed, results, limiter=limiter)
+    return Response(content, media_type=media_type, headers={**headers, **extra})
+
+
+def parse_request(body: bytes, header_length: str | None, input_shape: tuple[int, ...],
+                  num_classes: int) -> InferRequest:
+    """Parse and check a whole inference request (runs off the event loop)."""
+    payload, binary = split_body(body, header_length)
+    request_id = payload.get("id")
+    if "id" in payload and not isinstance(request_id, str):
+        raise BadInput("'id' must be a string")
+    parameters = parameters_of(payload, "the request")
     inputs = payload.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise BadInput(f"'inputs' must hold exactly one input: {INPUT_TENSOR!r} (FP32) or "
                        f"{INPUT_IMAGES!r} (BYTES)")
     spec = inputs[0]
-    outputs = requested_outputs(payload, slot.model.num_classes)
-    timeout_s = requested_timeout(payload)
-    if spec.get("name") == INPUT_IMAGES:
-        images = bytes_elements(spec, binary)
-        with slot.batcher.expecting(len(images)):
-            limiter = request.app.state.preprocess_limiter
-            items = list(await asyncio.gather(*(
-                anyio.to_thread.run_sync(slot.model.preprocessor.load, image, limiter=limiter)
-                for image in images)))
-    elif spec.get("name") == INPUT_TENSOR:
-        items = list(fp32_tensor(spec, binary, slot.model.input_shape).unbind(0))
-    else:
-        raise BadInput(f"unknown input {spec.get('name')!r}: expected {INPUT_TENSOR!r} or "
-                       f"{INPUT_IMAGES!r}")
-    disconnected, results = await cancel_on_disconnect(
-        request, submit_all(slot, items, timeout_s))
-    if disconnected or results is None:
-        return None
-    note_batch(request, max(results, key=lambda result: result.queue_wait_s))
-    logits = torch.stack([result.output for result in results]).numpy()
-    return encode_response(slot, payload, logits, outputs, headers)
+    parameters_of(spec, "the input")
+    outputs = requested_outputs(payload, parameters, num_classes)
+    timeout_s = requested_timeout(parameters)
+    name = spec.get("name")
+    if name == INPUT_IMAGES:
+        return InferRequest(bytes_elements(spec, binary), None, outputs, timeout_s, request_id)
+    if name == INPUT_TENSOR:
+        tensors = list(fp32_tensor(spec, binary, input_shape).unbind(0))
+        return InferRequest(None, tensors, outputs, timeout_s, request_id)
+    raise BadInput(f"unknown input {name!r}: expected {INPUT_TENSOR!r} or {INPUT_IMAGES!r}")
+
+
+def parameters_of(obj: dict[str, Any], where: str) -> dict[str, Any]:
+    """An object's `parameters`: absent is {}, anything but a JSON object is refused."""
+    if "parameters" not in obj:
+        return {}
+    parameters = obj["parameters"]
+    if not isinstance(parameters, dict):
+        raise BadInput(f"'parameters' of {where} must be a JSON object, not "
+                       f"{json.dumps(parameters)[:40]}")
+    return parameters
+
+
+def typed_parameter(parameters: dict[str, Any], key: str, kind: type, default: Any) -> Any:
+    """A parameter of JSON type `kind` (bool or int; a bool is never taken as an int)."""
+    value = parameters.get(key, default)
+    if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
+        raise BadInput(f"parameter {key!r} must be {'a boolean' if kind is bool else 'an integer'}"
+                       f", not {json.dumps(value)[:40]}")
+    return value
 
 
 def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:
@@ -156,10 +217,11 @@ def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], 
 
 def binary_slice(spec: dict[str, Any], binary: bytes) -> bytes | None:
     """This input's binary data (the only input, so it starts at offset 0), or None."""
-    size = (spec.get("parameters") or {}).get("binary_data_size")
-    if size is None:
+    parameters = parameters_of(spec, "the input")
+    if "binary_data_size" not in parameters:
         return None
-    if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= len(binary):
+    size = typed_parameter(parameters, "binary_data_size", int, None)
+    if not 0 <= size <= len(binary):
         raise BadInput(f"binary_data_size {size!r} does not match the {len(binary)} bytes "
                        "after the JSON header")
     return binary[:size]
@@ -239,37 +301,39 @@ def bytes_elements(spec: dict[str, Any], binary: bytes) -> list[bytes]:
     return elements
 
 
-def requested_outputs(payload: dict[str, Any], num_classes: int) -> list[RequestedOutput]:
-    parameters = payload.get("parameters") or {}
-    binary_default = bool(parameters.get("binary_data_output", False))
-    asked = payload.get("outputs")
-    if asked is None:
+def requested_outputs(payload: dict[str, Any], parameters: dict[str, Any],
+                      num_classes: int) -> list[RequestedOutput]:
+    """The outputs asked for; absent or an empty list asks for every output."""
+    binary_default = typed_parameter(parameters, "binary_data_output", bool, False)
+    if "outputs" not in payload:
         return [RequestedOutput(name, binary_default) for name in OUTPUTS]
+    asked = payload["outputs"]
     if not isinstance(asked, list):
-        raise BadInput("'outputs' must be a list")
-    outputs = []
+        raise BadInput("'outputs' must be a list of outputs (or absent, for all of them)")
+    if not asked:
+        return [RequestedOutput(name, binary_default) for name in OUTPUTS]
+    outputs: list[RequestedOutput] = []
     for item in asked:
         name = item.get("name") if isinstance(item, dict) else None
         if name not in OUTPUTS:
             raise BadInput(f"unknown output {name!r}: expected one of {list(OUTPUTS)}")
-        params = item.get("parameters") or {}
-        classes = params.get("classification", 0)
-        if not isinstance(classes, int) or isinstance(classes, bool) or \
-                not 0 <= classes <= num_classes:
+        if any(output.name == name for output in outputs):
+            raise BadInput(f"output {name!r} is asked for twice")
+        params = parameters_of(item, f"output {name!r}")
+        classes = typed_parameter(params, "classification", int, 0)
+        if not 0 <= classes <= num_classes:
             raise BadInput(f"classification must be an integer from 0 to {num_classes}")
-        outputs.append(RequestedOutput(name, bool(params.get("binary_data", binary_default)),
-                                       classes))
+        binary = typed_parameter(params, "binary_data", bool, binary_default)
+        outputs.append(RequestedOutput(name, binary, classes))
     return outputs
 
 
-def requested_timeout(payload: dict[str, Any]) -> float | None:
-    """Triton's schedule-policy `timeout` parameter (microseconds), as seconds."""
-    timeout_us = (payload.get("parameters") or {}).get("timeout")
-    if timeout_us is None or timeout_us == 0:
-        return None
-    if not isinstance(timeout_us, int) or isinstance(timeout_us, bool) or timeout_us < 0:
+def requested_timeout(parameters: dict[str, Any]) -> float | None:
+    """Triton's `timeout` parameter (microseconds), as seconds; 0 or absent is none."""
+    timeout_us = typed_parameter(parameters, "timeout", int, 0)
+    if timeout_us < 0:
         raise BadInput("parameter 'timeout' must be a non-negative integer of microseconds")
-    return timeout_us / 1e6
+    return timeout_us / 1e6 if timeout_us else None
 
 
 async def submit_all(slot: ModelSlot, items: list[torch.Tensor],
@@ -285,16 +349,19 @@ async def submit_all(slot: ModelSlot, items: list[torch.Tensor],
         raise
 
 
-def encode_response(slot: ModelSlot, payload: dict[str, Any], logits: np.ndarray,
-                    outputs: list[RequestedOutput], headers: dict[str, str]) -> Response:
-    probabilities = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
-    values = {"logits": logits.astype(np.float32), "probabilities": probabilities}
+def encode_response(model: str, labels: tuple[str, ...], parsed: InferRequest,
+                    results: list[BatchResult[torch.Tensor]]
+                    ) -> tuple[bytes, str, dict[str, str]]:
+    """The response body, its media type and extra headers (runs off the event loop)."""
+    logits = np.stack([result.output.numpy() for result in results]).astype(np.float32)
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    values = {"logits": logits, "probabilities": shifted / shifted.sum(axis=1, keepdims=True)}
     described: list[dict[str, Any]] = []
     chunks: list[bytes] = []
-    for output in outputs:
+    for output in parsed.outputs:
         array = values[output.name]
         if output.classification:
-            strings = classify(array, output.classification, slot.model.labels)
+            strings = classify(array, output.classification, labels)
             shape, datatype = [len(strings), output.classification], "BYTES"
             flat: list[Any] = [item for row in strings for item in row]
             raw = b"".join(struct.pack("<I", len(s.encode())) + s.encode() for s in flat)
@@ -309,16 +376,15 @@ def encode_response(slot: ModelSlot, payload: dict[str, Any], logits: np.ndarray
         else:
             entry["data"] = flat
         described.append(entry)
-    body: dict[str, Any] = {"model_name": slot.name, "model_version": VERSION,
+    body: dict[str, Any] = {"model_name": model, "model_version": VERSION,
                             "outputs": described}
-    if "id" in payload:
-        body["id"] = payload["id"]
-    if not chunks:
-        return JSONResponse(body, headers=headers)
+    if parsed.request_id is not None:
+        body["id"] = parsed.request_id
     header = json.dumps(body, separators=(",", ":")).encode()
-    headers[HEADER_LENGTH] = str(len(header))
-    return Response(header + b"".join(chunks), media_type="application/octet-stream",
-                    headers=headers)
+    if not chunks:
+        return header, "application/json", {}
+    return (header + b"".join(chunks), "application/octet-stream",
+            {HEADER_LENGTH: str(len(header))})
 
 
 def classify(array: np.ndarray, count: int, labels: tuple[str, ...]) -> list[list[str]]:
@@ -335,6 +401,7 @@ def routes() -> list[Route]:
     versioned = "/v2/models/{name}/versions/{version}"
     return [
         Route("/v2", server_metadata, methods=["GET"]),
+        Route("/v2/", server_metadata, methods=["GET"]),
         Route("/v2/health/live", server_live, methods=["GET"]),
         Route("/v2/health/ready", server_ready, methods=["GET"]),
         *(Route(base, model_metadata, methods=["GET"]) for base in (model, versioned)),

@@ -1,0 +1,132 @@
+"""The native API: health, readiness, the model list, metrics, and /predict."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from batchd.errors import InvalidParameter
+from batchd.http.frame import (
+    RETRY_AFTER_S,
+    TIMEOUT_HEADER,
+    cancel_on_disconnect,
+    note_batch,
+    runtime_of,
+    serve_prediction,
+)
+from batchd.http.payload import read_image_payload
+from batchd.runtime import ModelSlot
+
+
+async def health(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def ready(request: Request) -> Response:
+    reasons = runtime_of(request).not_ready_reasons()
+    if reasons:
+        return JSONResponse({"status": "not ready", "reasons": reasons}, 503,
+                            headers={"Retry-After": RETRY_AFTER_S})
+    return JSONResponse({"status": "ready"})
+
+
+def describe(slot: ModelSlot, status: Any) -> dict[str, Any]:
+    batching = slot.config.batching
+    pre = slot.config.preprocess
+    return {
+        "name": slot.name,
+        "input_shape": list(slot.model.input_shape),
+        "labels": list(slot.model.labels),
+        "preprocess": {"resize": pre.resize, "crop": pre.crop, "mean": list(pre.mean),
+                       "std": list(pre.std), "color_mode": pre.color_mode},
+        "batching": {"max_batch_size": batching.max_batch_size,
+                     "max_wait_ms": batching.max_wait_ms,
+                     "buckets": list(batching.bucket_sizes),
+                     "max_queue_size": batching.max_queue_size,
+                     "queue_timeout_ms": batching.queue_timeout_ms},
+        "device": str(slot.model.device),
+        "compiled": slot.config.runtime.compile,
+        "compiled_buckets": [size for size in batching.bucket_sizes
+                             if slot.config.runtime.compile
+                             and size not in slot.model.eager_buckets],
+        "dtype": slot.config.runtime.dtype,
+        "ready": status.ready,
+        "state": status.state.value,
+        "reason": status.reason,
+    }
+
+
+async def list_models(request: Request) -> Response:
+    runtime = runtime_of(request)
+    return JSONResponse({
+        "default": runtime.config.server.default_model,
+        "models": [describe(slot, runtime.status(name)) for name, slot in runtime.slots.items()],
+    })
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    registry = runtime_of(request).metrics.registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def parse_top_k(request: Request, num_labels: int) -> int:
+    raw = request.query_params.get("top_k", "3")
+    try:
+        top_k = int(raw)
+    except ValueError:
+        raise InvalidParameter(f"top_k must be an integer, not {raw!r}") from None
+    if not 1 <= top_k <= num_labels:
+        raise InvalidParameter(f"top_k must be between 1 and {num_labels}, not {top_k}")
+    return top_k
+
+
+def parse_timeout(request: Request) -> float | None:
+    """The client's queue deadline in seconds, from the timeout header (may only shorten)."""
+    raw = request.headers.get(TIMEOUT_HEADER)
+    if raw is None:
+        return None
+    try:
+        timeout_ms = float(raw)
+    except ValueError:
+        raise InvalidParameter(f"{TIMEOUT_HEADER} must be a number of milliseconds") from None
+    if not timeout_ms > 0:
+        raise InvalidParameter(f"{TIMEOUT_HEADER} must be positive")
+    return timeout_ms / 1000.0
+
+
+async def predict(request: Request) -> Response:
+    name = request.path_params.get("name", runtime_of(request).config.server.default_model)
+    return await serve_prediction(request, name, _predict)
+
+
+async def _predict(request: Request, slot: ModelSlot, headers: dict[str, str]) -> Response | None:
+    top_k = parse_top_k(request, len(slot.model.labels))
+    timeout_s = parse_timeout(request)
+    with slot.batcher.expecting():
+        data = await read_image_payload(request, runtime_of(request).config.server.max_body_bytes)
+        item = await slot.preprocess(data)
+    disconnected, result = await cancel_on_disconnect(request, slot.batcher.submit(item, timeout_s))
+    if disconnected or result is None:
+        return None
+    note_batch(request, result)
+    predictions = [{"label": label, "prob": prob}
+                   for label, prob in slot.model.top_k(result.output, top_k)]
+    headers["Server-Timing"] = (f"queue;dur={result.queue_wait_s * 1000:.2f}, "
+                                f"compute;dur={result.compute_s * 1000:.2f}, "
+                                f'batch;desc="{result.batch_size}"')
+    return JSONResponse({"model": slot.name, "predictions": predictions}, headers=headers)
+
+
+def routes() -> list[Route]:
+    return [
+        Route("/health", health, methods=["GET"]),
+        Route("/ready", ready, methods=["GET"]),
+        Route("/models", list_models, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
+        Route("/predict", predict, methods=["POST"]),
+        Route("/models/{name}/predict", predict, methods=["POST"]),
+    ]

@@ -1,0 +1,73 @@
+"""The batchd ASGI app: the native API and the Open Inference Protocol as siblings over
+the shared prediction frame, the middleware around them, and the lifespan that runs the
+runtime's start-up and shut-down."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+import anyio.to_thread
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from batchd import __version__
+from batchd.config import Config
+from batchd.errors import BatchdError
+from batchd.http import native, v2
+from batchd.http.auth import BearerAuthMiddleware, resolve_token
+from batchd.http.frame import error_response
+from batchd.http.payload import BodyLimitMiddleware
+from batchd.process import configure_process
+from batchd.runtime import Runtime
+
+
+async def batchd_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, BatchdError)  # registered for BatchdError only
+    return error_response(exc)
+
+
+async def not_found(request: Request, exc: Exception) -> Response:
+    return JSONResponse({"error": f"no route {request.url.path}", "reason": "not_found"}, 404)
+
+
+async def method_not_allowed(request: Request, exc: Exception) -> Response:
+    return JSONResponse({"error": f"{request.method} is not allowed on {request.url.path}",
+                         "reason": "method_not_allowed"}, 405,
+                        headers=getattr(exc, "headers", None))
+
+
+def create_app(config: Config, runtime: Runtime | None = None) -> Starlette:
+    """The batchd ASGI app for `config`.
+
+    Building it makes the process-wide settings (batchd.process). The lifespan loads the
+    models (start-up fails on any checkpoint mismatch), starts warming them, and on
+    shut-down closes the runtime; draining before that is the server's job (batchd.cli).
+    """
+    configure_process(config)
+    runtime = runtime or Runtime(config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await anyio.to_thread.run_sync(runtime.load)
+        await runtime.start()
+        try:
+            yield
+        finally:
+            await runtime.close()
+
+    middleware = [Middleware(BodyLimitMiddleware, max_bytes=config.server.max_body_bytes)]
+    token = resolve_token(config.server)
+    if token is not None:
+        middleware.insert(0, Middleware(BearerAuthMiddleware, token=token))
+    app = Starlette(
+        routes=[*native.routes(), *v2.routes()],
+        lifespan=lifespan,
+        middleware=middleware,
+        exception_handlers={404: not_found, 405: method_not_allowed, BatchdError: batchd_error},
+    )
+    app.state.runtime = runtime
+    app.state.version = __version__
+    return app
