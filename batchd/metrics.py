@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -104,6 +104,10 @@ class Metrics:
             ["model"], registry=self.registry,
         )
         self.registry.register(_StateCollector(self._watched))
+        self._in_progress = Gauge(
+            "batchd_requests_in_progress",
+            "Prediction requests admitted and not yet answered (uploading, decoding, queued or "
+            "computing); a drain waits for this to reach 0.", registry=self.registry)
         ProcessCollector(registry=self.registry)  # process_resident_memory_bytes and friends
 
     def watch(self, name: str, batcher: WatchedBatcher, model: WatchedModel,
@@ -114,6 +118,10 @@ class Metrics:
         for outcome in OUTCOMES:
             self.requests.labels(name, outcome)
         self.padding.labels(name)
+
+    def watch_requests(self, in_progress: Callable[[], float]) -> None:
+        """Read the number of admitted requests from `in_progress` at scrape time."""
+        self._in_progress.set_function(in_progress)
 
     def observer(self, model: str) -> _BatchObserver:
         """The BatchObserver to hand to `model`'s batcher."""

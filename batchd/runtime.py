@@ -127,6 +127,7 @@ class Runtime:
         self._admitted: set[anyio.CancelScope] = set()
         self._idle = asyncio.Event()
         self._idle.set()
+        self.metrics.watch_requests(lambda: self.active_requests)
 
     # -- start-up -----------------------------------------------------------------------
 

@@ -144,6 +144,7 @@ class RunningServer:
     url: str
     app: Any
     server: uvicorn.Server
+    server_thread_name: str = ""
 
     def client(self, **kwargs: Any) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=60, **kwargs)
@@ -187,7 +188,7 @@ def run_server(config_path: Path, ready_timeout_s: float = 300) -> Iterator[Runn
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, ready_timeout_s, thread)
-        yield RunningServer(url, app, server)
+        yield RunningServer(url, app, server, thread.name)
     finally:
         app.state.runtime.begin_drain()
         server.should_exit = True

@@ -255,8 +255,9 @@ def test_auth_token_required_except_on_probes(tmp_path: Path, monkeypatch: pytes
     config = write_config(tmp_path / "auth.toml", server={"auth_token_env": "BATCHD_TEST_TOKEN"})
     body = png_bytes(held_out[0][0])
     with run_server(config) as running, running.client() as client:
-        for path in ("/health", "/ready", "/metrics"):
+        for path in ("/health", "/ready", "/metrics", "/v2/health/live", "/v2/health/ready"):
             assert client.get(path).status_code == 200, path
+        assert client.get("/v2/models/digits").status_code == 401
         missing = client.post("/predict", content=body, headers={"content-type": "image/png"})
         wrong = client.post("/predict", content=body, headers={
             "content-type": "image/png", "authorization": "Bearer s3cret-tokem"})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -185,6 +186,22 @@ def test_base64_images_in_json(two_models: RunningServer,
     assert (probabilities.argmax(axis=1) == np.array(labels)).sum() >= 2
 
 
+ZEROS: dict[str, Any] = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 8, 8],
+                                     "data": [0.0] * 64}]}
+
+
+def with_parameters(where: str, value: Any) -> dict[str, Any]:
+    """A valid request whose `parameters` at `where` is `value` (never a JSON object)."""
+    request = json.loads(json.dumps(ZEROS))
+    if where == "request":
+        request["parameters"] = value
+    elif where == "input":
+        request["inputs"][0]["parameters"] = value
+    else:
+        request["outputs"] = [{"name": "logits", "parameters": value}]
+    return request
+
+
 BAD_REQUESTS: dict[str, tuple[dict[str, Any], int]] = {
     "wrong-datatype": ({"inputs": [{"name": "input", "datatype": "INT64", "shape": [1, 1, 8, 8],
                                     "data": [0] * 64}]}, 400),
@@ -203,15 +220,76 @@ BAD_REQUESTS: dict[str, tuple[dict[str, Any], int]] = {
                                 "data": ["***"]}]}, 400),
     "undecodable-image": ({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
                                        "data": [base64.b64encode(b"nope").decode()]}]}, 400),
+    **{f"parameters-{where}-{json.dumps(value)}": (with_parameters(where, value), 400)
+       for where in ("request", "input", "output")
+       for value in ([], "x", 0, "", False, None, [1])},
+    "id-not-a-string": ({**ZEROS, "id": 7}, 400),
+    "binary-data-output-string": ({**ZEROS, "parameters": {"binary_data_output": "false"}}, 400),
+    "binary-data-string": ({**ZEROS, "outputs": [{"name": "logits",
+                                                  "parameters": {"binary_data": "no"}}]}, 400),
+    "classification-bool": ({**ZEROS, "outputs": [{"name": "logits",
+                                                   "parameters": {"classification": True}}]},
+                            400),
+    "outputs-null": ({**ZEROS, "outputs": None}, 400),
+    "output-twice": ({**ZEROS, "outputs": [{"name": "logits"}, {"name": "logits"}]}, 400),
+    "timeout-float": ({**ZEROS, "parameters": {"timeout": 1.5}}, 400),
 }
 
 
 @pytest.mark.parametrize("case", BAD_REQUESTS)
 def test_malformed_requests_are_400_json(two_models: RunningServer, case: str) -> None:
     body, status = BAD_REQUESTS[case]
-    response = httpx.post(f"{two_models.url}/v2/models/digits/infer", json=body)
-    assert response.status_code == status, response.text
-    assert "error" in response.json()
+    with httpx.Client(base_url=two_models.url, timeout=30) as client:
+        response = client.post("/v2/models/digits/infer", json=body)
+        assert response.status_code == status, response.text
+        assert response.json()["reason"] == "bad_input"
+        # The connection stays usable after the refusal.
+        assert client.get("/v2/health/live").status_code == 200
+        assert response.headers.get("connection") != "close"
+
+
+def test_outputs_empty_means_all_and_id_echoes(two_models: RunningServer) -> None:
+    response = httpx.post(f"{two_models.url}/v2/models/digits/infer",
+                          json={**ZEROS, "outputs": [], "id": "abc"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["id"] == "abc"
+    assert [output["name"] for output in body["outputs"]] == ["logits", "probabilities"]
+
+
+def test_v2_slash_and_truthful_metadata(two_models: RunningServer) -> None:
+    slash = httpx.get(f"{two_models.url}/v2/", follow_redirects=False)
+    assert slash.status_code == 200
+    assert slash.json()["name"] == "batchd"
+    assert "schedule_policy" not in slash.json()["extensions"]  # priority is not honoured
+    metadata = httpx.get(f"{two_models.url}/v2/models/digits").json()
+    # A client that sends every listed input succeeds: one input is listed.
+    (listed,) = metadata["inputs"]
+    request = {"inputs": [{**listed, "shape": [1, *listed["shape"][1:]], "data": [0.0] * 64}]}
+    assert httpx.post(f"{two_models.url}/v2/models/digits/infer",
+                      json=request).status_code == 200
+    (alternative,) = metadata["parameters"]["alternative_inputs"]
+    assert alternative == {"name": "image", "datatype": "BYTES", "shape": [-1]}
+
+
+def test_json_parsing_runs_off_the_event_loop(two_models: RunningServer,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from batchd.http import v2_codec as v2
+
+    threads: list[str] = []
+    original = v2.split_body
+
+    def recording(body: bytes, header_length: str | None) -> Any:
+        threads.append(threading.current_thread().name)
+        return original(body, header_length)
+
+    monkeypatch.setattr(v2, "split_body", recording)
+    loop_thread = two_models.server_thread_name
+    response = httpx.post(f"{two_models.url}/v2/models/digits/infer", json=ZEROS)
+    assert response.status_code == 200
+    assert threads and all(name != loop_thread for name in threads)
 
 
 def test_not_json_and_unknown_model(two_models: RunningServer) -> None:

@@ -19,7 +19,7 @@ from batchd.http.frame import (
     serve_prediction,
 )
 from batchd.http.payload import read_image_payload
-from batchd.runtime import ModelSlot
+from batchd.runtime import ModelSlot, ModelStatus
 
 
 async def health(request: Request) -> Response:
@@ -34,7 +34,7 @@ async def ready(request: Request) -> Response:
     return JSONResponse({"status": "ready"})
 
 
-def describe(slot: ModelSlot, status: Any) -> dict[str, Any]:
+def describe(slot: ModelSlot, status: ModelStatus) -> dict[str, Any]:
     batching = slot.config.batching
     pre = slot.config.preprocess
     return {
