@@ -1,4 +1,8 @@
-"""The `batchd` command line: `batchd serve --config PATH`."""
+"""The `batchd` command line: `batchd serve --config PATH`.
+
+torch is imported only once the CPU plan's process environment is set (batchd.cpu_plan):
+nothing at this module's top level may import it.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +13,16 @@ import socket
 import sys
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import uvicorn
 
 from batchd.config import Config, ModelConfig, load_config
+from batchd.cpu_plan import apply_wait_policy
 from batchd.errors import BatchdError, ConfigError
-from batchd.http import create_app
-from batchd.runtime import Runtime
+
+if TYPE_CHECKING:
+    from batchd.runtime import Runtime
 
 logger = logging.getLogger("batchd.cli")
 DEFAULT_CONFIG = Path("config/default.toml")
@@ -84,14 +91,22 @@ class GracefulServer(uvicorn.Server):
 
 
 def serve(config: Config, host: str | None, port: int | None) -> int:
+    apply_wait_policy()
+    from batchd.http import create_app
+    from batchd.process import configure_process
+    from batchd.runtime import Runtime
+
     server_config = config.server
-    runtime = Runtime(config)
+    runtime = Runtime(config, configure_process(config))
     uvicorn_config = uvicorn.Config(
         create_app(config, runtime),
         host=host or server_config.host,
         port=server_config.port if port is None else port,
         log_config=None,
         log_level=server_config.log_level,
+        # batchd writes its own access log when asked (server.access_log); uvicorn's line
+        # per request costs CPU that nobody asked for.
+        access_log=False,
         timeout_graceful_shutdown=FLUSH_TIMEOUT_S,
         lifespan="on",
     )

@@ -119,10 +119,10 @@ class ServerConfig:
     default_model: str = ""
     max_body_bytes: int = 8 * 1024 * 1024
     max_image_pixels: int = 40_000_000
-    preprocess_threads: int = 4
+    preprocess_threads: int = 0  # 0: the CPU plan decides (batchd.cpu_plan)
     drain_timeout_s: float = 30.0
     watchdog_s: float = 60.0
-    torch_threads: int = 0
+    torch_threads: int = 0  # 0: the CPU plan decides
     auth_token_env: str = ""
     auth_token_file: Path | None = None
     access_log: bool = False
@@ -296,7 +296,7 @@ def _check_server(server: ServerConfig, path: Path) -> None:
         "port": 0 <= server.port <= 65535,
         "max_body_bytes": server.max_body_bytes >= 1,
         "max_image_pixels": server.max_image_pixels >= 1,
-        "preprocess_threads": server.preprocess_threads >= 1,
+        "preprocess_threads": server.preprocess_threads >= 0,
         "drain_timeout_s": server.drain_timeout_s >= 0,
         "watchdog_s": server.watchdog_s > 0,
         "torch_threads": server.torch_threads >= 0,

@@ -13,15 +13,19 @@ import prometheus_client
 import torch
 
 from batchd.config import Config
+from batchd.cpu_plan import CpuPlan, plan
+from batchd.model import resolve_device
 
 logger = logging.getLogger("batchd.process")
 
 
-def configure_process(config: Config) -> None:
-    """Thread counts, the compiler's recompile limit, Prometheus' series and the access log."""
+def configure_process(config: Config) -> CpuPlan:
+    """Thread counts (the CPU plan), the compiler's recompile limit, Prometheus' series and
+    the access log. Returns the CPU plan, which the runtime follows."""
     server = config.server
-    if server.torch_threads:
-        torch.set_num_threads(server.torch_threads)
+    on_gpu = any(resolve_device(model.runtime.device).type == "cuda" for model in config.models)
+    cpu_plan = plan(server.torch_threads, server.preprocess_threads, on_gpu)
+    torch.set_num_threads(cpu_plan.torch_threads)
     # Each bucket is one static-shape graph; the limit must let warm-up compile all of them.
     buckets = max(len(model.batching.bucket_sizes) for model in config.models)
     dynamo_config = torch._dynamo.config
@@ -30,9 +34,9 @@ def configure_process(config: Config) -> None:
     prometheus_client.disable_created_metrics()
     if server.access_log:
         enable_access_log()
-    logger.info("process: %d torch threads, recompile limit %d, access log %s",
-                torch.get_num_threads(), dynamo_config.recompile_limit,
-                "on" if server.access_log else "off")
+    logger.info("%s; recompile limit %d; access log %s", cpu_plan.describe(),
+                dynamo_config.recompile_limit, "on" if server.access_log else "off")
+    return cpu_plan
 
 
 def enable_access_log() -> None:

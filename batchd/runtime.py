@@ -32,6 +32,7 @@ import torch
 
 from batchd.batcher import Batcher
 from batchd.config import Config, ModelConfig
+from batchd.cpu_plan import CpuPlan, plan
 from batchd.device_thread import DeviceThread
 from batchd.errors import NotReady, ShuttingDown
 from batchd.metrics import Metrics
@@ -114,8 +115,11 @@ class ModelSlot:
 class Runtime:
     """Every served model by name, and the life cycle of the whole server."""
 
-    def __init__(self, config: Config, metrics: Metrics | None = None) -> None:
+    def __init__(self, config: Config, cpu_plan: CpuPlan | None = None,
+                 metrics: Metrics | None = None) -> None:
         self.config = config
+        self.cpu_plan = cpu_plan or plan(config.server.torch_threads,
+                                         config.server.preprocess_threads, on_gpu=False)
         self.metrics = metrics or Metrics(
             max(model.batching.max_batch_size for model in config.models))
         self.slots: dict[str, ModelSlot] = {}
@@ -136,7 +140,7 @@ class Runtime:
 
         Blocking: call it off the event loop.
         """
-        limiter = anyio.CapacityLimiter(self.config.server.preprocess_threads)
+        limiter = anyio.CapacityLimiter(self.cpu_plan.preprocess_threads)
         self.preprocess_limiter = limiter
         for model_config in self.config.models:
             # One batch at a time per device: models sharing a device take turns fairly.

@@ -1,6 +1,6 @@
 """The per-request baseline batchd must beat: the server most tutorials teach.
 
-One Starlette route decodes the upload and calls the eval-mode model on a batch of one,
+One Starlette route reads the upload (multipart or a raw body), decodes it and calls the eval-mode model on a batch of one,
 inside the request, with the same model, checkpoint and preprocessing as batchd (it reuses
 batchd's config loading and Preprocessor so the comparison is about serving, not about
 preprocessing). Run by uvicorn:
@@ -31,7 +31,12 @@ labels = model_config.labels or tuple(str(i) for i in range(1000))
 
 
 async def predict(request: Request) -> JSONResponse:
-    image = preprocessor.load(await request.body())
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        async with request.form() as form:
+            data = await form["file"].read()  # type: ignore[union-attr]
+    else:
+        data = await request.body()
+    image = preprocessor.load(data)
     with torch.inference_mode():
         logits = network(preprocessor.normalize(image.unsqueeze(0)))[0]
     probs = torch.softmax(logits, dim=0)

@@ -1,26 +1,30 @@
-"""Side-by-side benchmark: batchd against the per-request baseline and the in-process ceiling.
+"""Side-by-side benchmark: batchd against the per-request baseline and the in-process ceiling,
+with where the CPU goes.
 
 In one run, on one machine, model and input image (a 640x480 photo-like JPEG):
-  1. the ceiling: the same decode + preprocess + compiled-model pipeline in-process, no
+  1. the stage costs, each measured alone in this process: decode + resize per image,
+     reading a multipart upload, and the model's CPU per image at each bucket;
+  2. the ceiling: the same decode + preprocess + compiled-model pipeline in-process, no
      HTTP, decoding on every core while the model computes, at the best batch size;
-  2. batchd and the baseline (loadtest/baseline.py) on free 127.0.0.1 ports;
-  3. a closed-loop asynchronous HTTP load at each concurrency (warm-up, then a fixed number
-     of requests), checking every response is 200 and gives the offline model's answer;
-  4. a table of requests/s and p50/p95/p99 latency, the ratios batchd/baseline and
-     batchd/ceiling, the recompile count; JSON and a PNG plot in loadtest/results/.
+  3. batchd and the baseline (loadtest/baseline.py) on free 127.0.0.1 ports, each driven
+     by every chosen load generator (loadtest/loadgen.py: aiohttp in this process, or
+     Debian's `hey`) at each concurrency: warm-up, then a fixed number of requests, every
+     answer checked; the server's CPU per request (its process tree, from /proc), the
+     load generator's own CPU, and for batchd the mean batch size and the HTTP cost alone
+     (GET /health under hey);
+  4. tables of requests/s, latency, CPU per request and the stage sum, with the ratios
+     batchd/baseline and batchd/ceiling; JSON and a PNG plot in loadtest/results/.
 
     python -m loadtest.bench --workload resnet18-64
-    python -m loadtest.bench --workload all --concurrency 1,8,32,128
+    python -m loadtest.bench --workload all --concurrency 1,8,32,128 --loadgen hey
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
-import statistics
 import sys
 import time
 from collections.abc import Iterator
@@ -28,10 +32,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import torch
+from batchd.cpu_plan import apply_wait_policy
 
-from loadtest.images import photo_jpeg
-from loadtest.servers import batchd_command, free_port, serving
+apply_wait_policy()  # the in-process stages and ceiling run as batchd's server does
+
+import torch  # noqa: E402
+
+from loadtest import cpu  # noqa: E402
+from loadtest.images import photo_jpeg  # noqa: E402
+from loadtest.loadgen import GENERATORS, ensure_hey, run_load  # noqa: E402
+from loadtest.servers import Served, batchd_command, free_port, serving  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKLOADS = {
@@ -69,16 +79,32 @@ def ensure_checkpoint(config_path: Path) -> None:
 # -- the ceiling --------------------------------------------------------------------------
 
 
-def measure_ceiling(config_path: Path, image: bytes, seconds_per_size: float) -> dict[str, Any]:
-    """Images/s of decode + preprocess + compiled model in-process, per batch size."""
+def load_model(config_path: Path) -> Any:
     from batchd.config import load_config
     from batchd.model import ServedModel
 
     config = load_config(config_path)
     model = ServedModel.from_config(config.model(config.server.default_model),
                                     config.server.max_image_pixels)
-    stage(f"ceiling: compiling and warming {model.name}")
-    model.warm_up(progress=lambda line: stage(f"ceiling: {line}"))
+    stage(f"compiling and warming {model.name} in-process")
+    model.warm_up(progress=lambda line: stage(f"  {line}"))
+    return model
+
+
+def measure_stages(model: Any, image: bytes) -> dict[str, Any]:
+    """CPU milliseconds of each stage of a request, each measured alone."""
+    decode = cpu.median_cpu_ms(lambda: model.preprocessor.load(image), 40)
+    multipart = cpu.multipart_cpu_ms(image)
+    per_image = cpu.model_cpu_ms_per_image(model, image)
+    stage(f"stages: decode + resize {decode:.2f} ms/image, multipart {multipart:.2f} ms, "
+          "model " + ", ".join(f"b{size} {ms:.2f}" for size, ms in per_image.items())
+          + " ms/image")
+    return {"decode_ms": decode, "multipart_ms": multipart,
+            "model_ms_per_image": {str(size): ms for size, ms in per_image.items()}}
+
+
+def measure_ceiling(model: Any, image: bytes, seconds_per_size: float) -> dict[str, Any]:
+    """Images/s of decode + preprocess + model in-process, per batch size."""
     decoders = ThreadPoolExecutor(os.cpu_count() or 2)
     per_size = {}
     for size in model.config.batching.bucket_sizes:
@@ -115,164 +141,185 @@ def offline_answer(config_path: Path, image: bytes) -> tuple[str, float]:
 
 
 @contextlib.contextmanager
-def server(kind: str, config_path: Path, log: Path) -> Iterator[str]:
+def server(kind: str, config_path: Path, log: Path) -> Iterator[Served]:
     port = free_port()
     if kind == "batchd":
         command = batchd_command(config_path, port)
     else:
         command = [sys.executable, "-m", "uvicorn", "loadtest.baseline:app", "--host",
-                   "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+                   "127.0.0.1", "--port", str(port), "--log-level", "warning",
+                   "--no-access-log"]
     env = {"BATCHD_BASELINE_CONFIG": str(config_path)}
-    with serving(command, f"http://127.0.0.1:{port}", log, env) as url:
-        stage(f"{kind} ready on {url}")
-        yield url
+    with serving(command, f"http://127.0.0.1:{port}", log, env) as served:
+        stage(f"{kind} ready on {served.url} (pid {served.pid})")
+        yield served
 
 
-def recompiles(url: str) -> float:
+def scrape(url: str) -> dict[str, float]:
+    """batchd's counters that the benchmark reads, summed over models."""
     import httpx
 
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    return sum(float(line.split()[-1]) for line in text.splitlines()
-               if line.startswith("batchd_recompiles_total"))
+    wanted = ("batchd_recompiles_total", "batchd_batch_size_sum", "batchd_batch_size_count")
+    totals = dict.fromkeys(wanted, 0.0)
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        name = line.split("{")[0].split(" ")[0]
+        if name in totals:
+            totals[name] += float(line.split()[-1])
+    return totals
 
 
 # -- the load -----------------------------------------------------------------------------
 
 
-async def closed_loop(url: str, image: bytes, concurrency: int, requests: int,
-                      expected: tuple[str, float]) -> dict[str, Any]:
-    """`concurrency` clients, each sending its next request when the last one returns."""
-    import aiohttp
-
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    timeout = aiohttp.ClientTimeout(total=300)
-    latencies: list[float] = []
-    failures: list[str] = []
-    remaining = requests
-    headers = {"content-type": "image/jpeg"}
-
-    async def client(session: aiohttp.ClientSession) -> None:
-        nonlocal remaining
-        while remaining > 0:
-            remaining -= 1
-            started = time.perf_counter()
-            async with session.post(f"{url}/predict", data=image, headers=headers) as response:
-                body = await response.json(content_type=None)
-                status = response.status
-            latencies.append(time.perf_counter() - started)
-            if status != 200:
-                failures.append(f"{status}: {body}")
-                continue
-            top = body["predictions"][0]
-            if top["label"] != expected[0] or abs(top["prob"] - expected[1]) > 1e-3:
-                failures.append(f"wrong answer {top}, expected {expected}")
-
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        started = time.perf_counter()
-        await asyncio.gather(*(client(session) for _ in range(concurrency)))
-        elapsed = time.perf_counter() - started
-    ordered = sorted(latencies)
-
-    def percentile(q: float) -> float:
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
-
-    return {"requests": len(latencies), "rps": len(latencies) / elapsed,
-            "p50_ms": statistics.median(ordered) * 1000, "p95_ms": percentile(0.95),
-            "p99_ms": percentile(0.99), "failures": len(failures),
-            "first_failures": failures[:3]}
-
-
-def drive(url: str, image: bytes, levels: list[int], per_client: int, minimum: int,
-          expected: tuple[str, float], name: str) -> dict[int, dict[str, Any]]:
+def drive(served: Served, kind: str, body: tuple[bytes, str], generator: str,
+          levels: list[int], per_client: int, minimum: int,
+          expected: tuple[str, float]) -> dict[int, dict[str, Any]]:
     results = {}
+    cores = os.cpu_count() or 1
     for concurrency in levels:
         count = max(concurrency * per_client, minimum)
-        asyncio.run(closed_loop(url, image, concurrency, max(concurrency * 2, 8), expected))
-        result = asyncio.run(closed_loop(url, image, concurrency, count, expected))
-        stage(f"{name:>8} c={concurrency:<4} {result['rps']:8.1f} req/s  p50 "
-              f"{result['p50_ms']:7.1f} ms  p99 {result['p99_ms']:7.1f} ms  "
-              f"failures {result['failures']}")
+        run_load(generator, served.url, *body, concurrency, max(concurrency * 2, 8), expected)
+        before = scrape(served.url) if kind == "batchd" else {}
+        cpu_before = cpu.cpu_seconds(served.pid)
+        result = run_load(generator, served.url, *body, concurrency, count, expected)
+        server_cpu_s = cpu.cpu_seconds(served.pid) - cpu_before
+        result["server_cpu_ms"] = server_cpu_s / result["requests"] * 1000
+        result["server_cores"] = server_cpu_s / result["elapsed_s"]
+        result["loadgen_share"] = result["loadgen_cpu_s"] / (result["elapsed_s"] * cores)
+        if before:
+            after = scrape(served.url)
+            batches = after["batchd_batch_size_count"] - before["batchd_batch_size_count"]
+            result["mean_batch"] = (after["batchd_batch_size_sum"]
+                                    - before["batchd_batch_size_sum"]) / max(batches, 1)
+        stage(f"{kind:>8} {generator:>7} c={concurrency:<4} {result['rps']:7.1f} req/s  p50 "
+              f"{result['p50_ms']:7.1f} ms  p99 {result['p99_ms']:7.1f} ms  server CPU "
+              f"{result['server_cpu_ms']:5.1f} ms/req  load generator "
+              f"{result['loadgen_share']:.0%} of the cores  failures {result['failures']}")
         results[concurrency] = result
     return results
+
+
+def http_cost_ms(served: Served) -> float:
+    """Server CPU per GET /health under hey: the HTTP cost of a request, without a model."""
+    from loadtest.loadgen import hey_load
+
+    hey_load(served.url, b"", "", 32, 500, path="/health")
+    cpu_before = cpu.cpu_seconds(served.pid)
+    result = hey_load(served.url, b"", "", 32, 3000, path="/health")
+    return (cpu.cpu_seconds(served.pid) - cpu_before) / result["requests"] * 1000
+
+
+def stage_sum_ms(stages: dict[str, Any], mean_batch: float) -> float:
+    """The work one request needs at this mean batch size (the nearest bucket's model cost)."""
+    per_image = {int(size): ms for size, ms in stages["model_ms_per_image"].items()}
+    bucket = min(per_image, key=lambda size: (abs(size - mean_batch), size))
+    return (stages["decode_ms"] + stages["body_ms"] + stages["http_ms"] + per_image[bucket])
 
 
 # -- the report ---------------------------------------------------------------------------
 
 
-def report(workload: str, ceiling: dict[str, Any], batchd: dict[int, dict[str, Any]],
-           baseline: dict[int, dict[str, Any]], recompile_count: float) -> list[str]:
+def report(workload: str, ceiling: dict[str, Any], stages: dict[str, Any],
+           runs: dict[str, dict[str, dict[int, dict[str, Any]]]],
+           recompile_count: float) -> list[str]:
     lines = [f"## {workload}: ceiling {ceiling['images_per_s']:.1f} images/s "
              f"(in-process, batch {ceiling['best_batch']})", "",
-             "| clients | server | req/s | p50 ms | p95 ms | p99 ms | batchd/baseline req/s "
-             "| baseline p99 / batchd p99 | batchd/ceiling |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for concurrency in batchd:
-        ours, theirs = batchd[concurrency], baseline[concurrency]
-        for name, row in (("baseline", theirs), ("batchd", ours)):
-            ratios = ("", "", "")
-            if name == "batchd":
-                ratios = (f"{ours['rps'] / theirs['rps']:.2f}x",
-                          f"{theirs['p99_ms'] / ours['p99_ms']:.2f}x",
-                          f"{ours['rps'] / ceiling['images_per_s']:.2f}")
-            lines.append(f"| {concurrency} | {name} | {row['rps']:.1f} | {row['p50_ms']:.1f} | "
-                         f"{row['p95_ms']:.1f} | {row['p99_ms']:.1f} | " + " | ".join(ratios)
-                         + " |")
-    lines.append("")
-    lines.append(f"recompiles during the run: {recompile_count:.0f}; failed or wrong answers: "
-                 f"{sum(r['failures'] for r in [*batchd.values(), *baseline.values()])}")
+             f"Stages, CPU ms: decode + resize {stages['decode_ms']:.2f} per image; reading "
+             f"the body ({stages['body']}) {stages['body_ms']:.2f}; HTTP (GET /health) "
+             f"{stages['http_ms']:.2f}; model per image by bucket: "
+             + ", ".join(f"{size}: {ms:.2f}" for size, ms in stages["model_ms_per_image"].items())
+             + "."]
+    for generator, by_kind in runs.items():
+        lines += ["", f"Load generator: {generator}", "",
+                  "| clients | server | req/s | p50 ms | p99 ms | server CPU ms/req "
+                  "| stage sum ms | CPU / stages | load gen. share | batch | batchd/baseline "
+                  "| batchd/ceiling |",
+                  "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        ours, theirs = by_kind["batchd"], by_kind["baseline"]
+        for concurrency in ours:
+            for name, row in (("baseline", theirs[concurrency]), ("batchd", ours[concurrency])):
+                batch = row.get("mean_batch", 1.0)
+                work = stage_sum_ms(stages, batch)
+                ratios = ["", ""]
+                if name == "batchd":
+                    ratios = [f"{row['rps'] / theirs[concurrency]['rps']:.2f}x",
+                              f"{row['rps'] / ceiling['images_per_s']:.2f}"]
+                lines.append(
+                    f"| {concurrency} | {name} | {row['rps']:.1f} | {row['p50_ms']:.1f} | "
+                    f"{row['p99_ms']:.1f} | {row['server_cpu_ms']:.1f} | {work:.1f} | "
+                    f"{row['server_cpu_ms'] / work:.2f} | {row['loadgen_share']:.0%} | "
+                    f"{batch:.1f} | " + " | ".join(ratios) + " |")
+    failures = sum(row["failures"] for by_kind in runs.values() for rows in by_kind.values()
+                   for row in rows.values())
+    lines += ["", f"recompiles during the run: {recompile_count:.0f}; failed or wrong answers: "
+              f"{failures}"]
     return lines
 
 
-def plot(workload: str, batchd: dict[int, dict[str, Any]],
-         baseline: dict[int, dict[str, Any]], ceiling: dict[str, Any], out: Path) -> None:
+def plot(workload: str, runs: dict[str, dict[str, dict[int, dict[str, Any]]]],
+         ceiling: dict[str, Any], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(7, 4.5))
-    for name, results, marker in (("batchd", batchd, "o"), ("baseline", baseline, "s")):
-        rps = [r["rps"] for r in results.values()]
-        for quantile in ("p50_ms", "p99_ms"):
-            axes.plot(rps, [r[quantile] for r in results.values()], marker=marker,
-                      linestyle="-" if quantile == "p50_ms" else "--",
-                      label=f"{name} {quantile[:3]}")
-        for concurrency, result in results.items():
-            axes.annotate(str(concurrency), (result["rps"], result["p50_ms"]), fontsize=7)
+    for generator, by_kind in runs.items():
+        for name, results in by_kind.items():
+            rps = [r["rps"] for r in results.values()]
+            axes.plot(rps, [r["p99_ms"] for r in results.values()],
+                      marker="o" if name == "batchd" else "s",
+                      linestyle="-" if generator == "hey" else "--",
+                      label=f"{name} p99 ({generator})")
+            for concurrency, result in results.items():
+                axes.annotate(str(concurrency), (result["rps"], result["p99_ms"]), fontsize=7)
     axes.axvline(ceiling["images_per_s"], color="grey", linestyle=":", label="ceiling")
     axes.set_xlabel("throughput (requests/s)")
-    axes.set_ylabel("latency (ms)")
+    axes.set_ylabel("p99 latency (ms)")
     axes.set_yscale("log")
-    axes.set_title(f"{workload}: latency against throughput (labels: clients)")
+    axes.set_title(f"{workload}: p99 latency against throughput (labels: clients)")
     axes.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(out, dpi=110)
     plt.close(figure)
 
 
-def run_workload(workload: str, levels: list[int], per_client: int, minimum: int,
-                 ceiling_seconds: float) -> dict[str, Any]:
+def run_workload(workload: str, levels: list[int], generators: list[str], body_kind: str,
+                 per_client: int, minimum: int, ceiling_seconds: float) -> dict[str, Any]:
     config_path = WORKLOADS[workload]
     ensure_checkpoint(config_path)
     image = photo_jpeg()
-    torch.set_num_threads(os.cpu_count() or 2)
+    body = cpu.multipart_body(image) if body_kind == "multipart" else (image, "image/jpeg")
     expected = offline_answer(config_path, image)
     stage(f"{workload}: offline answer {expected}")
-    ceiling = measure_ceiling(config_path, image, ceiling_seconds)
+    model = load_model(config_path)
+    stages = measure_stages(model, image)
+    stages["body"] = body_kind
+    stages["body_ms"] = stages["multipart_ms"] if body_kind == "multipart" else 0.0
+    ceiling = measure_ceiling(model, image, ceiling_seconds)
+    del model
     RESULTS.mkdir(parents=True, exist_ok=True)
-    with server("batchd", config_path, RESULTS / f"{workload}-batchd.log") as url:
-        before = recompiles(url)
-        ours = drive(url, image, levels, per_client, minimum, expected, "batchd")
-        recompile_count = recompiles(url) - before
-    with server("baseline", config_path, RESULTS / f"{workload}-baseline.log") as url:
-        theirs = drive(url, image, levels, per_client, minimum, expected, "baseline")
-    lines = report(workload, ceiling, ours, theirs, recompile_count)
+    runs: dict[str, dict[str, dict[int, dict[str, Any]]]] = {g: {} for g in generators}
+    recompile_count = 0.0
+    for kind in ("batchd", "baseline"):
+        with server(kind, config_path, RESULTS / f"{workload}-{kind}.log") as served:
+            if kind == "batchd":
+                before = scrape(served.url)["batchd_recompiles_total"]
+                stages["http_ms"] = http_cost_ms(served) if ensure_hey() else 0.0
+                stage(f"HTTP alone (GET /health under hey): {stages['http_ms']:.2f} ms "
+                      "server CPU per request")
+            for generator in generators:
+                runs[generator][kind] = drive(served, kind, body, generator, levels,
+                                              per_client, minimum, expected)
+            if kind == "batchd":
+                recompile_count = scrape(served.url)["batchd_recompiles_total"] - before
+    lines = report(workload, ceiling, stages, runs, recompile_count)
     print("\n".join(lines), flush=True)
-    result = {"workload": workload, "ceiling": ceiling, "batchd": ours, "baseline": theirs,
+    result = {"workload": workload, "ceiling": ceiling, "stages": stages, "runs": runs,
               "recompiles": recompile_count, "cpu_count": os.cpu_count(),
               "torch": torch.__version__, "table": lines}
     (RESULTS / f"{workload}.json").write_text(json.dumps(result, indent=2))
-    plot(workload, ours, theirs, ceiling, RESULTS / f"{workload}.png")
+    plot(workload, runs, ceiling, RESULTS / f"{workload}.png")
     stage(f"wrote {RESULTS / f'{workload}.json'} and {RESULTS / f'{workload}.png'}")
     return result
 
@@ -282,16 +329,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workload", choices=[*WORKLOADS, "all"], default="resnet18-64",
                         help="all: every CPU workload")
     parser.add_argument("--concurrency", default="1,8,32,128")
+    parser.add_argument("--loadgen", default="hey,aiohttp",
+                        help=f"comma-separated, from {', '.join(GENERATORS)}")
+    parser.add_argument("--body", choices=["multipart", "raw"], default="multipart",
+                        help="how the JPEG is sent: a multipart upload (curl -F) or raw")
     parser.add_argument("--requests-per-client", type=int, default=6)
     parser.add_argument("--min-requests", type=int, default=120)
     parser.add_argument("--ceiling-seconds", type=float, default=4.0)
     args = parser.parse_args(argv)
     levels = [int(level) for level in args.concurrency.split(",")]
+    generators = args.loadgen.split(",")
+    if unknown := set(generators) - set(GENERATORS):
+        parser.error(f"unknown load generator {sorted(unknown)}")
+    if "hey" in generators and ensure_hey() is None:
+        stage("hey is not installed and cannot be (not root?): using aiohttp alone")
+        generators = [g for g in generators if g != "hey"] or ["aiohttp"]
     cpu_workloads = [name for name in WORKLOADS if name != "resnet50-gpu"]
     workloads = cpu_workloads if args.workload == "all" else [args.workload]
     for workload in workloads:
-        run_workload(workload, levels, args.requests_per_client, args.min_requests,
-                     args.ceiling_seconds)
+        run_workload(workload, levels, generators, args.body, args.requests_per_client,
+                     args.min_requests, args.ceiling_seconds)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import httpx
 
@@ -26,10 +27,15 @@ def batchd_command(config: Path, port: int) -> list[str]:
     return [sys.executable, "-m", "batchd", "serve", "--config", str(config), "--port", str(port)]
 
 
+class Served(NamedTuple):
+    url: str
+    pid: int
+
+
 @contextlib.contextmanager
 def serving(command: list[str], url: str, log: Path | None = None,
-            env: dict[str, str] | None = None, ready_timeout_s: float = 900) -> Iterator[str]:
-    """Run `command` until the block ends; yields `url` once its /ready answers 200."""
+            env: dict[str, str] | None = None, ready_timeout_s: float = 900) -> Iterator[Served]:
+    """Run `command` until the block ends; yields its url and pid once /ready answers 200."""
     output = log.open("w") if log is not None else subprocess.DEVNULL
     try:
         process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **(env or {})},
@@ -50,7 +56,7 @@ def serving(command: list[str], url: str, log: Path | None = None,
             if time.monotonic() > deadline:
                 raise SystemExit(f"{url} not ready after {ready_timeout_s:.0f}s")
             time.sleep(0.2)
-        yield url
+        yield Served(url, process.pid)
     finally:
         process.terminate()
         process.wait(timeout=60)

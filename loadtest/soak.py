@@ -222,8 +222,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(run(args.url.rstrip("/"), seconds, args.concurrency))
     port = free_port()
     with serving(batchd_command(args.config, port), f"http://127.0.0.1:{port}",
-                 ready_timeout_s=300) as url:
-        code = run(url, seconds, args.concurrency)
+                 ready_timeout_s=300) as served:
+        code = run(served.url, seconds, args.concurrency)
     sys.exit(code)
 
 

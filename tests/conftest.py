@@ -154,6 +154,34 @@ class RunningServer:
         return scrape(self.url, name, labels)
 
 
+    @contextlib.contextmanager
+    def held_worker(self, model: str = "digits") -> Iterator[None]:
+        """Block `model`'s device thread until the block ends, so that requests sent
+        meanwhile queue up and form batches larger than one, however fast the machine."""
+        gate = threading.Event()
+        self.app.state.runtime.slots[model].executor.submit(gate.wait, 60)
+        try:
+            yield
+        finally:
+            gate.set()
+
+    async def post_batched(self, bodies: list[bytes], path: str = "/predict?top_k=10",
+                           model: str = "digits") -> list[httpx.Response]:
+        """POST every body as a multipart upload while the worker is held; let it go once
+        all of them are queued (one may already be waiting on the thread)."""
+        limits = httpx.Limits(max_connections=len(bodies), max_keepalive_connections=len(bodies))
+        accepted = self.metric("batchd_batcher_accepted_total", {"model": model})
+        async with httpx.AsyncClient(base_url=self.url, timeout=120, limits=limits) as client:
+            with self.held_worker(model):
+                requests = [asyncio.ensure_future(client.post(
+                    path, files={"file": ("digit.png", body, "image/png")})) for body in bodies]
+                async with asyncio.timeout(60):
+                    while self.metric("batchd_batcher_accepted_total",
+                                      {"model": model}) < accepted + len(bodies):
+                        await asyncio.sleep(0.02)
+            return list(await asyncio.gather(*requests))
+
+
 def scrape(url: str, name: str, labels: dict[str, str] | None = None) -> float:
     from prometheus_client.parser import text_string_to_metric_families
 

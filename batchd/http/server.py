@@ -42,12 +42,13 @@ async def method_not_allowed(request: Request, exc: Exception) -> Response:
 def create_app(config: Config, runtime: Runtime | None = None) -> Starlette:
     """The batchd ASGI app for `config`.
 
-    Building it makes the process-wide settings (batchd.process). The lifespan loads the
+    Without a `runtime`, building it makes the process-wide settings (batchd.process) and
+    a runtime that follows them; a caller that passes its own runtime made them. The
+    lifespan loads the
     models (start-up fails on any checkpoint mismatch), starts warming them, and on
     shut-down closes the runtime; draining before that is the server's job (batchd.cli).
     """
-    configure_process(config)
-    runtime = runtime or Runtime(config)
+    runtime = runtime or Runtime(config, configure_process(config))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
