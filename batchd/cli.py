@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import uvicorn
 
 from batchd.config import Config, ModelConfig, load_config
-from batchd.cpu_plan import apply_wait_policy
+from batchd.cpu_plan import apply_openmp_waiting
 from batchd.errors import BatchdError, ConfigError
 
 if TYPE_CHECKING:
@@ -91,7 +91,7 @@ class GracefulServer(uvicorn.Server):
 
 
 def serve(config: Config, host: str | None, port: int | None) -> int:
-    apply_wait_policy()
+    apply_openmp_waiting()
     from batchd.http import create_app
     from batchd.process import configure_process
     from batchd.runtime import Runtime

@@ -1,9 +1,10 @@
 """The per-request baseline batchd must beat: the server most tutorials teach.
 
-One Starlette route reads the upload (multipart or a raw body), decodes it and calls the eval-mode model on a batch of one,
-inside the request, with the same model, checkpoint and preprocessing as batchd (it reuses
-batchd's config loading and Preprocessor so the comparison is about serving, not about
-preprocessing). Run by uvicorn:
+One Starlette route reads the upload (multipart or a raw body), decodes it and calls the
+eval-mode model on a batch of one, inside the request, with the same model, checkpoint and
+preprocessing as batchd (it reuses batchd's config loading and Preprocessor so the
+comparison is about serving, not about preprocessing). Run by uvicorn, in the environment
+a user would start it in:
 
     BATCHD_BASELINE_CONFIG=config/resnet18-64.toml uvicorn loadtest.baseline:app --port 8001
 """

@@ -32,9 +32,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from batchd.cpu_plan import apply_wait_policy
+from batchd.cpu_plan import apply_openmp_waiting
 
-apply_wait_policy()  # the in-process stages and ceiling run as batchd's server does
+# The baseline runs in the environment a user would start it in; the in-process stages
+# and the ceiling run as batchd's server does.
+USER_ENV = dict(os.environ)
+apply_openmp_waiting()
 
 import torch  # noqa: E402
 
@@ -149,8 +152,9 @@ def server(kind: str, config_path: Path, log: Path) -> Iterator[Served]:
         command = [sys.executable, "-m", "uvicorn", "loadtest.baseline:app", "--host",
                    "127.0.0.1", "--port", str(port), "--log-level", "warning",
                    "--no-access-log"]
-    env = {"BATCHD_BASELINE_CONFIG": str(config_path)}
-    with serving(command, f"http://127.0.0.1:{port}", log, env) as served:
+    env = {**(os.environ if kind == "batchd" else USER_ENV),
+           "BATCHD_BASELINE_CONFIG": str(config_path)}
+    with serving(command, f"http://127.0.0.1:{port}", log, env, inherit=False) as served:
         stage(f"{kind} ready on {served.url} (pid {served.pid})")
         yield served
 
@@ -333,8 +337,8 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"comma-separated, from {', '.join(GENERATORS)}")
     parser.add_argument("--body", choices=["multipart", "raw"], default="multipart",
                         help="how the JPEG is sent: a multipart upload (curl -F) or raw")
-    parser.add_argument("--requests-per-client", type=int, default=6)
-    parser.add_argument("--min-requests", type=int, default=120)
+    parser.add_argument("--requests-per-client", type=int, default=16)
+    parser.add_argument("--min-requests", type=int, default=400)
     parser.add_argument("--ceiling-seconds", type=float, default=4.0)
     args = parser.parse_args(argv)
     levels = [int(level) for level in args.concurrency.split(",")]

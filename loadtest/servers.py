@@ -34,11 +34,14 @@ class Served(NamedTuple):
 
 @contextlib.contextmanager
 def serving(command: list[str], url: str, log: Path | None = None,
-            env: dict[str, str] | None = None, ready_timeout_s: float = 900) -> Iterator[Served]:
-    """Run `command` until the block ends; yields its url and pid once /ready answers 200."""
+            env: dict[str, str] | None = None, ready_timeout_s: float = 900,
+            inherit: bool = True) -> Iterator[Served]:
+    """Run `command` until the block ends; yields its url and pid once /ready answers 200.
+    The child gets this process's environment plus `env`, or `env` alone (`inherit=False`)."""
     output = log.open("w") if log is not None else subprocess.DEVNULL
     try:
-        process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **(env or {})},
+        environment = {**os.environ, **(env or {})} if inherit else dict(env or {})
+        process = subprocess.Popen(command, cwd=ROOT, env=environment,
                                    stdout=output, stderr=subprocess.STDOUT)
     finally:
         if log is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -36,17 +37,28 @@ def test_a_quota_below_the_affinity_bounds_the_cores(tmp_path: Path) -> None:
 def test_threads_follow_the_device_and_the_overrides() -> None:
     cores = (4, "test")
     on_cpu = plan(0, 0, on_gpu=False, cores=cores)
-    assert (on_cpu.torch_threads, on_cpu.preprocess_threads) == (4, 4)
+    assert (on_cpu.torch_threads, on_cpu.preprocess_threads) == (4, 2)
+    small = plan(0, 0, on_gpu=False, cores=(1, "test"))
+    assert (small.torch_threads, small.preprocess_threads) == (1, 1)
     on_gpu = plan(0, 0, on_gpu=True, cores=cores)
     assert (on_gpu.torch_threads, on_gpu.preprocess_threads) == (1, 4)
     overridden = plan(3, 7, on_gpu=False, cores=cores)
     assert (overridden.torch_threads, overridden.preprocess_threads) == (3, 7)
 
 
-def test_the_command_line_sets_the_wait_policy_before_torch_loads() -> None:
-    code = ("import os, sys; os.environ.pop('OMP_WAIT_POLICY', None); import batchd.cli; "
-            "assert 'torch' not in sys.modules; from batchd.cpu_plan import apply_wait_policy; "
-            "apply_wait_policy(); import torch; print(os.environ['OMP_WAIT_POLICY'])")
+@pytest.mark.parametrize(("given", "expected"), [
+    ({}, "1000 spin 1000 times, then sleep"),
+    ({"GOMP_SPINCOUNT": "5"}, "5 spin 5 times, then sleep"),
+    ({"OMP_WAIT_POLICY": "ACTIVE"}, "None OMP_WAIT_POLICY=ACTIVE"),
+])
+def test_the_command_line_bounds_openmp_spinning_before_torch_loads(
+        given: dict[str, str], expected: str) -> None:
+    code = ("import os, sys; import batchd.cli; assert 'torch' not in sys.modules; "
+            "from batchd.cpu_plan import apply_openmp_waiting, openmp_waiting; "
+            "apply_openmp_waiting(); import torch; "
+            "print(os.environ.get('GOMP_SPINCOUNT'), openmp_waiting())")
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            check=True, timeout=120)
-    assert result.stdout.strip() == "PASSIVE"
+                            check=True, timeout=120, env={**env, **given})
+    assert result.stdout.strip() == expected
