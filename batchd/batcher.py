@@ -66,6 +66,7 @@ class _Request(Generic[In, Out]):
     item: In
     future: asyncio.Future[BatchResult[Out]]
     enqueued_at: float
+    deadline: float
     state: _State = _State.QUEUED
 
 
@@ -246,7 +247,8 @@ class Batcher(Generic[In, Out]):
         if timeout_s is not None:
             timeout = min(timeout_s, self.queue_timeout_s)
         loop = asyncio.get_running_loop()
-        request: _Request[In, Out] = _Request(item, loop.create_future(), time.monotonic())
+        now = time.monotonic()
+        request: _Request[In, Out] = _Request(item, loop.create_future(), now, now + timeout)
         self._queue.append(request)
         self.stats.accepted += 1
         self._in_flight += 1
@@ -316,11 +318,14 @@ class Batcher(Generic[In, Out]):
                         await self._wakeup.wait()
             batch: list[_Request[In, Out]] = []
             count = self.batch_count(len(self._queue))
+            now = time.monotonic()
             while self._queue and len(batch) < count:
                 request = self._queue.popleft()
                 # A future already done was cancelled or timed out, and its submit() has not
-                # resumed yet; it stays QUEUED so that submit() books it as never run.
-                if not request.future.done():
+                # resumed yet; one whose deadline has passed will time out before its batch
+                # could finish. Both stay QUEUED, so that submit() books them as never run
+                # (QueueTimeout, never computed and then answered 504).
+                if not request.future.done() and request.deadline > now:
                     request.state = _State.RUNNING
                     batch.append(request)
             if batch:

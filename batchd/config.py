@@ -126,6 +126,7 @@ class ServerConfig:
     auth_token_env: str = ""
     auth_token_file: Path | None = None
     access_log: bool = False
+    ui: bool = True  # the page at / (the schema at /openapi.json is always served)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 

@@ -412,3 +412,29 @@ def test_a_hung_model_call_does_not_keep_the_process_alive() -> None:
                             timeout=60)
     assert result.returncode == 0
     assert result.stdout.strip() == "exiting"
+
+
+async def test_a_request_whose_deadline_passed_in_the_queue_is_never_dispatched(
+        make_batcher: MakeBatcher, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a fake clock: its deadline has passed when the worker takes a batch, while its
+    own timeout has not fired yet; it must not be computed (and then answered 504)."""
+    import batchd.batcher as batcher_module
+
+    now = [1000.0]
+    monkeypatch.setattr(batcher_module, "time", type("Clock", (), {
+        "monotonic": staticmethod(lambda: now[0])}))
+    model = RecordingModel()
+    batcher = make_batcher(model, start=False)
+    doomed = asyncio.ensure_future(batcher.submit(1, timeout_s=5.0))
+    alive = asyncio.ensure_future(batcher.submit(2))
+    await until(lambda: batcher.queue_depth == 2)
+    now[0] += 6.0  # past the doomed request's deadline, not the other's
+    batcher.start()
+    assert (await alive).output == 4
+    assert model.batches == [(1, 1)]
+    assert not doomed.done()  # left for its own timeout to answer 503, never computed
+    doomed.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await doomed
+    assert batcher.stats.computed_items == 1
+    assert_never_ran_books(batcher)

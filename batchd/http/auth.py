@@ -16,8 +16,10 @@ from batchd.config import ServerConfig
 from batchd.errors import ConfigError
 
 # Probes and scrapers send no credentials (a Kubernetes probe cannot), so the health
-# endpoints of both APIs and the metrics stay open; they reveal no model output.
-OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/v2/health/live", "/v2/health/ready"})
+# endpoints of both APIs and the metrics stay open; so do the page (which then asks for
+# the token) and the schema. None of them reveals a model's output.
+OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/v2/health/live", "/v2/health/ready",
+                        "/", "/openapi.json", "/ui/app.js", "/ui/style.css", "/ui/icon.svg"})
 
 
 def resolve_token(server: ServerConfig) -> str | None:

@@ -23,10 +23,12 @@ from batchd.runtime import ModelSlot, ModelStatus
 
 
 async def health(request: Request) -> Response:
+    """Liveness: 200 while the process runs (also while draining)."""
     return JSONResponse({"status": "ok"})
 
 
 async def ready(request: Request) -> Response:
+    """Readiness: 200 when every model is ready, else 503 with the reasons by model."""
     reasons = runtime_of(request).not_ready_reasons()
     if reasons:
         return JSONResponse({"status": "not ready", "reasons": reasons}, 503,
@@ -61,6 +63,7 @@ def describe(slot: ModelSlot, status: ModelStatus) -> dict[str, Any]:
 
 
 async def list_models(request: Request) -> Response:
+    """Every model: input shape, labels, preprocessing, batching, device and status."""
     runtime = runtime_of(request)
     return JSONResponse({
         "default": runtime.config.server.default_model,
@@ -69,6 +72,7 @@ async def list_models(request: Request) -> Response:
 
 
 async def metrics_endpoint(request: Request) -> Response:
+    """Prometheus metrics."""
     registry = runtime_of(request).metrics.registry
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 

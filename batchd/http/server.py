@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, Response
 from batchd import __version__
 from batchd.config import Config
 from batchd.errors import BatchdError
-from batchd.http import native, v2
+from batchd.http import native, ui, v2
 from batchd.http.auth import BearerAuthMiddleware, resolve_token
 from batchd.http.frame import error_response
 from batchd.http.payload import BodyLimitMiddleware
@@ -64,7 +64,7 @@ def create_app(config: Config, runtime: Runtime | None = None) -> Starlette:
     if token is not None:
         middleware.insert(0, Middleware(BearerAuthMiddleware, token=token))
     app = Starlette(
-        routes=[*native.routes(), *v2.routes()],
+        routes=[*native.routes(), *v2.routes(), *ui.routes(config, auth=token is not None)],
         lifespan=lifespan,
         middleware=middleware,
         exception_handlers={404: not_found, 405: method_not_allowed, BatchdError: batchd_error},
