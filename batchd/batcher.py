@@ -23,8 +23,7 @@ import enum
 import logging
 import math
 import time
-from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
@@ -39,6 +38,7 @@ from batchd.errors import (
     ShuttingDown,
     WorkerDead,
 )
+from batchd.fair_queue import FairQueue
 
 In = TypeVar("In")
 Out = TypeVar("Out")
@@ -67,6 +67,7 @@ class _Request(Generic[In, Out]):
     future: asyncio.Future[BatchResult[Out]]
     enqueued_at: float
     deadline: float
+    group: Hashable
     state: _State = _State.QUEUED
 
 
@@ -136,7 +137,7 @@ class Batcher(Generic[In, Out]):
         self._owns_executor = executor is None
         self._executor = executor or DeviceThread(f"batchd-{name}")
         self._observer = observer
-        self._queue: deque[_Request[In, Out]] = deque()
+        self._queue: FairQueue[_Request[In, Out]] = FairQueue()
         self._wakeup = asyncio.Event()
         self._expected = 0
         self._in_flight = 0
@@ -227,10 +228,13 @@ class Batcher(Generic[In, Out]):
             self._expected -= count
             self._wakeup.set()
 
-    async def submit(self, item: In, timeout_s: float | None = None) -> BatchResult[Out]:
+    async def submit(self, item: In, timeout_s: float | None = None,
+                     group: Hashable = None) -> BatchResult[Out]:
         """Queue one input and wait for its output.
 
-        `timeout_s` may shorten the model's queue deadline, never lengthen it. Raises
+        `timeout_s` may shorten the model's queue deadline, never lengthen it. Inputs of one
+        `group` (the samples of one request) share one place in each round of the fair
+        queue; without a group, each input is its own. Raises
         QueueFull or ShuttingDown without queueing; QueueTimeout if the deadline passes while
         queued (never computed); DeadlineExceeded if it passes while computing; ModelFailed or
         ModelOverloaded when the model raised on this input.
@@ -248,7 +252,8 @@ class Batcher(Generic[In, Out]):
             timeout = min(timeout_s, self.queue_timeout_s)
         loop = asyncio.get_running_loop()
         now = time.monotonic()
-        request: _Request[In, Out] = _Request(item, loop.create_future(), now, now + timeout)
+        request: _Request[In, Out] = _Request(item, loop.create_future(), now, now + timeout,
+                                              object() if group is None else group)
         self._queue.append(request)
         self.stats.accepted += 1
         self._in_flight += 1
@@ -303,7 +308,7 @@ class Batcher(Generic[In, Out]):
                     return None
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            window_end = self._queue[0].enqueued_at + self.max_wait_s
+            window_end = self._queue.peek().enqueued_at + self.max_wait_s
             while (
                 len(self._queue) < self.max_batch_size
                 and self._expected > 0

@@ -93,6 +93,7 @@ class GracefulServer(uvicorn.Server):
 def serve(config: Config, host: str | None, port: int | None) -> int:
     apply_openmp_waiting()
     from batchd.http import create_app
+    from batchd.http.server import uvicorn_options
     from batchd.process import configure_process
     from batchd.runtime import Runtime
 
@@ -104,11 +105,8 @@ def serve(config: Config, host: str | None, port: int | None) -> int:
         port=server_config.port if port is None else port,
         log_config=None,
         log_level=server_config.log_level,
-        # batchd writes its own access log when asked (server.access_log); uvicorn's line
-        # per request costs CPU that nobody asked for.
-        access_log=False,
         timeout_graceful_shutdown=FLUSH_TIMEOUT_S,
-        lifespan="on",
+        **uvicorn_options(config),
     )
     server = GracefulServer(uvicorn_config, runtime)
     server.run()

@@ -64,6 +64,12 @@ class BatchingConfig:
     buckets: tuple[int, ...] = ()
     max_queue_size: int = 1024
     queue_timeout_ms: float = 30_000.0
+    # Samples one request may bring (Open Inference Protocol); 0: 4 x max_batch_size.
+    max_request_items: int = 0
+
+    @property
+    def request_item_limit(self) -> int:
+        return self.max_request_items or 4 * self.max_batch_size
 
     @property
     def bucket_sizes(self) -> tuple[int, ...]:
@@ -119,6 +125,9 @@ class ServerConfig:
     default_model: str = ""
     max_body_bytes: int = 8 * 1024 * 1024
     max_image_pixels: int = 40_000_000
+    # Longer side over shorter side; past it an image is refused before decoding, which
+    # bounds what the shorter-side resize can make of it (resize^2 x this many pixels).
+    max_aspect_ratio: float = 20.0
     preprocess_threads: int = 0  # 0: the CPU plan decides (batchd.cpu_plan)
     drain_timeout_s: float = 30.0
     watchdog_s: float = 60.0
@@ -127,7 +136,22 @@ class ServerConfig:
     auth_token_file: Path | None = None
     access_log: bool = False
     ui: bool = True  # the page at / (the schema at /openapi.json is always served)
+    # What a connection may send and for how long (see batchd.http.protocol).
+    max_header_bytes: int = 65_536
+    max_headers: int = 100
+    max_request_line_bytes: int = 8_192
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    idle_timeout_s: float = 10.0
+    max_connections: int = 1_000
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+def connection_limits(server: ServerConfig) -> dict[str, Any]:
+    """The server keys that batchd.http.protocol.ConnectionLimits takes, by name."""
+    names = ("max_header_bytes", "max_headers", "max_request_line_bytes", "header_timeout_s",
+             "body_timeout_s", "idle_timeout_s", "max_connections")
+    return {name: getattr(server, name) for name in names}
 
 
 @dataclass(frozen=True)
@@ -268,6 +292,8 @@ def _check_model(model: ModelConfig, key: str, path: Path) -> None:
         fail("batching.max_wait_ms", "must not be negative")
     if batching.max_queue_size < 1:
         fail("batching.max_queue_size", "must be at least 1")
+    if batching.max_request_items < 0:
+        fail("batching.max_request_items", "must not be negative")
     if batching.queue_timeout_ms <= 0:
         fail("batching.queue_timeout_ms", "must be positive")
     if any(size < 1 for size in batching.buckets):
@@ -297,6 +323,14 @@ def _check_server(server: ServerConfig, path: Path) -> None:
         "port": 0 <= server.port <= 65535,
         "max_body_bytes": server.max_body_bytes >= 1,
         "max_image_pixels": server.max_image_pixels >= 1,
+        "max_aspect_ratio": server.max_aspect_ratio >= 1,
+        "max_header_bytes": server.max_header_bytes >= 1024,
+        "max_headers": server.max_headers >= 8,
+        "max_request_line_bytes": server.max_request_line_bytes >= 256,
+        "header_timeout_s": server.header_timeout_s > 0,
+        "body_timeout_s": server.body_timeout_s > 0,
+        "idle_timeout_s": server.idle_timeout_s > 0,
+        "max_connections": server.max_connections >= 1,
         "preprocess_threads": server.preprocess_threads >= 0,
         "drain_timeout_s": server.drain_timeout_s >= 0,
         "watchdog_s": server.watchdog_s > 0,

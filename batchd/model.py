@@ -155,10 +155,10 @@ class ServedModel:
     """One model ready to serve: network, preprocessing, labels and a batch runner."""
 
     def __init__(self, config: ModelConfig, network: nn.Module, max_image_pixels: int,
-                 labels: tuple[str, ...] = ()) -> None:
+                 labels: tuple[str, ...] = (), max_aspect_ratio: float = 20.0) -> None:
         self.config = config
         self.name = config.name
-        self.preprocessor = Preprocessor(config.preprocess, max_image_pixels)
+        self.preprocessor = Preprocessor(config.preprocess, max_image_pixels, max_aspect_ratio)
         self.device = resolve_device(config.runtime.device)
         self.input_shape = self.preprocessor.input_shape
         self.network = network.to(self.device)
@@ -186,14 +186,16 @@ class ServedModel:
                               f"with {self.num_classes} outputs")
 
     @classmethod
-    def from_config(cls, config: ModelConfig, max_image_pixels: int = 40_000_000) -> ServedModel:
+    def from_config(cls, config: ModelConfig, max_image_pixels: int = 40_000_000,
+                    max_aspect_ratio: float = 20.0) -> ServedModel:
         """Load the network; labels come from the config, else from the checkpoint."""
         network, classes = load_network(config)
         if config.labels and classes and tuple(config.labels) != classes:
             raise CheckpointError(
                 f"model {config.name!r}: the config's labels {list(config.labels)} disagree with "
                 f"the classes stored in {config.checkpoint}: {list(classes)}")
-        return cls(config, network, max_image_pixels, config.labels or classes)
+        return cls(config, network, max_image_pixels, config.labels or classes,
+                   max_aspect_ratio)
 
     def _cast_with_parity_check(self) -> None:
         """Run in bf16/fp16 only if its probabilities stay within dtype_tolerance of float32's."""

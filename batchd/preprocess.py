@@ -23,7 +23,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
 from batchd.config import PreprocessConfig
-from batchd.errors import BadInput, PayloadTooLarge, UnsupportedMediaType
+from batchd.errors import BadInput, BatchdError, PayloadTooLarge, UnsupportedMediaType
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 
@@ -45,9 +45,11 @@ _REFUSED_SIGNATURES = {
 class Preprocessor:
     """Turns encoded images into model input exactly as training did."""
 
-    def __init__(self, config: PreprocessConfig, max_image_pixels: int = 40_000_000) -> None:
+    def __init__(self, config: PreprocessConfig, max_image_pixels: int = 40_000_000,
+                 max_aspect_ratio: float = 20.0) -> None:
         self.config = config
         self.max_image_pixels = max_image_pixels
+        self.max_aspect_ratio = max_aspect_ratio
         self.input_shape = config.input_shape
         channels = self.input_shape[0]
         self._mean = torch.tensor(config.mean, dtype=torch.float32).view(1, channels, 1, 1)
@@ -57,7 +59,7 @@ class Preprocessor:
         """Decode bytes into an upright image in the model's colour mode."""
         if not data:
             raise BadInput("empty image payload")
-        image = open_image(data, self.max_image_pixels)
+        image = open_image(data, self.max_image_pixels, self.max_aspect_ratio)
         try:
             image.load()
             image = ImageOps.exif_transpose(image)
@@ -66,7 +68,22 @@ class Preprocessor:
         return to_color_mode(image, self.config.color_mode)
 
     def load(self, data: bytes | Image.Image) -> torch.Tensor:
-        """Bytes or a PIL image -> uint8 tensor of shape input_shape (resized, cropped)."""
+        """Bytes or a PIL image -> uint8 tensor of shape input_shape (resized, cropped).
+
+        Every failure is a BadInput (a PayloadTooLarge when memory ran out), never another
+        exception: a hostile image gets a counted 4xx, not a 500."""
+        try:
+            return self._load(data)
+        except BatchdError:
+            raise
+        except MemoryError:
+            raise PayloadTooLarge("the image needs more memory to decode than the server "
+                                  "has free") from None
+        except Exception as exc:
+            raise BadInput(f"cannot decode or resize the image: {type(exc).__name__}: "
+                           f"{str(exc)[:200]}") from None
+
+    def _load(self, data: bytes | Image.Image) -> torch.Tensor:
         image = self.decode(data) if isinstance(data, bytes) else to_color_mode(
             data, self.config.color_mode
         )
@@ -87,8 +104,15 @@ class Preprocessor:
         return (batch.to(torch.float32) / 255.0 - mean) / std
 
 
-def open_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Open (header only) an image of an allowed format no larger than max_pixels."""
+# A JPEG's entropy-coded data needs a few bits per 8x8 block at the very least; a file far
+# smaller than that for the size its header claims is truncated (libjpeg would fill the
+# rest with grey, and the model would answer for a picture nobody sent).
+MIN_JPEG_BYTES_PER_PIXEL = 1 / 1024
+
+
+def open_image(data: bytes, max_pixels: int, max_aspect_ratio: float = 20.0) -> Image.Image:
+    """Open (header only) an image of an allowed format no larger than max_pixels, and no
+    more elongated than max_aspect_ratio."""
     for signature, name in _REFUSED_SIGNATURES.items():
         if data.startswith(signature):
             raise UnsupportedMediaType(f"image format {name} is not accepted; "
@@ -111,6 +135,12 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
         raise PayloadTooLarge(
             f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
         )
+    if max(width, height) > max_aspect_ratio * min(width, height):
+        raise PayloadTooLarge(f"image is {width}x{height}: more elongated than the limit of "
+                              f"{max_aspect_ratio:g}:1 (server.max_aspect_ratio)")
+    if image.format == "JPEG" and len(data) < width * height * MIN_JPEG_BYTES_PER_PIXEL:
+        raise BadInput(f"truncated JPEG: {len(data)} bytes cannot hold the {width}x{height} "
+                       "image its header declares")
     return image
 
 

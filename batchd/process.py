@@ -7,6 +7,7 @@ built, and logs what it set.
 from __future__ import annotations
 
 import logging
+import resource
 import sys
 
 import prometheus_client
@@ -34,6 +35,7 @@ def configure_process(config: Config) -> CpuPlan:
     prometheus_client.disable_created_metrics()
     if server.access_log:
         enable_access_log()
+    raise_open_file_limit(server.max_connections)
     logger.info("%s; recompile limit %d; access log %s", cpu_plan.describe(),
                 dynamo_config.recompile_limit, "on" if server.access_log else "off")
     return cpu_plan
@@ -48,3 +50,19 @@ def enable_access_log() -> None:
         access.addHandler(handler)
     access.setLevel(logging.INFO)
     access.propagate = False
+
+
+def raise_open_file_limit(max_connections: int) -> None:
+    """Let the process hold max_connections sockets plus its own files, as far as the hard
+    limit allows; say so when it does not, rather than refuse clients silently later."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = max_connections + 256
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if target < wanted:
+        logger.warning("open-file limit %d is below server.max_connections %d + 256: lower "
+                       "max_connections or raise the limit (ulimit -n)", target,
+                       max_connections)

@@ -152,7 +152,8 @@ class Runtime:
             # a second thread running parallel torch work would start a second OpenMP team,
             # and on a small CPU the two teams slow each other down (measured: 1.8x).
             model = thread.submit(
-                ServedModel.from_config, model_config, self.config.server.max_image_pixels
+                ServedModel.from_config, model_config, self.config.server.max_image_pixels,
+                self.config.server.max_aspect_ratio,
             ).result()
             batching = model_config.batching
             batcher: Batcher[torch.Tensor, torch.Tensor] = Batcher(

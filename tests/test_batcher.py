@@ -438,3 +438,49 @@ async def test_a_request_whose_deadline_passed_in_the_queue_is_never_dispatched(
         await doomed
     assert batcher.stats.computed_items == 1
     assert_never_ran_books(batcher)
+
+
+async def test_a_large_request_cannot_starve_a_small_one(make_batcher: MakeBatcher) -> None:
+    model = BlockingModel()
+    seen: list[list[int]] = []
+
+    def recording(items: Sequence[int], bucket: int) -> list[int]:
+        seen.append(list(items))
+        return model(items, bucket)
+
+    batcher = make_batcher(recording, max_batch_size=4, bucket_sizes=(1, 2, 4))
+    holder = asyncio.ensure_future(batcher.submit(-1))
+    await until(model.started.is_set)
+    large = [asyncio.ensure_future(batcher.submit(i, group="large")) for i in range(40)]
+    await until(lambda: batcher.queue_depth == 40)
+    small = asyncio.ensure_future(batcher.submit(100))
+    await until(lambda: batcher.queue_depth == 41)
+    model.release.set()
+    await small
+    await asyncio.gather(holder, *large)
+    assert 100 in seen[1]  # in the first batch after the holder, not the eleventh
+    assert_never_ran_books(batcher)
+
+
+def test_fair_queue_takes_groups_in_turn() -> None:
+    from dataclasses import dataclass
+
+    from batchd.fair_queue import FairQueue
+
+    @dataclass(eq=False)
+    class Item:
+        group: str
+        name: str
+
+    queue: FairQueue[Item] = FairQueue()
+    for name in ("a1", "a2", "a3"):
+        queue.append(Item("a", name))
+    queue.append(Item("b", "b1"))
+    c1 = Item("c", "c1")
+    queue.append(c1)
+    queue.remove(c1)
+    assert len(queue) == 4 and queue.peek().name == "a1"
+    assert [queue.popleft().name for _ in range(4)] == ["a1", "b1", "a2", "a3"]
+    assert not queue
+    with pytest.raises(ValueError):
+        queue.remove(c1)

@@ -364,3 +364,14 @@ def test_slow_model_does_not_stall_another(tmp_path: Path,
     # The slow model's 40 requests take >= 400 ms of compute in batches of 32 + 8; the fast
     # model waits for at most the one slow batch ahead of it on the shared thread.
     assert max(latencies) < 0.6
+
+
+def test_a_request_over_the_item_limit_is_413(two_models: RunningServer) -> None:
+    # digits: max_batch_size 32, so at most 128 samples a request by default
+    count = 129
+    response = httpx.post(f"{two_models.url}/v2/models/digits/infer", json={
+        "inputs": [{"name": "input", "datatype": "FP32", "shape": [count, 1, 8, 8],
+                    "data": [0.0] * (64 * count)}]}, timeout=60)
+    assert response.status_code == 413, response.text
+    assert response.json()["reason"] == "payload_too_large"
+    assert "max_request_items" in response.json()["error"]

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from batchd.batcher import BatchResult
@@ -40,6 +40,7 @@ from batchd.runtime import ModelSlot, Runtime
 T = TypeVar("T")
 # One JSON object a line, one line a prediction request (server.access_log = true).
 access_logger = logging.getLogger("batchd.access")
+logger = logging.getLogger("batchd.http")
 
 TIMEOUT_HEADER = "x-request-timeout-ms"
 RETRY_AFTER_S = "1"
@@ -149,6 +150,11 @@ async def serve_prediction(request: Request, name: str, handler: PredictionHandl
     except BatchdError as error:
         response = error_response(error, headers)
         outcome = error.reason
+    except ClientDisconnect:
+        # The client left while sending its body: one line, no traceback, counted.
+        logger.info("%s: client %s left while sending its request (%s)", name,
+                    _peer(request), headers["X-Request-ID"])
+        response, outcome = Response(status_code=CLIENT_CLOSED), "cancelled"
     else:
         outcome = "success"
         if response is None:
@@ -158,6 +164,11 @@ async def serve_prediction(request: Request, name: str, handler: PredictionHandl
     if runtime.config.server.access_log:
         log_access(request, headers["X-Request-ID"], name, response.status_code, outcome, elapsed)
     return response
+
+
+def _peer(request: Request) -> str:
+    client = request.client
+    return f"{client.host}:{client.port}" if client else "(unknown)"
 
 
 def note_batch(request: Request, result: BatchResult[Any]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -77,12 +78,16 @@ async def metrics_endpoint(request: Request) -> Response:
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
+# Plain ASCII numbers only: int() and float() would also take " 3 ", "1_0", "٣" and "1e-300".
+_INTEGER = re.compile(r"[0-9]{1,9}")
+_DECIMAL = re.compile(r"[0-9]{1,9}(\.[0-9]{1,6})?")
+
+
 def parse_top_k(request: Request, num_labels: int) -> int:
     raw = request.query_params.get("top_k", "3")
-    try:
-        top_k = int(raw)
-    except ValueError:
-        raise InvalidParameter(f"top_k must be an integer, not {raw!r}") from None
+    if not _INTEGER.fullmatch(raw):
+        raise InvalidParameter(f"top_k must be a plain integer, not {raw[:20]!r}")
+    top_k = int(raw)
     if not 1 <= top_k <= num_labels:
         raise InvalidParameter(f"top_k must be between 1 and {num_labels}, not {top_k}")
     return top_k
@@ -93,10 +98,10 @@ def parse_timeout(request: Request) -> float | None:
     raw = request.headers.get(TIMEOUT_HEADER)
     if raw is None:
         return None
-    try:
-        timeout_ms = float(raw)
-    except ValueError:
-        raise InvalidParameter(f"{TIMEOUT_HEADER} must be a number of milliseconds") from None
+    if not _DECIMAL.fullmatch(raw):
+        raise InvalidParameter(f"{TIMEOUT_HEADER} must be a plain decimal number of "
+                               f"milliseconds, not {raw[:20]!r}")
+    timeout_ms = float(raw)
     if not timeout_ms > 0:
         raise InvalidParameter(f"{TIMEOUT_HEADER} must be positive")
     return timeout_ms / 1000.0

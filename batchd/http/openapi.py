@@ -58,10 +58,11 @@ def _predict_operation(path: str, auth: bool) -> dict[str, Any]:
         {"name": "top_k", "in": "query", "required": False,
          "description": "how many labels to return, highest probability first (default 3, "
                         "at most the number of labels; otherwise 422)",
-         "schema": {"type": "integer", "minimum": 1}},
+         "schema": {"type": "integer", "minimum": 1, "maximum": 999_999_999}},
         {"name": TIMEOUT_HEADER, "in": "header", "required": False,
-         "description": "shortens (never lengthens) the model's queue deadline",
-         "schema": {"type": "number", "exclusiveMinimum": 0}},
+         "description": "milliseconds, a plain decimal number; shortens (never lengthens) "
+                        "the model's queue deadline",
+         "schema": {"type": "string", "pattern": r"^[0-9]{1,9}(\.[0-9]{1,6})?$"}},
         {"name": "x-request-id", "in": "header", "required": False,
          "description": "echoed back when it is 1-128 of [A-Za-z0-9._:-]; else a new one",
          "schema": {"type": "string"}},

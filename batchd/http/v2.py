@@ -111,7 +111,7 @@ async def _infer(request: Request, slot: ModelSlot, headers: dict[str, str]) -> 
     limiter = slot.preprocess_limiter
     parsed = await anyio.to_thread.run_sync(
         parse_request, body, request.headers.get(HEADER_LENGTH), slot.model.input_shape,
-        slot.model.num_classes, limiter=limiter)
+        slot.model.num_classes, slot.config.batching.request_item_limit, limiter=limiter)
     if parsed.images is not None:
         with slot.batcher.expecting(len(parsed.images)):
             items = list(await asyncio.gather(*(slot.preprocess(image)
@@ -131,8 +131,11 @@ async def _infer(request: Request, slot: ModelSlot, headers: dict[str, str]) -> 
 
 async def submit_all(slot: ModelSlot, items: list[torch.Tensor],
                      timeout_s: float | None) -> list[BatchResult[torch.Tensor]]:
-    """Queue every sample; if one fails, cancel the rest and raise its error."""
-    tasks = [asyncio.ensure_future(slot.batcher.submit(item, timeout_s)) for item in items]
+    """Queue every sample as one group of the fair queue (so that a large request takes
+    one place in each round); if one fails, cancel the rest and raise its error."""
+    group = object()
+    tasks = [asyncio.ensure_future(slot.batcher.submit(item, timeout_s, group))
+             for item in items]
     try:
         return list(await asyncio.gather(*tasks))
     except BaseException:

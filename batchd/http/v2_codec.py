@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from batchd.batcher import BatchResult
-from batchd.errors import BadInput
+from batchd.errors import BadInput, PayloadTooLarge
 
 INPUT_TENSOR = "input"
 INPUT_IMAGES = "image"
@@ -48,7 +48,7 @@ class InferRequest:
 
 
 def parse_request(body: bytes, header_length: str | None, input_shape: tuple[int, ...],
-                  num_classes: int) -> InferRequest:
+                  num_classes: int, max_items: int) -> InferRequest:
     """Parse and check a whole inference request (runs off the event loop)."""
     payload, binary = split_body(body, header_length)
     request_id = payload.get("id")
@@ -64,6 +64,10 @@ def parse_request(body: bytes, header_length: str | None, input_shape: tuple[int
     outputs = requested_outputs(payload, parameters, num_classes)
     timeout_s = requested_timeout(parameters)
     name = spec.get("name")
+    shape = shape_of(spec)
+    if shape and shape[0] > max_items:
+        raise PayloadTooLarge(f"{shape[0]} samples in one request; the limit is {max_items} "
+                              "(batching.max_request_items): send them in several requests")
     if name == INPUT_IMAGES:
         return InferRequest(bytes_elements(spec, binary), None, outputs, timeout_s, request_id)
     if name == INPUT_TENSOR:
