@@ -147,13 +147,6 @@ class ServerConfig:
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
-def connection_limits(server: ServerConfig) -> dict[str, Any]:
-    """The server keys that batchd.http.protocol.ConnectionLimits takes, by name."""
-    names = ("max_header_bytes", "max_headers", "max_request_line_bytes", "header_timeout_s",
-             "body_timeout_s", "idle_timeout_s", "max_connections")
-    return {name: getattr(server, name) for name in names}
-
-
 @dataclass(frozen=True)
 class Config:
     """The whole configuration file."""

@@ -6,7 +6,8 @@ line (httptools grows a header value by appending, on the event loop, for as lon
 client sends it), how long a client may take to send its headers or its body, how long a
 new connection may stay silent, and how many connections may be open at once.
 
-What a client gets when it passes a limit (each answer JSON, then the connection closes):
+The limits are `server.*` config keys. What a client gets when it passes one (each answer
+JSON, then the connection closes):
   431  header section larger than `max_header_bytes`, or more than `max_headers` fields
   414  request line (the target URL) longer than `max_request_line_bytes`
   408  headers not complete within `header_timeout_s` of the request's first byte, or the
@@ -21,29 +22,17 @@ import asyncio
 import json
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from batchd.config import ServerConfig
 
 logger = logging.getLogger("batchd.http")
 
 REASONS = {408: "Request Timeout", 414: "URI Too Long", 431: "Request Header Fields Too Large",
            503: "Service Unavailable"}
 REFUSAL_LOG_INTERVAL_S = 10.0
-
-
-@dataclass(frozen=True)
-class ConnectionLimits:
-    """The limits of batchd.http.protocol; `server.*` keys of the same names configure them."""
-
-    max_header_bytes: int = 65_536
-    max_headers: int = 100
-    max_request_line_bytes: int = 8_192
-    header_timeout_s: float = 10.0
-    body_timeout_s: float = 60.0
-    idle_timeout_s: float = 10.0
-    max_connections: int = 1_000
 
 
 class _Refusals:
@@ -62,8 +51,10 @@ class _Refusals:
                            "%d refused so far", open_connections, limit, self.count)
 
 
-def guarded_protocol(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
-    """An HttpToolsProtocol subclass bound to `limits`, for uvicorn.Config(http=...)."""
+def guarded_protocol(limits: ServerConfig) -> type[HttpToolsProtocol]:
+    """An HttpToolsProtocol subclass bound to the server config's limits (max_header_bytes,
+    max_headers, max_request_line_bytes, header_timeout_s, body_timeout_s, idle_timeout_s,
+    max_connections), for uvicorn.Config(http=...)."""
     refusals = _Refusals()
 
     class GuardedProtocol(HttpToolsProtocol):

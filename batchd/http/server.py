@@ -15,13 +15,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from batchd import __version__
-from batchd.config import Config, connection_limits
+from batchd.config import Config
 from batchd.errors import BatchdError
 from batchd.http import native, ui, v2
 from batchd.http.auth import BearerAuthMiddleware, resolve_token
 from batchd.http.frame import error_response
 from batchd.http.payload import BodyLimitMiddleware
-from batchd.http.protocol import ConnectionLimits, guarded_protocol
+from batchd.http.protocol import guarded_protocol
 from batchd.process import configure_process
 from batchd.runtime import Runtime
 
@@ -45,7 +45,7 @@ def uvicorn_options(config: Config) -> dict[str, Any]:
     """What uvicorn needs to serve batchd as batchd means it: the guarded protocol (limits
     on headers, timeouts and connections) and no access-log line of uvicorn's own."""
     return {
-        "http": guarded_protocol(ConnectionLimits(**connection_limits(config.server))),
+        "http": guarded_protocol(config.server),
         # batchd writes its own access log when asked (server.access_log); uvicorn's line
         # per request costs CPU that nobody asked for.
         "access_log": False,
