@@ -35,8 +35,10 @@ RUN pip install .
 
 USER 10001:10001
 EXPOSE 8000
+# `batchd health` reads the port from PID 1's own command line (--port, else the config's
+# server.port), so the check follows whatever port the container is run with.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=180s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=2)"]
+    CMD ["batchd", "health"]
 STOPSIGNAL SIGTERM
 # Exec form, no shell in between: batchd runs as PID 1 and receives SIGTERM itself, so it
 # drains the requests it accepted before exiting 0 (see README, Graceful shutdown).

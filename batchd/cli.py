@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import socket
 import sys
 from pathlib import Path
@@ -145,6 +146,37 @@ def inspect_command(args: argparse.Namespace) -> int:
     return 0 if fits else 1
 
 
+def health_command(args: argparse.Namespace) -> int:
+    """0 if the `batchd serve` process `args.pid` answers /health with 200 on its port.
+
+    The port comes from that process's own command line (its --port, else its config's
+    server.port), so a container's HEALTHCHECK needs no port of its own: there, batchd is
+    PID 1.
+    """
+    import urllib.error
+    import urllib.request
+
+    try:
+        argv = Path(f"/proc/{args.pid}/cmdline").read_bytes().decode().split("\0")[:-1]
+    except OSError as exc:
+        print(f"batchd health: no process {args.pid}: {exc}", file=sys.stderr)
+        return 1
+    if "serve" not in argv:
+        print(f"batchd health: process {args.pid} is not `batchd serve`", file=sys.stderr)
+        return 1
+    served = build_parser().parse_args(argv[argv.index("serve"):])
+    config_path = Path(os.readlink(f"/proc/{args.pid}/cwd")) / served.config  # as it saw it
+    port = served.port if served.port is not None else load_config(config_path).server.port
+    url = f"http://127.0.0.1:{port}/health"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as response:
+            healthy = response.status == 200
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"batchd health: {url}: {exc}", file=sys.stderr)
+        return 1
+    return 0 if healthy else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="batchd", description="dynamic-batching inference server")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -169,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     inspect_parser.add_argument("checkpoint", type=Path)
     inspect_parser.add_argument("--config", type=Path)
     inspect_parser.add_argument("--model", help="model name (default: the default model)")
+
+    health_parser = commands.add_parser(
+        "health", help="exit 0 if a running `batchd serve` answers /health (for HEALTHCHECK)")
+    health_parser.add_argument("--pid", type=int, default=1,
+                               help="the serving process (default 1: a container's batchd)")
+    health_parser.add_argument("--timeout", type=float, default=2.0)
     return parser
 
 
@@ -181,12 +219,21 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(export_command(args))
         if args.command == "inspect":
             sys.exit(inspect_command(args))
+        if args.command == "health":
+            sys.exit(health_command(args))
         config = load_config(args.config)
     except BatchdError as error:
         print(f"batchd: {error}", file=sys.stderr)
         sys.exit(2 if isinstance(error, ConfigError) else 1)
     logging.getLogger().setLevel(config.server.log_level.upper())
-    sys.exit(serve(config, args.host, args.port))
+    code = serve(config, args.host, args.port)
+    # Every request is answered and every connection closed: the interpreter's teardown
+    # (torch's and inductor's modules, or a model thread that never returned) would only
+    # add seconds of CPU before the process could go.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -111,3 +111,39 @@ def test_console_script_and_module_agree() -> None:
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0
     assert "serve" in result.stdout
+
+
+def test_health_follows_the_port_the_server_was_started_with(tmp_path: Path) -> None:
+    port = free_port()
+    config = write_config(tmp_path / "h.toml", server={"port": port})
+    process = subprocess.Popen(  # no --port: the config's port, read by `batchd health`
+        [sys.executable, "-m", "batchd", "serve", "--config", str(config)], cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    script = Path(sys.executable).parent / "batchd"
+
+    def health_of(pid: int) -> int:
+        return subprocess.run([str(script), "health", "--pid", str(pid)],
+                              capture_output=True, timeout=60).returncode
+
+    def health() -> int:
+        return health_of(process.pid)
+
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", 120)
+        assert health() == 0
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+        assert health() == 1
+        # With the config's port now dead, only the --port a server was given can answer.
+        other_port = free_port()
+        other = start(config, other_port)
+        try:
+            wait_ready(f"http://127.0.0.1:{other_port}", 120)
+            assert health_of(other.pid) == 0
+        finally:
+            other.send_signal(signal.SIGTERM)
+            other.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.communicate(timeout=30)
