@@ -26,8 +26,9 @@ import time
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, TypeVar
 
+from batchd.batch_stats import BatchObserver, BatchResult, BatchStats
 from batchd.device_thread import DeviceThread
 from batchd.errors import (
     BatchdError,
@@ -51,16 +52,6 @@ class _State(enum.Enum):
     RUNNING = "running"
 
 
-@dataclass(frozen=True)
-class BatchResult(Generic[Out]):
-    """What an awaiting caller gets back: its output and how it was served."""
-
-    output: Out
-    queue_wait_s: float
-    compute_s: float
-    batch_size: int
-
-
 @dataclass(eq=False)
 class _Request(Generic[In, Out]):
     item: In
@@ -69,37 +60,6 @@ class _Request(Generic[In, Out]):
     deadline: float
     group: Hashable
     state: _State = _State.QUEUED
-
-
-@dataclass
-class BatchStats:
-    """Counts kept by one batcher. Once every request has settled, the books balance:
-    accepted == succeeded + failed + cancelled + expired + deadline_exceeded, and
-    computed_items == accepted - cancelled_queued - expired - failed_unrun
-    (computed_items: inputs whose computation finished, with an output or a model error;
-    failed_unrun: answered by shutdown or a dead worker before their computation finished)."""
-
-    accepted: int = 0
-    succeeded: int = 0
-    failed: int = 0
-    cancelled: int = 0
-    cancelled_queued: int = 0
-    failed_unrun: int = 0
-    expired: int = 0
-    deadline_exceeded: int = 0
-    rejected_full: int = 0
-    rejected_shutdown: int = 0
-    computed_items: int = 0
-    batches: int = 0
-    retried_batches: int = 0
-
-
-class BatchObserver(Protocol):
-    """Told about each batch the worker ran; batchd.metrics implements it."""
-
-    def batch_done(
-        self, size: int, bucket: int, queue_waits: Sequence[float], compute_s: float
-    ) -> None: ...
 
 
 class Batcher(Generic[In, Out]):
