@@ -1,0 +1,199 @@
+"""Open-loop load: requests arrive on a schedule fixed in advance, whatever the server does.
+
+Arrivals come from a seed: Poisson at a given rate, or bursty (gamma inter-arrival times
+with a coefficient of variation of 3). Each request is sent at its scheduled time, and
+its latency is measured from that time, not from when the client got round to sending it,
+so a slow server cannot slow the load down (no coordinated omission). The generator's own
+lateness is reported, and a point where it fell behind says so.
+
+For batchd and the baseline in one run, on one workload: p50, p99, errors by status and
+goodput (answers within the latency objective, per second) at a sweep of offered rates,
+and lambda*, the highest rate whose p99 stays within the objective with no errors, found by
+search. A plot of p99 and goodput against offered load goes to loadtest/results/.
+
+    python -m loadtest.openloop --workload resnet18-64 --slo-ms 250
+    python -m loadtest.openloop --workload resnet18-64 --slo-ms 250 --arrivals bursty
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import time
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from loadtest.bench import RESULTS, WORKLOADS, ensure_checkpoint, server, stage
+from loadtest.cpu import multipart_body, own_cpu_seconds
+from loadtest.images import photo_jpeg
+
+BURSTY_CV = 3.0
+LATE_MS = 10.0  # a point whose generator sent its p99 request later than this fell behind
+
+
+def arrival_offsets(rate: float, count: int, arrivals: str, seed: int) -> np.ndarray:
+    """Seconds from the start at which each of `count` requests is due."""
+    rng = np.random.default_rng(seed)
+    if arrivals == "poisson":
+        gaps = rng.exponential(1.0 / rate, count)
+    else:  # gamma with the given coefficient of variation: shape 1/cv^2, mean 1/rate
+        shape = 1.0 / BURSTY_CV**2
+        gaps = rng.gamma(shape, 1.0 / (rate * shape), count)
+    return np.cumsum(gaps)
+
+
+async def _run(url: str, body: bytes, content_type: str, offsets: np.ndarray,
+               warmup: int) -> list[tuple[float, float, int]]:
+    """(lateness s, latency s from the scheduled time, status) for each request."""
+    import aiohttp
+
+    connector = aiohttp.TCPConnector(limit=4096)
+    timeout = aiohttp.ClientTimeout(total=120)
+    results: list[tuple[float, float, int]] = [(0.0, 0.0, 0)] * len(offsets)
+    headers = {"content-type": content_type}
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        start = time.perf_counter() + 0.2
+
+        async def one(index: int, due: float) -> None:
+            await asyncio.sleep(max(0.0, start + due - time.perf_counter()))
+            sent = time.perf_counter()
+            try:
+                async with session.post(f"{url}/predict", data=body,
+                                        headers=headers) as response:
+                    await response.read()
+                    status = response.status
+            except (TimeoutError, aiohttp.ClientError):
+                status = 0
+            results[index] = (sent - start - due, time.perf_counter() - start - due, status)
+
+        await asyncio.gather(*(one(i, float(due)) for i, due in enumerate(offsets)))
+    return results[warmup:]
+
+
+def measure_point(url: str, body: tuple[bytes, str], rate: float, count: int, warmup: int,
+                  slo_s: float, arrivals: str, seed: int) -> dict[str, Any]:
+    offsets = arrival_offsets(rate, count + warmup, arrivals, seed)
+    cpu_before = own_cpu_seconds()
+    results = asyncio.run(_run(url, *body, offsets, warmup))
+    cpu_s = own_cpu_seconds() - cpu_before
+    lateness = np.array([late for late, _, _ in results]) * 1000
+    latency = np.array([lat for _, lat, _ in results]) * 1000
+    statuses = Counter(status for _, _, status in results)
+    window_s = float(offsets[-1] - offsets[warmup]) if count > 1 else 1.0
+    good = sum(1 for _, lat, status in results if status == 200 and lat <= slo_s)
+    point = {
+        "rate": rate, "requests": len(results), "arrivals": arrivals,
+        "p50_ms": float(np.percentile(latency, 50)), "p99_ms": float(np.percentile(latency, 99)),
+        "errors": {str(code): n for code, n in statuses.items() if code != 200},
+        "goodput": good / window_s,
+        "late_p99_ms": float(np.percentile(lateness, 99)),
+        "generator_cpu_share": cpu_s / (window_s * (os.cpu_count() or 1)),
+    }
+    point["fell_behind"] = point["late_p99_ms"] > LATE_MS
+    point["meets"] = (point["p99_ms"] <= slo_s * 1000 and not point["errors"]
+                      and not point["fell_behind"])
+    stage(f"  {rate:7.1f}/s: p50 {point['p50_ms']:7.1f} ms  p99 {point['p99_ms']:7.1f} ms  "
+          f"goodput {point['goodput']:6.1f}/s  errors {point['errors'] or 0}  "
+          f"generator late p99 {point['late_p99_ms']:.1f} ms"
+          f"{'  (fell behind)' if point['fell_behind'] else ''}")
+    return point
+
+
+def find_lambda_star(url: str, body: tuple[bytes, str], slo_s: float, arrivals: str,
+                     start_rate: float, minimum: int, seconds: float, steps: int,
+                     seed: int) -> tuple[float, list[dict[str, Any]]]:
+    """Grow the rate until the objective fails, then bisect between the last two rates."""
+    points: list[dict[str, Any]] = []
+
+    def probe(rate: float) -> bool:
+        count = max(minimum, int(rate * seconds))
+        points.append(measure_point(url, body, rate, count, max(50, count // 10), slo_s,
+                                    arrivals, seed))
+        return bool(points[-1]["meets"])
+
+    low, high = 0.0, start_rate
+    while probe(high):
+        low, high = high, high * 2
+    for _ in range(steps):
+        middle = (low + high) / 2
+        if probe(middle):
+            low = middle
+        else:
+            high = middle
+    return low, points
+
+
+def plot(workload: str, runs: dict[str, list[dict[str, Any]]], slo_ms: float,
+         path: Any) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (latency, goodput) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, points in runs.items():
+        ordered = sorted(points, key=lambda point: point["rate"])
+        rates = [point["rate"] for point in ordered]
+        latency.plot(rates, [point["p99_ms"] for point in ordered], marker="o", label=name)
+        goodput.plot(rates, [point["goodput"] for point in ordered], marker="o", label=name)
+    latency.axhline(slo_ms, color="grey", linestyle=":", label="objective")
+    latency.set_yscale("log")
+    latency.set_xlabel("offered load (requests/s)")
+    latency.set_ylabel("p99 latency (ms)")
+    goodput.set_xlabel("offered load (requests/s)")
+    goodput.set_ylabel("goodput (answers within the objective /s)")
+    for axes in (latency, goodput):
+        axes.legend(fontsize=8)
+    figure.suptitle(f"{workload}: open-loop load")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workload", choices=list(WORKLOADS), default="resnet18-64")
+    parser.add_argument("--slo-ms", type=float, default=250.0, help="the latency objective")
+    parser.add_argument("--arrivals", choices=["poisson", "bursty"], default="poisson")
+    parser.add_argument("--start-rate", type=float, default=25.0)
+    parser.add_argument("--min-requests", type=int, default=2000,
+                        help="measured requests per point, after a warm-up")
+    parser.add_argument("--seconds", type=float, default=8.0,
+                        help="per point, when longer than --min-requests takes")
+    parser.add_argument("--steps", type=int, default=4, help="bisection steps")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    config_path = WORKLOADS[args.workload]
+    ensure_checkpoint(config_path)
+    body = multipart_body(photo_jpeg())
+    slo_s = args.slo_ms / 1000
+    results: dict[str, Any] = {}
+    runs: dict[str, list[dict[str, Any]]] = {}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for kind in ("batchd", "baseline"):
+        with server(kind, config_path, RESULTS / f"openloop-{args.workload}-{kind}.log") as served:
+            stage(f"{kind}: searching lambda* ({args.arrivals}, p99 <= {args.slo_ms:g} ms)")
+            lam, points = find_lambda_star(served.url, body, slo_s, args.arrivals,
+                                           args.start_rate, args.min_requests, args.seconds,
+                                           args.steps, args.seed)
+        results[kind] = {"lambda_star": lam, "points": points}
+        runs[kind] = points
+        stage(f"{kind}: lambda* = {lam:.1f} requests/s")
+    ratio = results["batchd"]["lambda_star"] / max(results["baseline"]["lambda_star"], 1e-9)
+    print(f"## {args.workload}, {args.arrivals} arrivals, objective p99 <= {args.slo_ms:g} ms\n")
+    print("| server | lambda* req/s |\n|---|---:|")
+    for kind in runs:
+        print(f"| {kind} | {results[kind]['lambda_star']:.1f} |")
+    print(f"\nbatchd / baseline: {ratio:.2f}x")
+    name = f"openloop-{args.workload}-{args.arrivals}"
+    (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2))
+    plot(args.workload, runs, args.slo_ms, RESULTS / f"{name}.png")
+    stage(f"wrote {RESULTS / f'{name}.json'} and {RESULTS / f'{name}.png'}")
+
+
+if __name__ == "__main__":
+    main()

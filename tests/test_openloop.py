@@ -1,0 +1,34 @@
+"""The open-loop generator: a schedule fixed by its seed, and latency from that schedule."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from loadtest.cpu import multipart_body
+from loadtest.openloop import BURSTY_CV, arrival_offsets, measure_point
+from tests.conftest import RunningServer, png_bytes
+
+
+@pytest.mark.parametrize(("arrivals", "cv"), [("poisson", 1.0), ("bursty", BURSTY_CV)])
+def test_schedules_have_the_rate_and_burstiness_asked_for(arrivals: str, cv: float) -> None:
+    offsets = arrival_offsets(200.0, 50_000, arrivals, seed=1)
+    gaps = np.diff(offsets)
+    assert np.all(gaps >= 0)
+    assert 1 / gaps.mean() == pytest.approx(200.0, rel=0.05)
+    assert gaps.std() / gaps.mean() == pytest.approx(cv, rel=0.1)
+    assert np.array_equal(offsets, arrival_offsets(200.0, 50_000, arrivals, seed=1))
+    assert not np.array_equal(offsets, arrival_offsets(200.0, 50_000, arrivals, seed=2))
+
+
+def test_a_point_counts_every_answer(digits_server: RunningServer,
+                                     held_out: tuple[list[Any], list[int]]) -> None:
+    body = multipart_body(png_bytes(held_out[0][0]))
+    point = measure_point(digits_server.url, body, rate=50.0, count=60, warmup=10,
+                          slo_s=30.0, arrivals="poisson", seed=0)
+    assert point["requests"] == 60
+    assert point["errors"] == {}
+    assert point["p50_ms"] <= point["p99_ms"]
+    assert point["goodput"] > 0
