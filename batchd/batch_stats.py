@@ -38,6 +38,7 @@ class BatchStats:
     deadline_exceeded: int = 0
     rejected_full: int = 0
     rejected_shutdown: int = 0
+    rejected_late: int = 0
     computed_items: int = 0
     batches: int = 0
     retried_batches: int = 0

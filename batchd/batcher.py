@@ -40,6 +40,7 @@ from batchd.errors import (
     WorkerDead,
 )
 from batchd.fair_queue import FairQueue
+from batchd.scheduler import DeadlinePolicy
 
 In = TypeVar("In")
 Out = TypeVar("Out")
@@ -59,6 +60,7 @@ class _Request(Generic[In, Out]):
     enqueued_at: float
     deadline: float
     group: Hashable
+    objective: float = math.inf  # enqueued_at + the latency objective, when one is set
     state: _State = _State.QUEUED
 
 
@@ -82,6 +84,7 @@ class Batcher(Generic[In, Out]):
         executor: Executor | None = None,
         observer: BatchObserver | None = None,
         name: str = "model",
+        slo_s: float = 0.0,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
@@ -109,6 +112,9 @@ class Batcher(Generic[In, Out]):
         self.busy_since: float | None = None
         self.stats = BatchStats()
         self._bucket_seconds: dict[int, float] = {}
+        self.slo_s = slo_s
+        self._policy = DeadlinePolicy(slo_s, self.bucket_sizes, max_batch_size) if slo_s > 0 \
+            else None
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -207,13 +213,19 @@ class Batcher(Generic[In, Out]):
         if len(self._queue) >= self.max_queue_size:
             self.stats.rejected_full += 1
             raise QueueFull(f"the queue of model {self.name!r} is full ({self.max_queue_size})")
+        now = time.monotonic()
+        if self._policy is not None and not self._policy.admits(len(self._queue),
+                                                                self._busy_remaining(now)):
+            self.stats.rejected_late += 1
+            raise QueueTimeout(f"cannot be answered within the latency objective of "
+                               f"{self.slo_s * 1000:.0f} ms now; try again shortly")
         timeout = self.queue_timeout_s
         if timeout_s is not None:
             timeout = min(timeout_s, self.queue_timeout_s)
         loop = asyncio.get_running_loop()
-        now = time.monotonic()
         request: _Request[In, Out] = _Request(item, loop.create_future(), now, now + timeout,
-                                              object() if group is None else group)
+                                              object() if group is None else group,
+                                              now + self.slo_s if self.slo_s else math.inf)
         self._queue.append(request)
         self.stats.accepted += 1
         self._in_flight += 1
@@ -232,6 +244,9 @@ class Batcher(Generic[In, Out]):
                 self.stats.cancelled_queued += 1
             self.stats.cancelled += 1
             raise
+        except QueueTimeout:  # shed at dispatch: it could no longer meet its objective
+            self.stats.expired += 1
+            raise
         except BaseException:
             self.stats.failed += 1
             raise
@@ -240,6 +255,12 @@ class Batcher(Generic[In, Out]):
             return result
         finally:
             self._in_flight -= 1
+
+    def _busy_remaining(self, now: float) -> float:
+        """Predicted seconds until the batch computing now is done (0 when idle)."""
+        if self.busy_since is None or self._policy is None:
+            return 0.0
+        return max(0.0, self.busy_since + self._policy.predicted(len(self._running)) - now)
 
     def _unqueue(self, request: _Request[In, Out]) -> bool:
         """Take a still-queued request out of the queue; False if it already left it."""
@@ -268,7 +289,7 @@ class Batcher(Generic[In, Out]):
                     return None
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            window_end = self._queue.peek().enqueued_at + self.max_wait_s
+            window_end = self._window_end()
             while (
                 len(self._queue) < self.max_batch_size
                 and self._expected > 0
@@ -290,11 +311,28 @@ class Batcher(Generic[In, Out]):
                 # resumed yet; one whose deadline has passed will time out before its batch
                 # could finish. Both stay QUEUED, so that submit() books them as never run
                 # (QueueTimeout, never computed and then answered 504).
-                if not request.future.done() and request.deadline > now:
-                    request.state = _State.RUNNING
-                    batch.append(request)
+                if request.future.done() or request.deadline <= now:
+                    continue
+                if self._policy is not None and self._policy.doomed(request.objective, now,
+                                                                    count):
+                    request.future.set_exception(QueueTimeout(
+                        "could no longer be answered within the latency objective of "
+                        f"{self.slo_s * 1000:.0f} ms"))
+                    continue
+                request.state = _State.RUNNING
+                batch.append(request)
             if batch:
                 return batch
+
+    def _window_end(self) -> float:
+        """Until when the worker may wait for more requests to join the next batch: the
+        batching window, or with a latency objective, the latest dispatch at which the
+        next request in line still meets it in the larger batch."""
+        first = self._queue.peek()
+        if self._policy is None:
+            return first.enqueued_at + self.max_wait_s
+        size = min(len(self._queue) + self._expected, self.max_batch_size)
+        return self._policy.wait_until(first.objective, size)
 
     def bucket_for(self, size: int) -> int:
         """The smallest configured bucket that holds `size` inputs."""
@@ -303,6 +341,8 @@ class Batcher(Generic[In, Out]):
     def set_bucket_costs(self, seconds: Mapping[int, float]) -> None:
         """Measured seconds per batch of each bucket size, to choose batches by cost."""
         self._bucket_seconds = dict(seconds)
+        if self._policy is not None:
+            self._policy.seed(seconds)
 
     def batch_count(self, queued: int) -> int:
         """How many queued requests the next batch takes.
@@ -363,6 +403,8 @@ class Batcher(Generic[In, Out]):
             return
         assert outputs is not None
         compute_s = time.monotonic() - started
+        if self._policy is not None:
+            self._policy.observe(bucket, compute_s)
         self.stats.batches += 1
         self.stats.computed_items += len(live)
         waits = [started - request.enqueued_at for request in live]

@@ -66,6 +66,9 @@ class BatchingConfig:
     queue_timeout_ms: float = 30_000.0
     # Samples one request may bring (Open Inference Protocol); 0: 4 x max_batch_size.
     max_request_items: int = 0
+    # The latency objective; with one, dispatch follows deadlines (batchd.scheduler) and
+    # max_wait_ms is not used. 0: none.
+    slo_ms: float = 0.0
 
     @property
     def request_item_limit(self) -> int:
@@ -285,6 +288,8 @@ def _check_model(model: ModelConfig, key: str, path: Path) -> None:
         fail("batching.max_wait_ms", "must not be negative")
     if batching.max_queue_size < 1:
         fail("batching.max_queue_size", "must be at least 1")
+    if batching.slo_ms < 0:
+        fail("batching.slo_ms", "must not be negative")
     if batching.max_request_items < 0:
         fail("batching.max_request_items", "must not be negative")
     if batching.queue_timeout_ms <= 0:

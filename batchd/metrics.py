@@ -163,7 +163,7 @@ class _StateCollector(Collector):
             lambda w: w.batcher.stats.failed_unrun),
     }
     _OUTCOMES = ("succeeded", "failed", "cancelled", "expired", "deadline_exceeded",
-                 "rejected_full", "rejected_shutdown")
+                 "rejected_full", "rejected_shutdown", "rejected_late")
 
     def __init__(self, watched: dict[str, _Watched]) -> None:
         self._watched = watched

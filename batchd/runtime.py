@@ -166,6 +166,7 @@ class Runtime:
                 executor=thread,
                 observer=self.metrics.observer(model_config.name),
                 name=model_config.name,
+                slo_s=batching.slo_ms / 1000.0,
             )
             slot = ModelSlot(model_config, model, batcher, thread, limiter)
             self.slots[model_config.name] = slot

@@ -21,8 +21,10 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -85,8 +87,10 @@ def measure_point(url: str, body: tuple[bytes, str], rate: float, count: int, wa
     statuses = Counter(status for _, _, status in results)
     window_s = float(offsets[-1] - offsets[warmup]) if count > 1 else 1.0
     good = sum(1 for _, lat, status in results if status == 200 and lat <= slo_s)
+    refused = np.array([lat for _, lat, status in results if status == 503]) * 1000
     point = {
         "rate": rate, "requests": len(results), "arrivals": arrivals,
+        "p99_503_ms": float(np.percentile(refused, 99)) if len(refused) else None,
         "p50_ms": float(np.percentile(latency, 50)), "p99_ms": float(np.percentile(latency, 99)),
         "errors": {str(code): n for code, n in statuses.items() if code != 200},
         "goodput": good / window_s,
@@ -125,6 +129,17 @@ def find_lambda_star(url: str, body: tuple[bytes, str], slo_s: float, arrivals: 
         else:
             high = middle
     return low, points
+
+
+def with_objective(config_path: Path, slo_ms: float) -> Path:
+    """A copy of the config beside it (relative paths still resolve) with slo_ms set."""
+    text = config_path.read_text()
+    if "[models.batching]" not in text:
+        raise SystemExit(f"{config_path} has no [models.batching] table to set slo_ms in")
+    copy = config_path.with_name(f".openloop-{config_path.stem}.toml")
+    copy.write_text(re.sub(r"^slo_ms\s*=.*$\n?", "", text, flags=re.M).replace(
+        "[models.batching]", f"[models.batching]\nslo_ms = {slo_ms}", 1))
+    return copy
 
 
 def plot(workload: str, runs: dict[str, list[dict[str, Any]]], slo_ms: float,
@@ -166,28 +181,49 @@ def main(argv: list[str] | None = None) -> None:
                         help="per point, when longer than --min-requests takes")
     parser.add_argument("--steps", type=int, default=4, help="bisection steps")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batchd-slo", action="store_true",
+                        help="give batchd the objective as batching.slo_ms (deadline-aware "
+                             "dispatch); else it runs the workload's config as it is")
+    parser.add_argument("--overload", type=float, default=1.5,
+                        help="after the search, one point at this multiple of lambda*")
     args = parser.parse_args(argv)
     config_path = WORKLOADS[args.workload]
     ensure_checkpoint(config_path)
+    configs = {"batchd": config_path, "baseline": config_path}
+    if args.batchd_slo:
+        configs["batchd"] = with_objective(config_path, args.slo_ms)
     body = multipart_body(photo_jpeg())
     slo_s = args.slo_ms / 1000
     results: dict[str, Any] = {}
     runs: dict[str, list[dict[str, Any]]] = {}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    for kind in ("batchd", "baseline"):
-        with server(kind, config_path, RESULTS / f"openloop-{args.workload}-{kind}.log") as served:
-            stage(f"{kind}: searching lambda* ({args.arrivals}, p99 <= {args.slo_ms:g} ms)")
-            lam, points = find_lambda_star(served.url, body, slo_s, args.arrivals,
-                                           args.start_rate, args.min_requests, args.seconds,
-                                           args.steps, args.seed)
-        results[kind] = {"lambda_star": lam, "points": points}
-        runs[kind] = points
-        stage(f"{kind}: lambda* = {lam:.1f} requests/s")
+    try:
+        for kind in ("batchd", "baseline"):
+            log = RESULTS / f"openloop-{args.workload}-{kind}.log"
+            with server(kind, configs[kind], log) as served:
+                stage(f"{kind}: searching lambda* ({args.arrivals}, p99 <= {args.slo_ms:g} ms)")
+                lam, points = find_lambda_star(served.url, body, slo_s, args.arrivals,
+                                               args.start_rate, args.min_requests,
+                                               args.seconds, args.steps, args.seed)
+                stage(f"{kind}: lambda* = {lam:.1f} requests/s; now {args.overload:g}x that")
+                rate = lam * args.overload
+                overload = measure_point(served.url, body, rate,
+                                         max(args.min_requests, int(rate * args.seconds)),
+                                         100, slo_s, args.arrivals, args.seed)
+            results[kind] = {"lambda_star": lam, "points": points, "overload": overload}
+            runs[kind] = points
+    finally:
+        if configs["batchd"] != config_path:
+            configs["batchd"].unlink()
     ratio = results["batchd"]["lambda_star"] / max(results["baseline"]["lambda_star"], 1e-9)
     print(f"## {args.workload}, {args.arrivals} arrivals, objective p99 <= {args.slo_ms:g} ms\n")
-    print("| server | lambda* req/s |\n|---|---:|")
+    print(f"| server | lambda* req/s | at {args.overload:g}x lambda*: goodput /s | p99 ms "
+          "| errors | p99 of the 503s ms |\n|---|---:|---:|---:|---|---:|")
     for kind in runs:
-        print(f"| {kind} | {results[kind]['lambda_star']:.1f} |")
+        over = results[kind]["overload"]
+        refused = "" if over["p99_503_ms"] is None else f"{over['p99_503_ms']:.1f}"
+        print(f"| {kind} | {results[kind]['lambda_star']:.1f} | {over['goodput']:.1f} | "
+              f"{over['p99_ms']:.1f} | {over['errors'] or 0} | {refused} |")
     print(f"\nbatchd / baseline: {ratio:.2f}x")
     name = f"openloop-{args.workload}-{args.arrivals}"
     (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2))

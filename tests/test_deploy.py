@@ -49,7 +49,7 @@ def metric_names() -> set[str]:
 
         class stats:
             accepted = succeeded = failed = cancelled = expired = deadline_exceeded = 0
-            rejected_full = rejected_shutdown = computed_items = batches = 0
+            rejected_full = rejected_shutdown = rejected_late = computed_items = batches = 0
             retried_batches = cancelled_queued = failed_unrun = 0
 
     class Model:
