@@ -17,7 +17,6 @@ drain that runs out of time answers everything left with ShuttingDown.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import enum
 import logging
@@ -40,7 +39,7 @@ from batchd.errors import (
     WorkerDead,
 )
 from batchd.fair_queue import FairQueue
-from batchd.scheduler import DeadlinePolicy
+from batchd.scheduler import DeadlinePolicy, smallest_bucket
 
 In = TypeVar("In")
 Out = TypeVar("Out")
@@ -336,7 +335,7 @@ class Batcher(Generic[In, Out]):
 
     def bucket_for(self, size: int) -> int:
         """The smallest configured bucket that holds `size` inputs."""
-        return self.bucket_sizes[bisect.bisect_left(self.bucket_sizes, size)]
+        return smallest_bucket(self.bucket_sizes, size)
 
     def set_bucket_costs(self, seconds: Mapping[int, float]) -> None:
         """Measured seconds per batch of each bucket size, to choose batches by cost."""

@@ -224,9 +224,8 @@ class Runtime:
         return not self.not_ready_reasons()
 
     def slot_for_prediction(self, name: str) -> ModelSlot:
-        """The slot to serve a prediction for `name`; raises unless it serves now."""
-        if self.draining:
-            raise ShuttingDown("the server is shutting down")
+        """The slot to serve a prediction for `name` (called once admitted, so never while
+        draining); raises NotReady unless it serves now."""
         status = self.status(name)
         if not status.ready:
             raise NotReady(f"model {name!r} is not ready: {status.reason}")

@@ -25,6 +25,11 @@ from collections.abc import Mapping, Sequence
 COST_WEIGHT = 0.2
 
 
+def smallest_bucket(bucket_sizes: Sequence[int], size: int) -> int:
+    """The smallest of the sorted `bucket_sizes` that holds `size` inputs."""
+    return bucket_sizes[bisect.bisect_left(bucket_sizes, size)]
+
+
 class DeadlinePolicy:
     """Predicted batch costs and the decisions made from them."""
 
@@ -35,8 +40,7 @@ class DeadlinePolicy:
         self._cost: dict[int, float] = {}
 
     def bucket_for(self, size: int) -> int:
-        size = min(size, self.max_batch_size)
-        return self.bucket_sizes[bisect.bisect_left(self.bucket_sizes, size)]
+        return smallest_bucket(self.bucket_sizes, min(size, self.max_batch_size))
 
     def seed(self, seconds: Mapping[int, float]) -> None:
         """Start from the costs measured at warm-up."""
