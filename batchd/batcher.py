@@ -125,10 +125,6 @@ class Batcher(Generic[In, Out]):
             )
             self._task.add_done_callback(self._worker_finished)
 
-    def stop_accepting(self) -> None:
-        """Refuse new submissions (ShuttingDown); what is queued still runs."""
-        self._accepting = False
-
     async def drain(self, timeout_s: float) -> bool:
         """Finish queued work within `timeout_s`, then answer whatever is left with
         ShuttingDown. True when everything finished in time."""

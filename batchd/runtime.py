@@ -125,7 +125,6 @@ class Runtime:
         self.slots: dict[str, ModelSlot] = {}
         self.draining = False
         self.fatal_error: str | None = None
-        self.preprocess_limiter: anyio.CapacityLimiter | None = None
         self._threads: dict[str, DeviceThread] = {}
         self._warm_task: asyncio.Task[None] | None = None
         self._admitted: set[anyio.CancelScope] = set()
@@ -141,7 +140,6 @@ class Runtime:
         Blocking: call it off the event loop.
         """
         limiter = anyio.CapacityLimiter(self.cpu_plan.preprocess_threads)
-        self.preprocess_limiter = limiter
         for model_config in self.config.models:
             # One batch at a time per device: models sharing a device take turns fairly.
             device_key = str(resolve_device(model_config.runtime.device))
