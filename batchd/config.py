@@ -56,6 +56,15 @@ class PreprocessConfig:
 
 
 @dataclass(frozen=True)
+class PriorityLevelConfig:
+    """One priority level's own limits; 0 takes the model's (batching.max_queue_size,
+    batching.queue_timeout_ms)."""
+
+    max_queue_size: int = 0
+    queue_timeout_ms: float = 0.0
+
+
+@dataclass(frozen=True)
 class BatchingConfig:
     """How requests are gathered into batches and how long they may queue."""
 
@@ -69,10 +78,32 @@ class BatchingConfig:
     # The latency objective; with one, dispatch follows deadlines (batchd.scheduler) and
     # max_wait_ms is not used. 0: none.
     slo_ms: float = 0.0
+    # Priority levels, 1 the most urgent (Triton's meaning); a request names its level
+    # (X-Priority, parameters.priority) or gets default_priority (0: the least urgent).
+    priority_levels: int = 1
+    default_priority: int = 0
+    # While less urgent levels have requests waiting, they get at least this share of the
+    # seats in batches (batchd.priority), so that no level is starved.
+    priority_share: float = 0.1
+    # Per level, in order from level 1: its own queue size and timeout.
+    levels: tuple[PriorityLevelConfig, ...] = ()
 
     @property
     def request_item_limit(self) -> int:
         return self.max_request_items or 4 * self.max_batch_size
+
+    @property
+    def default_level(self) -> int:
+        return self.default_priority or self.priority_levels
+
+    def level_limits(self) -> tuple[tuple[int, float], ...]:
+        """(max_queue_size, queue_timeout_ms) of each level, from level 1."""
+        limits = []
+        for index in range(self.priority_levels):
+            own = self.levels[index] if index < len(self.levels) else PriorityLevelConfig()
+            limits.append((own.max_queue_size or self.max_queue_size,
+                           own.queue_timeout_ms or self.queue_timeout_ms))
+        return tuple(limits)
 
     @property
     def bucket_sizes(self) -> tuple[int, ...]:
@@ -135,6 +166,11 @@ class ServerConfig:
     drain_timeout_s: float = 30.0
     watchdog_s: float = 60.0
     torch_threads: int = 0  # 0: the CPU plan decides
+    # How long a Python thread may hold the GIL while another waits for it (CPython's own
+    # default: 5 ms). Decoding threads give it up in every Pillow call and win it back from
+    # the busy event loop each time; with many of them (a GPU host) a shorter interval
+    # served more (see README, Performance).
+    gil_switch_interval_ms: float = 5.0
     auth_token_env: str = ""
     auth_token_file: Path | None = None
     access_log: bool = False
@@ -294,6 +330,20 @@ def _check_model(model: ModelConfig, key: str, path: Path) -> None:
         fail("batching.max_request_items", "must not be negative")
     if batching.queue_timeout_ms <= 0:
         fail("batching.queue_timeout_ms", "must be positive")
+    if batching.priority_levels < 1:
+        fail("batching.priority_levels", "must be at least 1")
+    if not 0 <= batching.default_priority <= batching.priority_levels:
+        fail("batching.default_priority", f"must be between 1 and priority_levels "
+             f"{batching.priority_levels} (or 0: the least urgent level)")
+    if not 0 <= batching.priority_share < 1:
+        fail("batching.priority_share", "must be at least 0 and below 1")
+    if len(batching.levels) > batching.priority_levels:
+        fail("batching.levels", f"has {len(batching.levels)} entries for "
+             f"{batching.priority_levels} priority levels")
+    for index, level in enumerate(batching.levels):
+        if level.max_queue_size < 0 or level.queue_timeout_ms < 0:
+            fail(f"batching.levels[{index}]", "max_queue_size and queue_timeout_ms must not "
+                 "be negative (0: the model's)")
     if any(size < 1 for size in batching.buckets):
         fail("batching.buckets", "every bucket must be at least 1")
     if batching.buckets and max(batching.buckets) > batching.max_batch_size:
@@ -333,6 +383,7 @@ def _check_server(server: ServerConfig, path: Path) -> None:
         "drain_timeout_s": server.drain_timeout_s >= 0,
         "watchdog_s": server.watchdog_s > 0,
         "torch_threads": server.torch_threads >= 0,
+        "gil_switch_interval_ms": 0.01 <= server.gil_switch_interval_ms <= 100,
     }
     for key, ok in checks.items():
         if not ok:

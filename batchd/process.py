@@ -21,12 +21,14 @@ logger = logging.getLogger("batchd.process")
 
 
 def configure_process(config: Config) -> CpuPlan:
-    """Thread counts (the CPU plan), the compiler's recompile limit, Prometheus' series and
-    the access log. Returns the CPU plan, which the runtime follows."""
+    """Thread counts (the CPU plan), the GIL's switch interval, the compiler's recompile
+    limit, Prometheus' series and the access log. Returns the CPU plan, which the runtime
+    follows."""
     server = config.server
     on_gpu = any(resolve_device(model.runtime.device).type == "cuda" for model in config.models)
     cpu_plan = plan(server.torch_threads, server.preprocess_threads, on_gpu)
     torch.set_num_threads(cpu_plan.torch_threads)
+    sys.setswitchinterval(server.gil_switch_interval_ms / 1000)
     # Each bucket is one static-shape graph; the limit must let warm-up compile all of them.
     buckets = max(len(model.batching.bucket_sizes) for model in config.models)
     dynamo_config = torch._dynamo.config
@@ -36,7 +38,8 @@ def configure_process(config: Config) -> CpuPlan:
     if server.access_log:
         enable_access_log()
     raise_open_file_limit(server.max_connections)
-    logger.info("%s; recompile limit %d; access log %s", cpu_plan.describe(),
+    logger.info("%s; GIL switch interval %g ms; recompile limit %d; access log %s",
+                cpu_plan.describe(), server.gil_switch_interval_ms,
                 dynamo_config.recompile_limit, "on" if server.access_log else "off")
     return cpu_plan
 

@@ -43,7 +43,7 @@ import torch  # noqa: E402
 
 from loadtest import cpu  # noqa: E402
 from loadtest.images import photo_jpeg  # noqa: E402
-from loadtest.loadgen import GENERATORS, ensure_hey, run_load  # noqa: E402
+from loadtest.loadgen import GENERATORS, Expected, ensure_hey, run_load  # noqa: E402
 from loadtest.servers import Served, batchd_command, free_port, serving  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -129,7 +129,9 @@ def measure_ceiling(model: Any, image: bytes, seconds_per_size: float) -> dict[s
             "per_batch": {str(k): v for k, v in per_size.items()}}
 
 
-def offline_answer(config_path: Path, image: bytes) -> tuple[str, float]:
+def offline_answer(config_path: Path, image: bytes) -> Expected:
+    """The float32 model's answer; a model served in lower precision may differ from it by
+    the tolerance it was admitted with (runtime.dtype_tolerance)."""
     from batchd.config import load_config
     from batchd.model import ServedModel
 
@@ -137,7 +139,9 @@ def offline_answer(config_path: Path, image: bytes) -> tuple[str, float]:
     model_config = config.model(config.server.default_model)
     model = ServedModel.from_config(model_config.with_runtime(compile=False))
     label, prob = model.top_k(model.reference(model.preprocessor.load(image)), 1)[0]
-    return label, prob
+    runtime = model_config.runtime
+    tolerance = 1e-3 if runtime.dtype == "float32" else max(1e-3, runtime.dtype_tolerance)
+    return Expected(label, prob, tolerance)
 
 
 # -- the servers --------------------------------------------------------------------------
@@ -177,7 +181,7 @@ def scrape(url: str) -> dict[str, float]:
 
 def drive(served: Served, kind: str, body: tuple[bytes, str], generator: str,
           levels: list[int], per_client: int, minimum: int,
-          expected: tuple[str, float]) -> dict[int, dict[str, Any]]:
+          expected: Expected) -> dict[int, dict[str, Any]]:
     results = {}
     cores = os.cpu_count() or 1
     for concurrency in levels:

@@ -13,6 +13,8 @@ if compgen -G ".whl/*.whl" >/dev/null; then
         .whl/*.whl
     export PYTHONPATH="/tmp/batchd-site:$PWD"
 fi
+# hey, when carried as a binary beside the wheels, is the cheaper load generator
+[ -x .whl/hey ] && export PATH="$PWD/.whl:$PATH"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"

@@ -17,11 +17,20 @@ import statistics
 import subprocess
 import tempfile
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from loadtest.cpu import own_cpu_seconds
 
 GENERATORS = ("aiohttp", "hey")
+
+
+class Expected(NamedTuple):
+    """The offline model's top answer for the benchmark's image, and how far the served
+    probability may be from it (further for a model served in bfloat16 or float16)."""
+
+    label: str
+    prob: float
+    tolerance: float = 1e-3
 
 
 def ensure_hey() -> str | None:
@@ -49,7 +58,7 @@ def summarise(latencies: list[float], elapsed: float, failures: list[str],
 
 
 async def _closed_loop(url: str, body: bytes, content_type: str, concurrency: int,
-                       requests: int, expected: tuple[str, float] | None) -> dict[str, Any]:
+                       requests: int, expected: Expected | None) -> dict[str, Any]:
     import aiohttp
 
     connector = aiohttp.TCPConnector(limit=concurrency)
@@ -72,8 +81,8 @@ async def _closed_loop(url: str, body: bytes, content_type: str, concurrency: in
                 failures.append(f"{status}: {answer}")
                 continue
             top = answer["predictions"][0]
-            if expected and (top["label"] != expected[0]
-                             or abs(top["prob"] - expected[1]) > 1e-3):
+            if expected and (top["label"] != expected.label
+                             or abs(top["prob"] - expected.prob) > expected.tolerance):
                 failures.append(f"wrong answer {top}, expected {expected}")
 
     cpu_before = own_cpu_seconds()
@@ -85,7 +94,7 @@ async def _closed_loop(url: str, body: bytes, content_type: str, concurrency: in
 
 
 def aiohttp_load(url: str, body: bytes, content_type: str, concurrency: int, requests: int,
-                 expected: tuple[str, float] | None = None) -> dict[str, Any]:
+                 expected: Expected | None = None) -> dict[str, Any]:
     """`concurrency` closed-loop clients in this process, each posting `body`."""
     return asyncio.run(_closed_loop(url, body, content_type, concurrency, requests, expected))
 
@@ -117,7 +126,7 @@ def hey_load(url: str, body: bytes, content_type: str, concurrency: int, request
 
 
 def run_load(generator: str, url: str, body: bytes, content_type: str, concurrency: int,
-             requests: int, expected: tuple[str, float] | None = None) -> dict[str, Any]:
+             requests: int, expected: Expected | None = None) -> dict[str, Any]:
     if generator == "hey":
         return hey_load(url, body, content_type, concurrency, requests)
     return aiohttp_load(url, body, content_type, concurrency, requests, expected)

@@ -50,6 +50,16 @@ def test_buckets_default_to_powers_of_two(tmp_path: Path) -> None:
         ({}, {"portt": 1}, "server.portt"),
         ({}, {"default_model": "nope"}, "server.default_model"),
         ({}, {"log_level": "loud"}, "server.log_level"),
+        ({}, {"gil_switch_interval_ms": 0}, "server.gil_switch_interval_ms"),
+        ({"priority_levels": 0}, {}, "models[0].batching.priority_levels"),
+        ({"priority_levels": 2, "default_priority": 3}, {},
+         "models[0].batching.default_priority"),
+        ({"priority_share": 1.0}, {}, "models[0].batching.priority_share"),
+        ({"levels": [{}, {}]}, {}, "models[0].batching.levels"),
+        ({"priority_levels": 2, "levels": [{"max_queue_size": -1}]}, {},
+         "models[0].batching.levels[0]"),
+        ({"priority_levels": 2, "levels": [{"queue_timeout": 1}]}, {},
+         "models[0].batching.levels[0].queue_timeout"),
     ],
 )
 def test_bad_values_name_file_and_key(tmp_path: Path, batching: dict, server: dict,
@@ -88,3 +98,26 @@ def test_not_toml_and_not_found(tmp_path: Path) -> None:
         load_config(tmp_path / "broken.toml")
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "absent.toml")
+
+
+def test_priority_levels_inherit_the_models_limits(tmp_path: Path) -> None:
+    path = write_config(tmp_path / "p.toml", batching={
+        "priority_levels": 3, "max_queue_size": 100, "queue_timeout_ms": 2000,
+        "levels": [{"queue_timeout_ms": 250}, {"max_queue_size": 10}]})
+    batching = load_config(path).models[0].batching
+    assert batching.level_limits() == ((100, 250.0), (10, 2000.0), (100, 2000.0))
+    assert batching.default_level == 3
+
+
+def test_the_process_takes_the_switch_interval(tmp_path: Path) -> None:
+    import sys
+
+    from batchd.process import configure_process
+
+    before = sys.getswitchinterval()
+    path = write_config(tmp_path / "s.toml", server={"gil_switch_interval_ms": 0.5})
+    try:
+        configure_process(load_config(path))
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
+    finally:
+        sys.setswitchinterval(before)
