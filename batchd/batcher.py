@@ -22,6 +22,7 @@ import enum
 import logging
 import math
 import time
+import typing
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -32,13 +33,14 @@ from batchd.device_thread import DeviceThread
 from batchd.errors import (
     BatchdError,
     DeadlineExceeded,
+    InvalidParameter,
     ModelFailed,
     QueueFull,
     QueueTimeout,
     ShuttingDown,
     WorkerDead,
 )
-from batchd.fair_queue import FairQueue
+from batchd.priority import PriorityQueues
 from batchd.scheduler import DeadlinePolicy, smallest_bucket
 
 In = TypeVar("In")
@@ -59,6 +61,7 @@ class _Request(Generic[In, Out]):
     enqueued_at: float
     deadline: float
     group: Hashable
+    level: int = 1
     objective: float = math.inf  # enqueued_at + the latency objective, when one is set
     state: _State = _State.QUEUED
 
@@ -69,6 +72,10 @@ class Batcher(Generic[In, Out]):
     A batch is dispatched when it holds `max_batch_size` requests, or when `max_wait_s`
     has passed since its first request arrived, or sooner when no other request is on its
     way (see `expecting`), so a lone request on an idle server is not held back.
+
+    With `priority_levels` above 1, each level has its own queue, size and timeout
+    (`level_limits`); batches seat the most urgent level first and keep `priority_share`
+    of the seats for the less urgent ones while they wait (batchd.priority).
     """
 
     def __init__(
@@ -84,6 +91,10 @@ class Batcher(Generic[In, Out]):
         observer: BatchObserver | None = None,
         name: str = "model",
         slo_s: float = 0.0,
+        priority_levels: int = 1,
+        default_priority: int = 0,
+        priority_share: float = 0.1,
+        level_limits: Sequence[tuple[int, float]] = (),
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
@@ -99,9 +110,19 @@ class Batcher(Generic[In, Out]):
         self._owns_executor = executor is None
         self._executor = executor or DeviceThread(f"batchd-{name}")
         self._observer = observer
-        self._queue: FairQueue[_Request[In, Out]] = FairQueue()
+        if level_limits and len(level_limits) != priority_levels:
+            raise ValueError("level_limits needs one (max_queue_size, queue_timeout_s) a level")
+        if not 0 <= default_priority <= priority_levels:
+            raise ValueError("default_priority must be a level, or 0 for the least urgent")
+        # (max_queue_size, queue_timeout_s) of each level, from level 1
+        self.level_limits = tuple(level_limits) or (
+            ((max_queue_size, queue_timeout_s),) * priority_levels)
+        self.default_level = default_priority or priority_levels
+        self._queue: PriorityQueues[_Request[In, Out]] = PriorityQueues(
+            priority_levels, priority_share if priority_levels > 1 else 0.0)
         self._wakeup = asyncio.Event()
         self._expected = 0
+        self._expected_by_level = [0] * priority_levels
         self._in_flight = 0
         self._accepting = True
         self._closing = False
@@ -180,46 +201,86 @@ class Batcher(Generic[In, Out]):
     # -- submission ---------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def expecting(self, count: int = 1) -> Iterator[None]:
-        """Mark `count` inputs as on their way (being decoded), so the worker waits for them."""
+    def expecting(self, count: int = 1, priority: int = 0) -> Iterator[None]:
+        """Mark `count` inputs as on their way (being decoded), so the worker waits for them
+        and admission counts them."""
+        level = self.level_of(priority)
         self._expected += count
+        self._expected_by_level[level - 1] += count
         try:
             yield
         finally:
             self._expected -= count
+            self._expected_by_level[level - 1] -= count
             self._wakeup.set()
 
-    async def submit(self, item: In, timeout_s: float | None = None,
-                     group: Hashable = None) -> BatchResult[Out]:
-        """Queue one input and wait for its output.
+    def level_of(self, priority: int) -> int:
+        """The level a request asking for `priority` queues at (0: the default level);
+        InvalidParameter for a level the model does not have."""
+        if priority == 0:
+            return self.default_level
+        if not 1 <= priority <= self._queue.levels:
+            raise InvalidParameter(f"priority must be between 1 and {self._queue.levels} "
+                                   f"(or 0 for the default), not {priority}")
+        return priority
 
-        `timeout_s` may shorten the model's queue deadline, never lengthen it. Inputs of one
-        `group` (the samples of one request) share one place in each round of the fair
-        queue; without a group, each input is its own. Raises
-        QueueFull or ShuttingDown without queueing; QueueTimeout if the deadline passes while
-        queued (never computed); DeadlineExceeded if it passes while computing; ModelFailed or
-        ModelOverloaded when the model raised on this input.
-        """
+    def check_admission(self, priority: int = 0, count: int = 1) -> None:
+        """Refuse, before its body is read or decoded, a request that submit() would refuse
+        now: ShuttingDown, WorkerDead, QueueFull when its level's queue is full, and with a
+        latency objective QueueTimeout when the requests queued or being decoded ahead of
+        it already take longer than the objective. So overload is answered in microseconds,
+        not after an upload and a decode that could never be used."""
+        level = self.level_of(priority)
+        self._refuse_if_closed()
+        max_queue_size, _ = self.level_limits[level - 1]
+        if self._queue.depth(level) + count > max_queue_size:
+            self._refuse_full(level, max_queue_size)
+        ahead = self._queue.ahead_of(level) + sum(self._expected_by_level[:level])
+        self._refuse_if_late(ahead + count - 1)
+
+    def _refuse_if_closed(self) -> None:
         if not self._accepting:
             self.stats.rejected_shutdown += 1
             raise ShuttingDown("the server is shutting down")
         if self.dead_reason is not None:
             raise WorkerDead(f"the worker of model {self.name!r} stopped: {self.dead_reason}")
-        if len(self._queue) >= self.max_queue_size:
-            self.stats.rejected_full += 1
-            raise QueueFull(f"the queue of model {self.name!r} is full ({self.max_queue_size})")
-        now = time.monotonic()
-        if self._policy is not None and not self._policy.admits(len(self._queue),
-                                                                self._busy_remaining(now)):
+
+    def _refuse_full(self, level: int, max_queue_size: int) -> typing.NoReturn:
+        self.stats.rejected_full += 1
+        which = f"priority {level} queue" if self._queue.levels > 1 else "queue"
+        raise QueueFull(f"the {which} of model {self.name!r} is full ({max_queue_size})")
+
+    def _refuse_if_late(self, ahead: int) -> None:
+        if self._policy is not None and not self._policy.admits(
+                ahead, self._busy_remaining(time.monotonic())):
             self.stats.rejected_late += 1
             raise QueueTimeout(f"cannot be answered within the latency objective of "
                                f"{self.slo_s * 1000:.0f} ms now; try again shortly")
-        timeout = self.queue_timeout_s
+
+    async def submit(self, item: In, timeout_s: float | None = None,
+                     group: Hashable = None, priority: int = 0) -> BatchResult[Out]:
+        """Queue one input at `priority` (0: the default level) and wait for its output.
+
+        `timeout_s` may shorten the level's queue deadline, never lengthen it. Inputs of one
+        `group` (the samples of one request) share one place in each round of the fair
+        queue; without a group, each input is its own. Raises InvalidParameter for an
+        unknown priority; QueueFull or ShuttingDown without queueing; QueueTimeout if the
+        deadline passes while queued (never computed); DeadlineExceeded if it passes while
+        computing; ModelFailed or ModelOverloaded when the model raised on this input.
+        """
+        level = self.level_of(priority)
+        self._refuse_if_closed()
+        max_queue_size, queue_timeout_s = self.level_limits[level - 1]
+        if self._queue.depth(level) >= max_queue_size:
+            self._refuse_full(level, max_queue_size)
+        self._refuse_if_late(self._queue.ahead_of(level))
+        now = time.monotonic()
+        timeout = queue_timeout_s
         if timeout_s is not None:
-            timeout = min(timeout_s, self.queue_timeout_s)
+            timeout = min(timeout_s, queue_timeout_s)
         loop = asyncio.get_running_loop()
         request: _Request[In, Out] = _Request(item, loop.create_future(), now, now + timeout,
-                                              object() if group is None else group,
+                                              object() if group is None else group, level,
                                               now + self.slo_s if self.slo_s else math.inf)
         self._queue.append(request)
         self.stats.accepted += 1

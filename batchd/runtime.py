@@ -165,6 +165,11 @@ class Runtime:
                 observer=self.metrics.observer(model_config.name),
                 name=model_config.name,
                 slo_s=batching.slo_ms / 1000.0,
+                priority_levels=batching.priority_levels,
+                default_priority=batching.default_priority,
+                priority_share=batching.priority_share,
+                level_limits=[(size, timeout_ms / 1000.0)
+                              for size, timeout_ms in batching.level_limits()],
             )
             slot = ModelSlot(model_config, model, batcher, thread, limiter)
             self.slots[model_config.name] = slot

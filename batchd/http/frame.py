@@ -43,6 +43,7 @@ access_logger = logging.getLogger("batchd.access")
 logger = logging.getLogger("batchd.http")
 
 TIMEOUT_HEADER = "x-request-timeout-ms"
+PRIORITY_HEADER = "x-priority"
 RETRY_AFTER_S = "1"
 CLIENT_CLOSED = 499  # nginx's code for "client closed request"; only ever seen in metrics
 

@@ -12,6 +12,7 @@ from starlette.routing import Route
 
 from batchd.errors import InvalidParameter
 from batchd.http.frame import (
+    PRIORITY_HEADER,
     RETRY_AFTER_S,
     TIMEOUT_HEADER,
     cancel_on_disconnect,
@@ -50,7 +51,9 @@ def describe(slot: ModelSlot, status: ModelStatus) -> dict[str, Any]:
                      "max_wait_ms": batching.max_wait_ms,
                      "buckets": list(batching.bucket_sizes),
                      "max_queue_size": batching.max_queue_size,
-                     "queue_timeout_ms": batching.queue_timeout_ms},
+                     "queue_timeout_ms": batching.queue_timeout_ms,
+                     "priority_levels": batching.priority_levels,
+                     "default_priority": batching.default_level},
         "device": str(slot.model.device),
         "compiled": slot.config.runtime.compile,
         "compiled_buckets": [size for size in batching.bucket_sizes
@@ -93,6 +96,17 @@ def parse_top_k(request: Request, num_labels: int) -> int:
     return top_k
 
 
+def parse_priority(request: Request) -> int:
+    """The request's priority level from X-Priority (Triton's meaning: 1 is the most
+    urgent; 0 or absent, the model's default level)."""
+    raw = request.headers.get(PRIORITY_HEADER)
+    if raw is None:
+        return 0
+    if not _INTEGER.fullmatch(raw):
+        raise InvalidParameter(f"{PRIORITY_HEADER} must be a plain integer, not {raw[:20]!r}")
+    return int(raw)
+
+
 def parse_timeout(request: Request) -> float | None:
     """The client's queue deadline in seconds, from the timeout header (may only shorten)."""
     raw = request.headers.get(TIMEOUT_HEADER)
@@ -115,10 +129,13 @@ async def predict(request: Request) -> Response:
 async def _predict(request: Request, slot: ModelSlot, headers: dict[str, str]) -> Response | None:
     top_k = parse_top_k(request, len(slot.model.labels))
     timeout_s = parse_timeout(request)
-    with slot.batcher.expecting():
+    priority = parse_priority(request)
+    slot.batcher.check_admission(priority)
+    with slot.batcher.expecting(1, priority):
         data = await read_image_payload(request, runtime_of(request).config.server.max_body_bytes)
         item = await slot.preprocess(data)
-    disconnected, result = await cancel_on_disconnect(request, slot.batcher.submit(item, timeout_s))
+    disconnected, result = await cancel_on_disconnect(
+        request, slot.batcher.submit(item, timeout_s, priority=priority))
     if disconnected or result is None:
         return None
     note_batch(request, result)

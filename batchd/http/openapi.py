@@ -17,7 +17,7 @@ from batchd import __version__, errors
 from batchd.config import Config
 from batchd.http import native
 from batchd.http.auth import OPEN_PATHS
-from batchd.http.frame import STATUS_FOR_ERROR, TIMEOUT_HEADER, status_for
+from batchd.http.frame import PRIORITY_HEADER, STATUS_FOR_ERROR, TIMEOUT_HEADER, status_for
 
 PREDICT_PATHS = ("/predict", "/models/{name}/predict")
 # Statuses any route may answer outside its handler (the app's own handlers).
@@ -63,6 +63,11 @@ def _predict_operation(path: str, auth: bool) -> dict[str, Any]:
          "description": "milliseconds, a plain decimal number; shortens (never lengthens) "
                         "the model's queue deadline",
          "schema": {"type": "string", "pattern": r"^[0-9]{1,9}(\.[0-9]{1,6})?$"}},
+        {"name": PRIORITY_HEADER, "in": "header", "required": False,
+         "description": "priority level, a plain integer: 1 is the most urgent; 0 or absent "
+                        "is the model's default level (batching.priority_levels; a level "
+                        "the model does not have: 422)",
+         "schema": {"type": "string", "pattern": r"^[0-9]{1,9}$"}},
         {"name": "x-request-id", "in": "header", "required": False,
          "description": "echoed back when it is 1-128 of [A-Za-z0-9._:-]; else a new one",
          "schema": {"type": "string"}},

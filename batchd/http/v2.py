@@ -112,15 +112,17 @@ async def _infer(request: Request, slot: ModelSlot, headers: dict[str, str]) -> 
     parsed = await anyio.to_thread.run_sync(
         parse_request, body, request.headers.get(HEADER_LENGTH), slot.model.input_shape,
         slot.model.num_classes, slot.config.batching.request_item_limit, limiter=limiter)
+    count = len(parsed.images if parsed.images is not None else parsed.tensors or [])
+    slot.batcher.check_admission(parsed.priority, count)
     if parsed.images is not None:
-        with slot.batcher.expecting(len(parsed.images)):
+        with slot.batcher.expecting(len(parsed.images), parsed.priority):
             items = list(await asyncio.gather(*(slot.preprocess(image)
                                                 for image in parsed.images)))
     else:
         assert parsed.tensors is not None
         items = parsed.tensors
     disconnected, results = await cancel_on_disconnect(
-        request, submit_all(slot, items, parsed.timeout_s))
+        request, submit_all(slot, items, parsed.timeout_s, parsed.priority))
     if disconnected or results is None:
         return None
     note_batch(request, max(results, key=lambda result: result.queue_wait_s))
@@ -129,12 +131,12 @@ async def _infer(request: Request, slot: ModelSlot, headers: dict[str, str]) -> 
     return Response(content, media_type=media_type, headers={**headers, **extra})
 
 
-async def submit_all(slot: ModelSlot, items: list[torch.Tensor],
-                     timeout_s: float | None) -> list[BatchResult[torch.Tensor]]:
+async def submit_all(slot: ModelSlot, items: list[torch.Tensor], timeout_s: float | None,
+                     priority: int = 0) -> list[BatchResult[torch.Tensor]]:
     """Queue every sample as one group of the fair queue (so that a large request takes
     one place in each round); if one fails, cancel the rest and raise its error."""
     group = object()
-    tasks = [asyncio.ensure_future(slot.batcher.submit(item, timeout_s, group))
+    tasks = [asyncio.ensure_future(slot.batcher.submit(item, timeout_s, group, priority))
              for item in items]
     try:
         return list(await asyncio.gather(*tasks))

@@ -45,6 +45,7 @@ class InferRequest:
     outputs: list[RequestedOutput]
     timeout_s: float | None
     request_id: str | None
+    priority: int = 0  # Triton's `priority` parameter: 1 the most urgent, 0 the default
 
 
 def parse_request(body: bytes, header_length: str | None, input_shape: tuple[int, ...],
@@ -63,16 +64,20 @@ def parse_request(body: bytes, header_length: str | None, input_shape: tuple[int
     parameters_of(spec, "the input")
     outputs = requested_outputs(payload, parameters, num_classes)
     timeout_s = requested_timeout(parameters)
+    priority = typed_parameter(parameters, "priority", int, 0)
+    if priority < 0:
+        raise BadInput("parameter 'priority' must be a non-negative integer")
     name = spec.get("name")
     shape = shape_of(spec)
     if shape and shape[0] > max_items:
         raise PayloadTooLarge(f"{shape[0]} samples in one request; the limit is {max_items} "
                               "(batching.max_request_items): send them in several requests")
     if name == INPUT_IMAGES:
-        return InferRequest(bytes_elements(spec, binary), None, outputs, timeout_s, request_id)
+        return InferRequest(bytes_elements(spec, binary), None, outputs, timeout_s, request_id,
+                            priority)
     if name == INPUT_TENSOR:
         tensors = list(fp32_tensor(spec, binary, input_shape).unbind(0))
-        return InferRequest(None, tensors, outputs, timeout_s, request_id)
+        return InferRequest(None, tensors, outputs, timeout_s, request_id, priority)
     raise BadInput(f"unknown input {name!r}: expected {INPUT_TENSOR!r} or {INPUT_IMAGES!r}")
 
 

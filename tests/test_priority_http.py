@@ -1,0 +1,151 @@
+"""Priorities and early refusal through a real server: X-Priority on the native API,
+parameters.priority on the Open Inference Protocol, and a doomed request refused before
+its body is decoded."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+
+from tests.conftest import RunningServer, png_bytes, run_server, write_config
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(scope="module")
+def two_level_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    path = write_config(tmp_path_factory.mktemp("priority") / "p.toml", batching={
+        "max_batch_size": 4, "buckets": [1, 2, 4], "priority_levels": 2,
+        "priority_share": 0.0, "max_wait_ms": 0})
+    with run_server(path) as server:
+        yield server
+
+
+def record_batches(server: RunningServer) -> list[list[torch.Tensor]]:
+    """Every batch the digits model computes from now on, as its input tensors."""
+    batcher = server.app.state.runtime.slots["digits"].batcher
+    run_batch = batcher._run_batch
+    batches: list[list[torch.Tensor]] = []
+
+    def recording(items: Sequence[torch.Tensor], bucket: int) -> Any:
+        batches.append([item.clone() for item in items])
+        return run_batch(items, bucket)
+
+    batcher._run_batch = recording
+    return batches
+
+
+def v2_image_request(body: bytes, priority: int) -> dict[str, Any]:
+    return {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                        "data": [base64.b64encode(body).decode()]}],
+            "parameters": {"priority": priority}}
+
+
+async def test_urgent_requests_overtake_a_queued_backlog(
+        two_level_server: RunningServer, held_out: tuple[list[Any], list[int]]) -> None:
+    server = two_level_server
+    images, _ = held_out
+    bodies = [png_bytes(image) for image in images[:11]]
+    preprocess = server.app.state.runtime.slots["digits"].model.preprocessor.load
+    tensors = [preprocess(body) for body in bodies]
+    batches = record_batches(server)
+    accepted = server.metric("batchd_batcher_accepted_total", {"model": "digits"})
+    limits = httpx.Limits(max_connections=16)
+    async with httpx.AsyncClient(base_url=server.url, timeout=60, limits=limits) as client:
+        with server.held_worker():
+            backlog = [asyncio.ensure_future(client.post(
+                "/predict", content=body, headers={"Content-Type": "image/png"}))
+                for body in bodies[:8]]  # no header: the default, least urgent level
+            async with asyncio.timeout(30):
+                while server.metric("batchd_batcher_accepted_total",
+                                    {"model": "digits"}) < accepted + 8:
+                    await asyncio.sleep(0.02)
+            urgent = [asyncio.ensure_future(client.post(
+                "/predict", content=body, headers={"Content-Type": "image/png",
+                                                   "X-Priority": "1"}))
+                for body in bodies[8:10]]
+            urgent.append(asyncio.ensure_future(client.post(
+                "/v2/models/digits/infer", json=v2_image_request(bodies[10], 1))))
+            async with asyncio.timeout(30):
+                while server.metric("batchd_batcher_accepted_total",
+                                    {"model": "digits"}) < accepted + 11:
+                    await asyncio.sleep(0.02)
+        responses = await asyncio.gather(*backlog, *urgent)
+    assert [response.status_code for response in responses] == [200] * 11
+
+    def index_of(tensor: torch.Tensor) -> int:
+        return next(i for i, known in enumerate(tensors) if torch.equal(known, tensor))
+
+    order = [[index_of(tensor) for tensor in batch] for batch in batches]
+    # The first batch may have left before the hold; the three urgent ones, sent last,
+    # ride the first batch after it.
+    first_after_hold = next(batch for batch in order if any(i >= 8 for i in batch))
+    assert sorted(i for i in first_after_hold if i >= 8) == [8, 9, 10]
+    assert sorted(i for batch in order for i in batch) == list(range(11))
+
+
+@pytest.mark.parametrize("value", ["3", "-1", "1.0", "high", "+1", "01x"])
+def test_a_bad_priority_header_is_422(two_level_server: RunningServer, value: str,
+                                      held_out: tuple[list[Any], list[int]]) -> None:
+    body = png_bytes(held_out[0][0])
+    response = httpx.post(f"{two_level_server.url}/predict", content=body, timeout=30,
+                          headers={"Content-Type": "image/png", "X-Priority": value})
+    assert response.status_code == 422
+    assert "priority" in response.json()["error"]
+
+
+def test_a_bad_priority_parameter_is_refused(two_level_server: RunningServer,
+                                             held_out: tuple[list[Any], list[int]]) -> None:
+    body = png_bytes(held_out[0][0])
+    url = f"{two_level_server.url}/v2/models/digits/infer"
+    assert httpx.post(url, json=v2_image_request(body, 3), timeout=30).status_code == 422
+    assert httpx.post(url, json=v2_image_request(body, -1), timeout=30).status_code == 400
+    bad = {**v2_image_request(body, 1), "parameters": {"priority": "1"}}
+    assert httpx.post(url, json=bad, timeout=30).status_code == 400
+    ok = httpx.post(url, json=v2_image_request(body, 2), timeout=30)
+    assert ok.status_code == 200, ok.text
+
+
+async def test_a_doomed_request_is_refused_before_its_body_is_decoded(
+        tmp_path: Path, held_out: tuple[list[Any], list[int]]) -> None:
+    """Model 50 ms a batch, one request a batch, objective 120 ms: behind two queued
+    requests a new one cannot make it (150 ms). It is refused 503 at once, which an
+    undecodable body proves: decoded first, it would have been a 400."""
+    path = write_config(tmp_path / "slo.toml", builder="tests.slow_model:build_slow",
+                        builder_kwargs={"delay_ms": 50.0}, batching={
+                            "max_batch_size": 1, "buckets": [1], "slo_ms": 120,
+                            "max_wait_ms": 0})
+    digit = png_bytes(held_out[0][0])
+    png = {"Content-Type": "image/png"}
+    with run_server(path) as server:
+        slot = server.app.state.runtime.slots["digits"]
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            with server.held_worker():
+                running = asyncio.ensure_future(client.post("/predict", content=digit,
+                                                            headers=png))
+                async with asyncio.timeout(30):
+                    while slot.batcher.in_flight < 1 or slot.batcher.queue_depth:
+                        await asyncio.sleep(0.01)
+                await asyncio.sleep(0.06)  # past its predicted 50 ms: no time left to wait
+                queued = [asyncio.ensure_future(client.post("/predict", content=digit,
+                                                            headers=png)) for _ in range(2)]
+                async with asyncio.timeout(30):
+                    while slot.batcher.queue_depth < 2:
+                        await asyncio.sleep(0.01)
+                doomed = await client.post("/predict", content=b"not an image", headers=png)
+                assert doomed.status_code == 503, doomed.text
+                assert doomed.json()["reason"] == "queue_timeout"
+                assert doomed.headers["Retry-After"]
+            answers = await asyncio.gather(running, *queued)
+    assert answers[0].status_code == 200
+    # held past their objective, the two queued ones are refused at dispatch, not computed
+    assert [answer.status_code for answer in answers[1:]] == [503, 503]
+    assert slot.batcher.stats.rejected_late == 1
+    assert (slot.batcher.stats.computed_items, slot.batcher.stats.expired) == (1, 2)
