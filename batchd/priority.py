@@ -11,7 +11,11 @@ rest goes to the others: no seat is ever left empty while any level has requests
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterator, Sequence
+import asyncio
+import contextlib
+import heapq
+import itertools
+from collections.abc import AsyncIterator, Hashable, Iterator, Sequence
 from typing import Generic, Protocol, TypeVar
 
 from batchd.fair_queue import FairQueue
@@ -107,3 +111,49 @@ class PriorityQueues(Generic[T]):
         for queue in self._queues:
             queue.clear()
         self._credit = [0.0] * len(self._queues)
+
+
+class PriorityGate:
+    """At most `tokens` holders at once; waiters are let in most urgent level first, then
+    in arrival order. Decoding goes through one, so that an urgent request does not wait
+    behind a backlog of less urgent uploads for a decoding thread. Event-loop only."""
+
+    def __init__(self, tokens: int) -> None:
+        if tokens < 1:
+            raise ValueError("tokens must be at least 1")
+        self._free = tokens
+        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._arrivals = itertools.count()
+
+    @property
+    def waiting(self) -> int:
+        return sum(1 for _, _, future in self._waiters if not future.done())
+
+    @contextlib.asynccontextmanager
+    async def hold(self, level: int = 1) -> AsyncIterator[None]:
+        await self._acquire(level)
+        try:
+            yield
+        finally:
+            self._release()
+
+    async def _acquire(self, level: int) -> None:
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiters, (level, next(self._arrivals), future))
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self._release()  # granted and cancelled at once: pass the token on
+            raise
+
+    def _release(self) -> None:
+        while self._waiters:
+            _, _, future = heapq.heappop(self._waiters)
+            if not future.done():
+                future.set_result(None)  # the token passes straight to this waiter
+                return
+        self._free += 1

@@ -37,6 +37,7 @@ from batchd.device_thread import DeviceThread
 from batchd.errors import NotReady, ShuttingDown
 from batchd.metrics import Metrics
 from batchd.model import ServedModel, resolve_device
+from batchd.priority import PriorityGate
 
 logger = logging.getLogger("batchd.runtime")
 
@@ -81,16 +82,19 @@ class ModelSlot:
     batcher: Batcher[torch.Tensor, torch.Tensor]
     executor: DeviceThread
     preprocess_limiter: anyio.CapacityLimiter
+    decode_gate: PriorityGate
     warm_error: str | None = None
 
     @property
     def name(self) -> str:
         return self.config.name
 
-    async def preprocess(self, data: bytes) -> torch.Tensor:
-        """Decode and preprocess one encoded image in the decoding thread pool."""
-        return await anyio.to_thread.run_sync(self.model.preprocessor.load, data,
-                                              limiter=self.preprocess_limiter)
+    async def preprocess(self, data: bytes, priority: int = 0) -> torch.Tensor:
+        """Decode and preprocess one encoded image in the decoding thread pool; the more
+        urgent priority levels get the next free thread first."""
+        async with self.decode_gate.hold(self.batcher.level_of(priority)):
+            return await anyio.to_thread.run_sync(self.model.preprocessor.load, data,
+                                                  limiter=self.preprocess_limiter)
 
     def status(self, draining: bool, watchdog_s: float) -> ModelStatus:
         if self.warm_error:
@@ -140,6 +144,7 @@ class Runtime:
         Blocking: call it off the event loop.
         """
         limiter = anyio.CapacityLimiter(self.cpu_plan.preprocess_threads)
+        decode_gate = PriorityGate(self.cpu_plan.preprocess_threads)
         for model_config in self.config.models:
             # One batch at a time per device: models sharing a device take turns fairly.
             device_key = str(resolve_device(model_config.runtime.device))
@@ -171,7 +176,7 @@ class Runtime:
                 level_limits=[(size, timeout_ms / 1000.0)
                               for size, timeout_ms in batching.level_limits()],
             )
-            slot = ModelSlot(model_config, model, batcher, thread, limiter)
+            slot = ModelSlot(model_config, model, batcher, thread, limiter, decode_gate)
             self.slots[model_config.name] = slot
             self.metrics.watch(model_config.name, batcher, model,
                                functools.partial(self.is_ready, model_config.name))

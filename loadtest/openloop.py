@@ -49,8 +49,10 @@ def arrival_offsets(rate: float, count: int, arrivals: str, seed: int) -> np.nda
 
 
 async def _run(url: str, body: bytes, content_type: str, offsets: np.ndarray,
-               warmup: int) -> list[tuple[float, float, int]]:
-    """(lateness s, latency s from the scheduled time, status) for each request."""
+               warmup: int, priorities: np.ndarray | None = None
+               ) -> list[tuple[float, float, int]]:
+    """(lateness s, latency s from the scheduled time, status) for each request; with
+    `priorities`, each request carries its own X-Priority."""
     import aiohttp
 
     connector = aiohttp.TCPConnector(limit=4096)
@@ -63,9 +65,11 @@ async def _run(url: str, body: bytes, content_type: str, offsets: np.ndarray,
         async def one(index: int, due: float) -> None:
             await asyncio.sleep(max(0.0, start + due - time.perf_counter()))
             sent = time.perf_counter()
+            own = headers if priorities is None else {
+                **headers, "x-priority": str(int(priorities[index]))}
             try:
                 async with session.post(f"{url}/predict", data=body,
-                                        headers=headers) as response:
+                                        headers=own) as response:
                     await response.read()
                     status = response.status
             except (TimeoutError, aiohttp.ClientError):
@@ -82,28 +86,41 @@ def measure_point(url: str, body: tuple[bytes, str], rate: float, count: int, wa
     cpu_before = own_cpu_seconds()
     results = asyncio.run(_run(url, *body, offsets, warmup))
     cpu_s = own_cpu_seconds() - cpu_before
+    window_s = float(offsets[-1] - offsets[warmup]) if count > 1 else 1.0
+    point = summarise(results, window_s, slo_s)
+    point.update(rate=rate, arrivals=arrivals,
+                 generator_cpu_share=cpu_s / (window_s * (os.cpu_count() or 1)))
+    stage(f"  {rate:7.1f}/s: {describe(point)}")
+    return point
+
+
+def describe(point: dict[str, Any]) -> str:
+    return (f"p50 {point['p50_ms']:7.1f} ms  p99 {point['p99_ms']:7.1f} ms  "
+            f"goodput {point['goodput']:6.1f}/s  errors {point['errors'] or 0}  "
+            f"generator late p99 {point['late_p99_ms']:.1f} ms"
+            f"{'  (fell behind)' if point['fell_behind'] else ''}")
+
+
+def summarise(results: list[tuple[float, float, int]], window_s: float,
+              slo_s: float) -> dict[str, Any]:
+    """Latency percentiles, errors by status, goodput and lateness of one run's results."""
     lateness = np.array([late for late, _, _ in results]) * 1000
     latency = np.array([lat for _, lat, _ in results]) * 1000
     statuses = Counter(status for _, _, status in results)
-    window_s = float(offsets[-1] - offsets[warmup]) if count > 1 else 1.0
     good = sum(1 for _, lat, status in results if status == 200 and lat <= slo_s)
     refused = np.array([lat for _, lat, status in results if status == 503]) * 1000
     point = {
-        "rate": rate, "requests": len(results), "arrivals": arrivals,
+        "requests": len(results),
         "p99_503_ms": float(np.percentile(refused, 99)) if len(refused) else None,
         "p50_ms": float(np.percentile(latency, 50)), "p99_ms": float(np.percentile(latency, 99)),
         "errors": {str(code): n for code, n in statuses.items() if code != 200},
         "goodput": good / window_s,
+        "answered_per_s": statuses.get(200, 0) / window_s,
         "late_p99_ms": float(np.percentile(lateness, 99)),
-        "generator_cpu_share": cpu_s / (window_s * (os.cpu_count() or 1)),
     }
     point["fell_behind"] = point["late_p99_ms"] > LATE_MS
     point["meets"] = (point["p99_ms"] <= slo_s * 1000 and not point["errors"]
                       and not point["fell_behind"])
-    stage(f"  {rate:7.1f}/s: p50 {point['p50_ms']:7.1f} ms  p99 {point['p99_ms']:7.1f} ms  "
-          f"goodput {point['goodput']:6.1f}/s  errors {point['errors'] or 0}  "
-          f"generator late p99 {point['late_p99_ms']:.1f} ms"
-          f"{'  (fell behind)' if point['fell_behind'] else ''}")
     return point
 
 
@@ -131,15 +148,23 @@ def find_lambda_star(url: str, body: tuple[bytes, str], slo_s: float, arrivals: 
     return low, points
 
 
-def with_objective(config_path: Path, slo_ms: float) -> Path:
-    """A copy of the config beside it (relative paths still resolve) with slo_ms set."""
+def with_batching(config_path: Path, tag: str, **settings: Any) -> Path:
+    """A copy of the config beside it (relative paths still resolve) with these
+    [models.batching] keys set."""
     text = config_path.read_text()
     if "[models.batching]" not in text:
-        raise SystemExit(f"{config_path} has no [models.batching] table to set slo_ms in")
-    copy = config_path.with_name(f".openloop-{config_path.stem}.toml")
-    copy.write_text(re.sub(r"^slo_ms\s*=.*$\n?", "", text, flags=re.M).replace(
-        "[models.batching]", f"[models.batching]\nslo_ms = {slo_ms}", 1))
+        raise SystemExit(f"{config_path} has no [models.batching] table to change")
+    lines = ""
+    for key, value in settings.items():
+        text = re.sub(rf"^{key}\s*=.*$\n?", "", text, flags=re.M)
+        lines += f"\n{key} = {value}"
+    copy = config_path.with_name(f".openloop-{tag}-{config_path.stem}.toml")
+    copy.write_text(text.replace("[models.batching]", f"[models.batching]{lines}", 1))
     return copy
+
+
+def with_objective(config_path: Path, slo_ms: float) -> Path:
+    return with_batching(config_path, "slo", slo_ms=slo_ms)
 
 
 def plot(workload: str, runs: dict[str, list[dict[str, Any]]], slo_ms: float,

@@ -148,3 +148,31 @@ async def test_an_unknown_priority_is_refused(make_batcher: MakeBatcher) -> None
         batcher.check_admission(priority=3)
     assert batcher.level_of(0) == 2  # no default_priority: the least urgent level
     assert (await batcher.submit(1, priority=1)).output == 2
+
+
+async def test_the_gate_lets_the_most_urgent_waiter_in_first() -> None:
+    from batchd.priority import PriorityGate
+
+    gate = PriorityGate(1)
+    order: list[str] = []
+    release = asyncio.Event()
+
+    async def holder() -> None:
+        async with gate.hold(2):
+            await release.wait()
+
+    async def waiter(name: str, level: int) -> None:
+        async with gate.hold(level):
+            order.append(name)
+
+    first = asyncio.ensure_future(holder())
+    await until(lambda: gate._free == 0)
+    tasks = [asyncio.ensure_future(waiter(name, level))
+             for name, level in [("low-a", 2), ("low-b", 2), ("urgent", 1)]]
+    cancelled = asyncio.ensure_future(waiter("gone", 1))
+    await until(lambda: gate.waiting == 4)
+    cancelled.cancel()
+    release.set()
+    await asyncio.gather(first, *tasks)
+    assert order == ["urgent", "low-a", "low-b"]
+    assert gate._free == 1 and gate.waiting == 0  # every token came back

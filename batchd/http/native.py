@@ -133,7 +133,7 @@ async def _predict(request: Request, slot: ModelSlot, headers: dict[str, str]) -
     slot.batcher.check_admission(priority)
     with slot.batcher.expecting(1, priority):
         data = await read_image_payload(request, runtime_of(request).config.server.max_body_bytes)
-        item = await slot.preprocess(data)
+        item = await slot.preprocess(data, priority)
     disconnected, result = await cancel_on_disconnect(
         request, slot.batcher.submit(item, timeout_s, priority=priority))
     if disconnected or result is None:

@@ -116,7 +116,7 @@ async def _infer(request: Request, slot: ModelSlot, headers: dict[str, str]) -> 
     slot.batcher.check_admission(parsed.priority, count)
     if parsed.images is not None:
         with slot.batcher.expecting(len(parsed.images), parsed.priority):
-            items = list(await asyncio.gather(*(slot.preprocess(image)
+            items = list(await asyncio.gather(*(slot.preprocess(image, parsed.priority)
                                                 for image in parsed.images)))
     else:
         assert parsed.tensors is not None
