@@ -149,3 +149,39 @@ async def test_a_doomed_request_is_refused_before_its_body_is_decoded(
     assert [answer.status_code for answer in answers[1:]] == [503, 503]
     assert slot.batcher.stats.rejected_late == 1
     assert (slot.batcher.stats.computed_items, slot.batcher.stats.expired) == (1, 2)
+
+
+def test_open_loop_overload_answers_every_request_once(
+        tmp_path: Path, held_out: tuple[list[Any], list[int]]) -> None:
+    """Two priority levels, a slow model (20 ms a batch of up to 2: 100 requests/s at
+    most) offered 400 requests/s open-loop: every request gets exactly one answer (200;
+    503 refused or shed; 504 when its deadline passed while its batch computed), and the
+    server's books agree with the client's count."""
+    import numpy as np
+
+    from loadtest.openloop import _run, arrival_offsets
+
+    path = write_config(tmp_path / "overload.toml", builder="tests.slow_model:build_slow",
+                        builder_kwargs={"delay_ms": 20.0}, batching={
+                            "max_batch_size": 2, "buckets": [1, 2], "max_queue_size": 16,
+                            "queue_timeout_ms": 500, "priority_levels": 2})
+    body = png_bytes(held_out[0][0])
+    offsets = arrival_offsets(400.0, 300, "poisson", seed=3)
+    levels = np.where(np.arange(300) % 5 == 0, 1, 2)
+    with run_server(path) as server:
+        results = asyncio.run(_run(server.url, body, "image/png", offsets, 0, levels))
+        statuses = [status for _, _, status in results]
+        by_outcome = {outcome: server.metric("batchd_requests_total",
+                                             {"model": "digits", "outcome": outcome})
+                      for outcome in ("success", "queue_full", "queue_timeout",
+                                      "deadline_exceeded")}
+        stats = server.app.state.runtime.slots["digits"].batcher.stats
+    assert set(statuses) <= {200, 503, 504} and 200 in statuses and 503 in statuses
+    assert statuses.count(200) == by_outcome["success"]
+    assert statuses.count(503) == by_outcome["queue_full"] + by_outcome["queue_timeout"]
+    assert statuses.count(504) == by_outcome["deadline_exceeded"]
+    assert stats.accepted == (stats.succeeded + stats.failed + stats.cancelled
+                              + stats.expired + stats.deadline_exceeded)
+    assert stats.succeeded == statuses.count(200)
+    urgent = [status for status, level in zip(statuses, levels, strict=True) if level == 1]
+    assert urgent.count(200) / len(urgent) > statuses.count(200) / len(statuses)
