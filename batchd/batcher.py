@@ -41,7 +41,7 @@ from batchd.errors import (
     WorkerDead,
 )
 from batchd.priority import PriorityQueues
-from batchd.scheduler import DeadlinePolicy, smallest_bucket
+from batchd.scheduler import ADMISSION_SHARE, DeadlinePolicy, smallest_bucket
 
 In = TypeVar("In")
 Out = TypeVar("Out")
@@ -236,7 +236,7 @@ class Batcher(Generic[In, Out]):
         if self._queue.depth(level) + count > max_queue_size:
             self._refuse_full(level, max_queue_size)
         ahead = self._queue.ahead_of(level) + sum(self._expected_by_level[:level])
-        self._refuse_if_late(ahead + count - 1)
+        self._refuse_if_late(ahead + count - 1, ADMISSION_SHARE)
 
     def _refuse_if_closed(self) -> None:
         if not self._accepting:
@@ -250,9 +250,9 @@ class Batcher(Generic[In, Out]):
         which = f"priority {level} queue" if self._queue.levels > 1 else "queue"
         raise QueueFull(f"the {which} of model {self.name!r} is full ({max_queue_size})")
 
-    def _refuse_if_late(self, ahead: int) -> None:
+    def _refuse_if_late(self, ahead: int, share: float = 1.0) -> None:
         if self._policy is not None and not self._policy.admits(
-                ahead, self._busy_remaining(time.monotonic())):
+                ahead, self._busy_remaining(time.monotonic()), share):
             self.stats.rejected_late += 1
             raise QueueTimeout(f"cannot be answered within the latency objective of "
                                f"{self.slo_s * 1000:.0f} ms now; try again shortly")

@@ -115,12 +115,13 @@ def test_a_bad_priority_parameter_is_refused(two_level_server: RunningServer,
 
 async def test_a_doomed_request_is_refused_before_its_body_is_decoded(
         tmp_path: Path, held_out: tuple[list[Any], list[int]]) -> None:
-    """Model 50 ms a batch, one request a batch, objective 120 ms: behind two queued
-    requests a new one cannot make it (150 ms). It is refused 503 at once, which an
-    undecodable body proves: decoded first, it would have been a 400."""
+    """Model 50 ms a batch, one request a batch, objective 200 ms, of which 140 ms
+    (ADMISSION_SHARE) before decoding: behind two queued requests a new one would take
+    150 ms. It is refused 503 at once, which an undecodable body proves: decoded first,
+    it would have been a 400."""
     path = write_config(tmp_path / "slo.toml", builder="tests.slow_model:build_slow",
                         builder_kwargs={"delay_ms": 50.0}, batching={
-                            "max_batch_size": 1, "buckets": [1], "slo_ms": 120,
+                            "max_batch_size": 1, "buckets": [1], "slo_ms": 200,
                             "max_wait_ms": 0})
     digit = png_bytes(held_out[0][0])
     png = {"Content-Type": "image/png"}
@@ -143,6 +144,7 @@ async def test_a_doomed_request_is_refused_before_its_body_is_decoded(
                 assert doomed.status_code == 503, doomed.text
                 assert doomed.json()["reason"] == "queue_timeout"
                 assert doomed.headers["Retry-After"]
+                await asyncio.sleep(0.25)  # the queued two are now past their objective
             answers = await asyncio.gather(running, *queued)
     assert answers[0].status_code == 200
     # held past their objective, the two queued ones are refused at dispatch, not computed

@@ -114,3 +114,28 @@ async def test_a_queued_request_past_saving_is_shed_before_it_is_computed(
     assert stats.expired == 1 and stats.computed_items == 1
     assert stats.accepted == stats.succeeded + stats.failed + stats.expired
     await batcher.drain(1)
+
+
+async def test_before_decoding_a_request_must_fit_the_admission_share(
+        clock: FakeClock) -> None:
+    from batchd.scheduler import ADMISSION_SHARE
+
+    model = BlockingModel()
+    batcher = make(model)  # objective 0.32 s; before decoding, 0.7 of it: 0.224 s
+    assert ADMISSION_SHARE == pytest.approx(0.7)
+    queued = [asyncio.ensure_future(batcher.submit(i)) for i in range(2)]
+    await asyncio.sleep(0)
+    batcher.check_admission()  # third in line: one batch of 4, 0.2 s
+    with batcher.expecting(2):  # two more being decoded ahead: a batch and one, 0.3 s
+        with pytest.raises(QueueTimeout):
+            batcher.check_admission()
+        queued += [asyncio.ensure_future(batcher.submit(i)) for i in (2, 3)]
+        await asyncio.sleep(0)
+    # once decoded, the same 0.3 s fits the whole objective: queueing admits it
+    queued.append(asyncio.ensure_future(batcher.submit(4)))
+    await asyncio.sleep(0)
+    assert (batcher.stats.rejected_late, batcher.stats.accepted) == (1, 5)
+    model.release.set()
+    batcher.start()
+    await asyncio.gather(*queued)
+    await batcher.drain(1)
