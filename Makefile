@@ -10,7 +10,7 @@ CONFIG ?= config/default.toml
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: serve test lint install clean
+.PHONY: serve test lint install clean image-check
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ lint: install
 
 test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Build the image, run it as the README does and check it (skips where no container
+# engine can run); see loadtest/image_check.py.
+image-check: install
+	$(BIN)/python -m loadtest.image_check
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -32,7 +32,11 @@ def configure_process(config: Config) -> CpuPlan:
     # Each bucket is one static-shape graph; the limit must let warm-up compile all of them.
     buckets = max(len(model.batching.bucket_sizes) for model in config.models)
     dynamo_config = torch._dynamo.config
-    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, buckets + 2)
+    # torch 2.7 renamed cache_size_limit to recompile_limit; Debian's torch is 2.6
+    limit_key = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") \
+        else "cache_size_limit"
+    recompile_limit = max(getattr(dynamo_config, limit_key), buckets + 2)
+    setattr(dynamo_config, limit_key, recompile_limit)
     # The *_created series double every counter and histogram for no use a dashboard has.
     prometheus_client.disable_created_metrics()
     if server.access_log:
@@ -40,7 +44,7 @@ def configure_process(config: Config) -> CpuPlan:
     raise_open_file_limit(server.max_connections)
     logger.info("%s; GIL switch interval %g ms; recompile limit %d; access log %s",
                 cpu_plan.describe(), server.gil_switch_interval_ms,
-                dynamo_config.recompile_limit, "on" if server.access_log else "off")
+                recompile_limit, "on" if server.access_log else "off")
     return cpu_plan
 
 

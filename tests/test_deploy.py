@@ -72,8 +72,6 @@ def test_dockerfile_is_exec_form_non_root_and_healthy() -> None:
     assert user and user.group(1).split(":")[0] not in ("0", "root")
     assert 'CMD ["batchd", "health"]' in DOCKERFILE.split("HEALTHCHECK", 1)[1]
     assert "ARG BASE_IMAGE" in DOCKERFILE and "ARG TORCH_INDEX_URL" in DOCKERFILE
-    ignored = (ROOT / ".dockerignore").read_text().split()
-    assert ".venv" in ignored and ".git" in ignored
 
 
 def test_dockerfile_passes_hadolint() -> None:
@@ -169,3 +167,26 @@ def test_rules_and_dashboard_use_only_real_metrics() -> None:
     titles = " ".join(panel["title"].lower() for panel in dashboard["panels"])
     for topic in ("throughput", "latency", "batch size", "padding", "queue depth", "rejections"):
         assert topic in titles
+
+
+def test_the_image_check_runs_the_readmes_docker_run() -> None:
+    from loadtest.image_check import IMAGE, STOP_TIMEOUT_S, run_command
+
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("docker run -d -p 8000:8000", 1)[1].split("```", 1)[0]
+    readme_flags = block.replace("\\\n", " ").split()
+    readme_flags = readme_flags[:-1]  # the image name
+    check = run_command(8000, "tmpfs")
+    assert check[:4] == ["run", "-d", "-p", "127.0.0.1:8000:8000"] and check[-1] == IMAGE
+    assert check[4:-1] == readme_flags
+    assert readme_flags[readme_flags.index("--stop-timeout") + 1] == str(STOP_TIMEOUT_S)
+
+
+def test_the_build_context_is_a_whitelist() -> None:
+    lines = [line for line in (ROOT / ".dockerignore").read_text().splitlines()
+             if line and not line.startswith("#")]
+    assert lines[0] == "*"
+    allowed = {line[1:] for line in lines if line.startswith("!")}
+    assert allowed == {"pyproject.toml", "README.md", "batchd", "config/default.toml"}
+    copied = re.findall(r"^COPY (\S+)", DOCKERFILE, re.M)
+    assert set(copied) <= allowed | {"pyproject.toml"}
