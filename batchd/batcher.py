@@ -228,8 +228,8 @@ class Batcher(Generic[In, Out]):
         """Refuse, before its body is read or decoded, a request that submit() would refuse
         now: ShuttingDown, WorkerDead, QueueFull when its level's queue is full, and with a
         latency objective QueueTimeout when the requests queued or being decoded ahead of
-        it already take longer than the objective. So overload is answered in microseconds,
-        not after an upload and a decode that could never be used."""
+        it already take longer than ADMISSION_SHARE of the objective. So overload is
+        answered at once, not after an upload and a decode that could never be used."""
         level = self.level_of(priority)
         self._refuse_if_closed()
         max_queue_size, _ = self.level_limits[level - 1]
