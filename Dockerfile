@@ -1,4 +1,4 @@
-# batchd: CPU image by default (about 1.5 GB with PyTorch's CPU wheels).
+# batchd: CPU image by default (PyTorch's CPU wheels; see README, Deploy, for measured sizes).
 #   docker build -t batchd .
 # CUDA image: the same base with PyTorch's CUDA wheels (they bundle the CUDA runtime; the
 # node needs only the NVIDIA driver and container toolkit):
