@@ -375,3 +375,33 @@ def test_a_request_over_the_item_limit_is_413(two_models: RunningServer) -> None
     assert response.status_code == 413, response.text
     assert response.json()["reason"] == "payload_too_large"
     assert "max_request_items" in response.json()["error"]
+
+
+def test_model_config_in_tritons_shape(two_models: RunningServer) -> None:
+    """tritonclient's get_model_config reads the model's batching and tensors, and a
+    client can build a valid request from them alone."""
+    client = triton.InferenceServerClient(host(two_models))
+    runtime = two_models.app.state.runtime
+    for name, slot in runtime.slots.items():
+        config = client.get_model_config(name)
+        batching = slot.config.batching
+        assert config["name"] == name
+        assert config["max_batch_size"] == batching.max_batch_size
+        dynamic = config["dynamic_batching"]
+        assert dynamic["preferred_batch_size"] == list(batching.bucket_sizes)
+        assert dynamic["max_queue_delay_microseconds"] == int(batching.max_wait_ms * 1000)
+        assert dynamic["default_queue_policy"]["max_queue_size"] == batching.max_queue_size
+        (tensor,) = config["input"]
+        assert tensor["dims"] == list(slot.model.input_shape)
+        assert {output["name"] for output in config["output"]} == {"logits", "probabilities"}
+        assert all(output["dims"] == [slot.model.num_classes] for output in config["output"])
+        # a request built from the config alone is served
+        shape = [2, *tensor["dims"]]
+        request = triton.InferInput(tensor["name"], shape, tensor["data_type"].removeprefix(
+            "TYPE_"))
+        request.set_data_from_numpy(np.zeros(shape, dtype=np.float32))
+        result = client.infer(name, [request], model_version="1")
+        assert result.as_numpy("probabilities").shape == (2, slot.model.num_classes)
+    with pytest.raises(InferenceServerException):
+        client.get_model_config("nope")
+    assert httpx.get(f"{two_models.url}/v2/models/digits/versions/2/config").status_code == 404

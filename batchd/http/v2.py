@@ -102,6 +102,41 @@ async def model_metadata(request: Request) -> Response:
     })
 
 
+async def model_config(request: Request) -> Response:
+    """The model's configuration in Triton's shape (model_config.proto as JSON), for
+    clients and tools that read it (tritonclient's get_model_config, perf_analyzer):
+    dims leave out the batch dimension, as they do where max_batch_size > 0."""
+    slot = model_slot(request)
+    batching = slot.config.batching
+    on_gpu = slot.model.device.type == "cuda"
+    queue_policy = {"timeout_action": "REJECT",
+                    "default_timeout_microseconds": int(batching.queue_timeout_ms * 1000),
+                    "allow_timeout_override": True,
+                    "max_queue_size": batching.max_queue_size}
+    return JSONResponse({
+        "name": slot.name,
+        "platform": "pytorch_libtorch",
+        "backend": PLATFORM,
+        "version_policy": {"specific": {"versions": [int(VERSION)]}},
+        "max_batch_size": batching.max_batch_size,
+        "input": [{"name": INPUT_TENSOR, "data_type": "TYPE_FP32", "format": "FORMAT_NCHW",
+                   "dims": list(slot.model.input_shape)}],
+        "output": [{"name": name, "data_type": "TYPE_FP32",
+                    "dims": [slot.model.num_classes]} for name in OUTPUTS],
+        "dynamic_batching": {
+            "preferred_batch_size": list(batching.bucket_sizes),
+            "max_queue_delay_microseconds": int(batching.max_wait_ms * 1000),
+            "priority_levels": batching.priority_levels,
+            "default_priority_level": batching.default_level,
+            "default_queue_policy": queue_policy,
+        },
+        "instance_group": [{"name": slot.name, "count": 1,
+                            "kind": "KIND_GPU" if on_gpu else "KIND_CPU"}],
+        # the encoded-image input a request may send in the tensor's place
+        "parameters": {"alternative_input": {"string_value": f"{INPUT_IMAGES}:BYTES[-1]"}},
+    })
+
+
 async def infer(request: Request) -> Response:
     return await serve_prediction(request, checked_name(request), _infer)
 
@@ -156,6 +191,7 @@ def routes() -> list[Route]:
         Route("/v2/health/live", server_live, methods=["GET"]),
         Route("/v2/health/ready", server_ready, methods=["GET"]),
         *(Route(base, model_metadata, methods=["GET"]) for base in (model, versioned)),
+        *(Route(f"{base}/config", model_config, methods=["GET"]) for base in (model, versioned)),
         *(Route(f"{base}/ready", model_ready, methods=["GET"]) for base in (model, versioned)),
         *(Route(f"{base}/infer", infer, methods=["POST"]) for base in (model, versioned)),
     ]
