@@ -148,6 +148,21 @@ def find_lambda_star(url: str, body: tuple[bytes, str], slo_s: float, arrivals: 
     return low, points
 
 
+def batcher_outcomes(url: str) -> dict[str, float]:
+    """batchd's settled requests by outcome (batchd_batcher_requests_total), all models."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    totals: dict[str, float] = {}
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "batchd_batcher_requests_total":
+                outcome = sample.labels["outcome"]
+                totals[outcome] = totals.get(outcome, 0.0) + sample.value
+    return totals
+
+
 def with_batching(config_path: Path, tag: str, **settings: Any) -> Path:
     """A copy of the config beside it (relative paths still resolve) with these
     [models.batching] keys set."""
@@ -234,9 +249,15 @@ def main(argv: list[str] | None = None) -> None:
                                                args.seconds, args.steps, args.seed)
                 stage(f"{kind}: lambda* = {lam:.1f} requests/s; now {args.overload:g}x that")
                 rate = lam * args.overload
+                before = batcher_outcomes(served.url) if kind == "batchd" else {}
                 overload = measure_point(served.url, body, rate,
                                          max(args.min_requests, int(rate * args.seconds)),
                                          100, slo_s, args.arrivals, args.seed)
+                if kind == "batchd":
+                    after = batcher_outcomes(served.url)
+                    overload["batcher"] = {key: after[key] - before.get(key, 0.0)
+                                           for key in after}
+                    stage(f"  batchd's books at that point: {overload['batcher']}")
             results[kind] = {"lambda_star": lam, "points": points, "overload": overload}
             runs[kind] = points
     finally:

@@ -32,3 +32,16 @@ def test_a_point_counts_every_answer(digits_server: RunningServer,
     assert point["errors"] == {}
     assert point["p50_ms"] <= point["p99_ms"]
     assert point["goodput"] > 0
+
+
+def test_the_overload_point_reads_batchds_books(digits_server: RunningServer,
+                                                held_out: tuple[list[Any], list[int]]) -> None:
+    from loadtest.openloop import batcher_outcomes
+
+    before = batcher_outcomes(digits_server.url)
+    body = multipart_body(png_bytes(held_out[0][0]))
+    measure_point(digits_server.url, body, rate=50.0, count=20, warmup=0, slo_s=30.0,
+                  arrivals="poisson", seed=1)
+    after = batcher_outcomes(digits_server.url)
+    assert after["succeeded"] - before.get("succeeded", 0.0) == 20
+    assert {"expired", "rejected_late", "rejected_full"} <= set(after)
