@@ -75,7 +75,10 @@ class Batcher(Generic[In, Out]):
 
     With `priority_levels` above 1, each level has its own queue, size and timeout
     (`level_limits`); batches seat the most urgent level first and keep `priority_share`
-    of the seats for the less urgent ones while they wait (batchd.priority).
+    of the seats for the less urgent ones while they wait (batchd.priority). With
+    `expedite`, a batch that level 1 is waiting for is cut to the smallest bucket that
+    holds level 1's queue: less urgent requests wait for the next batch, and level 1
+    waits for a small batch rather than a full one.
     """
 
     def __init__(
@@ -95,6 +98,7 @@ class Batcher(Generic[In, Out]):
         default_priority: int = 0,
         priority_share: float = 0.1,
         level_limits: Sequence[tuple[int, float]] = (),
+        expedite: bool = False,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
@@ -118,6 +122,7 @@ class Batcher(Generic[In, Out]):
         self.level_limits = tuple(level_limits) or (
             ((max_queue_size, queue_timeout_s),) * priority_levels)
         self.default_level = default_priority or priority_levels
+        self.expedite = expedite
         self._queue: PriorityQueues[_Request[In, Out]] = PriorityQueues(
             priority_levels, priority_share if priority_levels > 1 else 0.0)
         self._wakeup = asyncio.Event()
@@ -360,6 +365,9 @@ class Batcher(Generic[In, Out]):
                         await self._wakeup.wait()
             batch: list[_Request[In, Out]] = []
             count = self.batch_count(len(self._queue))
+            if self.expedite and self._queue.levels > 1 and self._queue.depth(1):
+                # the most urgent ride in a batch of their own size, not a full one
+                count = min(count, self.bucket_for(self._queue.depth(1)))
             now = time.monotonic()
             while self._queue and len(batch) < count:
                 request = self._queue.popleft()

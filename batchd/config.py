@@ -87,6 +87,9 @@ class BatchingConfig:
     priority_share: float = 0.1
     # Per level, in order from level 1: its own queue size and timeout.
     levels: tuple[PriorityLevelConfig, ...] = ()
+    # Level 1 rides in batches cut to its own queue's size, not full ones: its latency
+    # for the less urgent levels' throughput.
+    expedite_level_1: bool = False
 
     @property
     def request_item_limit(self) -> int:

@@ -175,6 +175,7 @@ class Runtime:
                 priority_share=batching.priority_share,
                 level_limits=[(size, timeout_ms / 1000.0)
                               for size, timeout_ms in batching.level_limits()],
+                expedite=batching.expedite_level_1,
             )
             slot = ModelSlot(model_config, model, batcher, thread, limiter, decode_gate)
             self.slots[model_config.name] = slot

@@ -61,8 +61,10 @@ def grid(args: argparse.Namespace, body: tuple[bytes, str]) -> dict[str, Any]:
 
 
 def priority(args: argparse.Namespace, body: tuple[bytes, str]) -> dict[str, Any]:
-    config = with_batching(WORKLOADS[args.workload], "priority", priority_levels=2,
-                           default_priority=2)
+    settings: dict[str, Any] = {"priority_levels": 2, "default_priority": 2}
+    if args.expedite:
+        settings["expedite_level_1"] = "true"
+    config = with_batching(WORKLOADS[args.workload], "priority", **settings)
     urgent_rate = args.capacity * args.urgent_share
     flood_rate = args.capacity * args.flood
     count = max(args.min_requests, int((urgent_rate + flood_rate) * args.seconds))
@@ -124,12 +126,15 @@ def main(argv: list[str] | None = None) -> None:
                         help="priority: level 2's rate as a multiple of capacity")
     parser.add_argument("--urgent-share", type=float, default=0.1,
                         help="priority: level 1's rate as a multiple of capacity")
+    parser.add_argument("--expedite", action="store_true",
+                        help="priority: batching.expedite_level_1 = true")
     args = parser.parse_args(argv)
     ensure_checkpoint(WORKLOADS[args.workload])
     body = multipart_body(photo_jpeg())
     RESULTS.mkdir(parents=True, exist_ok=True)
     result = grid(args, body) if args.study == "grid" else priority(args, body)
-    out = RESULTS / f"{args.study}-{args.workload}.json"
+    suffix = "-expedite" if args.study == "priority" and args.expedite else ""
+    out = RESULTS / f"{args.study}-{args.workload}{suffix}.json"
     out.write_text(json.dumps(result, indent=2, default=str))
     stage(f"wrote {Path(out)}")
 

@@ -176,3 +176,30 @@ async def test_the_gate_lets_the_most_urgent_waiter_in_first() -> None:
     await asyncio.gather(first, *tasks)
     assert order == ["urgent", "low-a", "low-b"]
     assert gate._free == 1 and gate.waiting == 0  # every token came back
+
+
+@pytest.mark.parametrize("expedite", [False, True])
+async def test_expedite_cuts_the_batch_level_1_waits_for(make_batcher: MakeBatcher,
+                                                        expedite: bool) -> None:
+    from tests.conftest import BlockingModel
+
+    model = BlockingModel()
+    seen: list[list[int]] = []
+
+    def recording(items: Sequence[int], bucket: int) -> list[int]:
+        seen.append(list(items))
+        return model(items, bucket)
+
+    batcher = make_batcher(recording, priority_levels=2, priority_share=0.0,
+                           expedite=expedite)  # batches of up to 8: buckets 1, 2, 4, 8
+    holder = asyncio.ensure_future(batcher.submit(-1))
+    await until(model.started.is_set)
+    backlog = [asyncio.ensure_future(batcher.submit(i, priority=2)) for i in range(20)]
+    urgent = [asyncio.ensure_future(batcher.submit(100 + i, priority=1)) for i in range(3)]
+    await until(lambda: batcher.queue_depth == 23)
+    model.release.set()
+    await asyncio.gather(holder, *backlog, *urgent)
+    first = seen[1]
+    assert sorted(item for item in first if item >= 100) == [100, 101, 102]
+    assert len(first) == (4 if expedite else 8)  # the bucket holding level 1, or a full one
+    assert_books_balance(batcher)
