@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import pytest
 
 from batchd.errors import InvalidParameter, QueueFull, QueueTimeout
 from batchd.priority import PriorityQueues
+from tests.conftest import BlockingModel
 from tests.test_batcher import MakeBatcher, assert_books_balance, make_batcher, until
 
 __all__ = ["make_batcher"]  # the fixture, shared with test_batcher
@@ -64,10 +65,9 @@ def test_no_seat_is_left_empty_and_an_emptied_level_banks_no_credit() -> None:
     assert [queues.popleft().name for _ in range(4)] == ["a3", "a4", "b1", "a5"]
 
 
-async def test_urgent_requests_ride_the_next_batch_ahead_of_a_backlog(
-        make_batcher: MakeBatcher) -> None:
-    from tests.conftest import BlockingModel
-
+def held_recorder() -> tuple[BlockingModel, list[list[int]],
+                            Callable[[Sequence[int], int], list[int]]]:
+    """A model held until released, and the inputs of every batch it ran, in order."""
     model = BlockingModel()
     seen: list[list[int]] = []
 
@@ -75,6 +75,12 @@ async def test_urgent_requests_ride_the_next_batch_ahead_of_a_backlog(
         seen.append(list(items))
         return model(items, bucket)
 
+    return model, seen, recording
+
+
+async def test_urgent_requests_ride_the_next_batch_ahead_of_a_backlog(
+        make_batcher: MakeBatcher) -> None:
+    model, seen, recording = held_recorder()
     batcher = make_batcher(recording, max_batch_size=4, bucket_sizes=(1, 2, 4),
                            priority_levels=2, priority_share=0.25)
     holder = asyncio.ensure_future(batcher.submit(-1))
@@ -118,8 +124,6 @@ async def test_a_flood_of_urgent_requests_does_not_starve_the_rest(
 
 async def test_each_level_has_its_own_queue_size_and_timeout(
         make_batcher: MakeBatcher) -> None:
-    from tests.conftest import BlockingModel
-
     model = BlockingModel()
     batcher = make_batcher(model, max_batch_size=1, bucket_sizes=(1,), priority_levels=2,
                            level_limits=[(10, 10.0), (2, 0.05)])
@@ -181,15 +185,7 @@ async def test_the_gate_lets_the_most_urgent_waiter_in_first() -> None:
 @pytest.mark.parametrize("expedite", [False, True])
 async def test_expedite_cuts_the_batch_level_1_waits_for(make_batcher: MakeBatcher,
                                                         expedite: bool) -> None:
-    from tests.conftest import BlockingModel
-
-    model = BlockingModel()
-    seen: list[list[int]] = []
-
-    def recording(items: Sequence[int], bucket: int) -> list[int]:
-        seen.append(list(items))
-        return model(items, bucket)
-
+    model, seen, recording = held_recorder()
     batcher = make_batcher(recording, priority_levels=2, priority_share=0.0,
                            expedite=expedite)  # batches of up to 8: buckets 1, 2, 4, 8
     holder = asyncio.ensure_future(batcher.submit(-1))
