@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -32,6 +31,7 @@ import numpy as np
 from loadtest.bench import RESULTS, WORKLOADS, ensure_checkpoint, server, stage
 from loadtest.cpu import multipart_body, own_cpu_seconds
 from loadtest.images import photo_jpeg
+from loadtest.servers import config_with
 
 BURSTY_CV = 3.0
 LATE_MS = 10.0  # a point whose generator sent its p99 request later than this fell behind
@@ -48,7 +48,7 @@ def arrival_offsets(rate: float, count: int, arrivals: str, seed: int) -> np.nda
     return np.cumsum(gaps)
 
 
-async def _run(url: str, body: bytes, content_type: str, offsets: np.ndarray,
+async def run_schedule(url: str, body: bytes, content_type: str, offsets: np.ndarray,
                warmup: int, priorities: np.ndarray | None = None
                ) -> list[tuple[float, float, int]]:
     """(lateness s, latency s from the scheduled time, status) for each request; with
@@ -84,7 +84,7 @@ def measure_point(url: str, body: tuple[bytes, str], rate: float, count: int, wa
                   slo_s: float, arrivals: str, seed: int) -> dict[str, Any]:
     offsets = arrival_offsets(rate, count + warmup, arrivals, seed)
     cpu_before = own_cpu_seconds()
-    results = asyncio.run(_run(url, *body, offsets, warmup))
+    results = asyncio.run(run_schedule(url, *body, offsets, warmup))
     cpu_s = own_cpu_seconds() - cpu_before
     window_s = float(offsets[-1] - offsets[warmup]) if count > 1 else 1.0
     point = summarise(results, window_s, slo_s)
@@ -164,18 +164,8 @@ def batcher_outcomes(url: str) -> dict[str, float]:
 
 
 def with_batching(config_path: Path, tag: str, **settings: Any) -> Path:
-    """A copy of the config beside it (relative paths still resolve) with these
-    [models.batching] keys set."""
-    text = config_path.read_text()
-    if "[models.batching]" not in text:
-        raise SystemExit(f"{config_path} has no [models.batching] table to change")
-    lines = ""
-    for key, value in settings.items():
-        text = re.sub(rf"^{key}\s*=.*$\n?", "", text, flags=re.M)
-        lines += f"\n{key} = {value}"
-    copy = config_path.with_name(f".openloop-{tag}-{config_path.stem}.toml")
-    copy.write_text(text.replace("[models.batching]", f"[models.batching]{lines}", 1))
-    return copy
+    """A copy of the config with these [models.batching] keys set."""
+    return config_with(config_path, "models.batching", f"openloop-{tag}", **settings)
 
 
 def with_objective(config_path: Path, slo_ms: float) -> Path:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import httpx
 
@@ -21,6 +22,23 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def config_with(config_path: Path, table: str, tag: str, **settings: Any) -> Path:
+    """A copy of a config beside it (relative paths still resolve) with these keys set in
+    its first `[table]` (written as TOML literals: numbers, `true`, quoted strings)."""
+    text = config_path.read_text()
+    header = f"[{table}]"
+    if not re.search(rf"^{re.escape(header)}\s*$", text, flags=re.M):
+        raise SystemExit(f"{config_path} has no {header} table to change")
+    lines = ""
+    for key, value in settings.items():
+        text = re.sub(rf"^{key}\s*=.*$\n?", "", text, flags=re.M)
+        lines += f"\n{key} = {value}"
+    copy = config_path.with_name(f".{tag}-{config_path.stem}.toml")
+    copy.write_text(re.sub(rf"^{re.escape(header)}\s*$", f"{header}{lines}", text, count=1,
+                           flags=re.M))
+    return copy
 
 
 def batchd_command(config: Path, port: int) -> list[str]:

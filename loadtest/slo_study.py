@@ -25,10 +25,10 @@ from loadtest.bench import RESULTS, WORKLOADS, ensure_checkpoint, server, stage
 from loadtest.cpu import multipart_body
 from loadtest.images import photo_jpeg
 from loadtest.openloop import (
-    _run,
     arrival_offsets,
     describe,
     find_lambda_star,
+    run_schedule,
     summarise,
     with_batching,
 )
@@ -81,7 +81,7 @@ def priority(args: argparse.Namespace, body: tuple[bytes, str]) -> dict[str, Any
             stage(f"level 1 alone at {urgent_rate:.1f}/s")
             alone_offsets = arrival_offsets(urgent_rate, args.min_requests // 4 + 50,
                                             "poisson", args.seed)
-            alone = asyncio.run(_run(served.url, *body, alone_offsets, 50,
+            alone = asyncio.run(run_schedule(served.url, *body, alone_offsets, 50,
                                      np.ones(len(alone_offsets))))
             report["level 1 alone"] = summarise(alone, float(alone_offsets[-1]
                                                              - alone_offsets[50]),
@@ -89,7 +89,7 @@ def priority(args: argparse.Namespace, body: tuple[bytes, str]) -> dict[str, Any
             stage(f"  {describe(report['level 1 alone'])}")
             stage(f"level 1 at {urgent_rate:.1f}/s with level 2 at {flood_rate:.1f}/s "
                   f"({args.flood:g}x capacity), {count} requests")
-            results = asyncio.run(_run(served.url, *body, offsets, warmup, levels))
+            results = asyncio.run(run_schedule(served.url, *body, offsets, warmup, levels))
     finally:
         config.unlink()
     measured = levels[warmup:]

@@ -12,30 +12,14 @@ p50, p99 and server CPU per request, with the ratio to the first interval:
 from __future__ import annotations
 
 import argparse
-import re
 import sys
-from pathlib import Path
 
 from loadtest import cpu
 from loadtest.bench import WORKLOADS, drive, ensure_checkpoint, offline_answer, stage
 from loadtest.images import photo_jpeg
-from loadtest.servers import ROOT, batchd_command, free_port, serving
+from loadtest.servers import ROOT, batchd_command, config_with, free_port, serving
 
 RESULTS = ROOT / "loadtest" / "results"
-
-
-def config_with_interval(config_path: Path, interval_ms: float) -> Path:
-    """A copy of the workload's config beside it (relative paths keep working) with the
-    interval set under [server]."""
-    text = config_path.read_text()
-    setting = f"gil_switch_interval_ms = {interval_ms}"
-    text, count = re.subn(r"^\[server\]\s*$", f"[server]\n{setting}", text, count=1,
-                          flags=re.MULTILINE)
-    if count == 0:
-        text = f"[server]\n{setting}\n\n{text}"
-    copy = config_path.with_name(f".switch-{interval_ms}-{config_path.name}")
-    copy.write_text(text)
-    return copy
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -54,7 +38,8 @@ def main(argv: list[str] | None = None) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     table: dict[float, dict[int, dict[str, float]]] = {}
     for interval in [float(value) for value in args.intervals.split(",")]:
-        copy = config_with_interval(config_path, interval)
+        copy = config_with(config_path, "server", f"switch-{interval:g}",
+                           gil_switch_interval_ms=interval)
         port = free_port()
         try:
             stage(f"batchd with a {interval:g} ms switch interval")

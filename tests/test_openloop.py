@@ -45,3 +45,25 @@ def test_the_overload_point_reads_batchds_books(digits_server: RunningServer,
     after = batcher_outcomes(digits_server.url)
     assert after["succeeded"] - before.get("succeeded", 0.0) == 20
     assert {"expired", "rejected_late", "rejected_full"} <= set(after)
+
+
+@pytest.mark.parametrize(("table", "settings", "read"), [
+    ("server", {"gil_switch_interval_ms": 0.5},
+     lambda config: config.server.gil_switch_interval_ms == 0.5),
+    ("models.batching", {"slo_ms": 250.0, "max_wait_ms": 1},
+     lambda config: (config.models[0].batching.slo_ms,
+                     config.models[0].batching.max_wait_ms) == (250.0, 1.0)),
+])
+def test_a_derived_config_sets_keys_in_its_table(table: str, settings: dict[str, Any],
+                                                 read: Any) -> None:
+    from batchd.config import load_config
+    from loadtest.servers import config_with
+    from tests.conftest import ROOT
+
+    copy = config_with(ROOT / "config" / "default.toml", table, "test", **settings)
+    try:
+        assert read(load_config(copy))
+    finally:
+        copy.unlink()
+    with pytest.raises(SystemExit):
+        config_with(ROOT / "config" / "default.toml", "nope", "test", x=1)

@@ -161,7 +161,7 @@ def test_open_loop_overload_answers_every_request_once(
     server's books agree with the client's count."""
     import numpy as np
 
-    from loadtest.openloop import _run, arrival_offsets
+    from loadtest.openloop import arrival_offsets, run_schedule
 
     path = write_config(tmp_path / "overload.toml", builder="tests.slow_model:build_slow",
                         builder_kwargs={"delay_ms": 20.0}, batching={
@@ -171,7 +171,7 @@ def test_open_loop_overload_answers_every_request_once(
     offsets = arrival_offsets(400.0, 300, "poisson", seed=3)
     levels = np.where(np.arange(300) % 5 == 0, 1, 2)
     with run_server(path) as server:
-        results = asyncio.run(_run(server.url, body, "image/png", offsets, 0, levels))
+        results = asyncio.run(run_schedule(server.url, body, "image/png", offsets, 0, levels))
         statuses = [status for _, _, status in results]
         by_outcome = {outcome: server.metric("batchd_requests_total",
                                              {"model": "digits", "outcome": outcome})

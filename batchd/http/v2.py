@@ -150,7 +150,7 @@ async def _infer(request: Request, slot: ModelSlot, headers: dict[str, str]) -> 
     count = len(parsed.images if parsed.images is not None else parsed.tensors or [])
     slot.batcher.check_admission(parsed.priority, count)
     if parsed.images is not None:
-        with slot.batcher.expecting(len(parsed.images), parsed.priority):
+        with slot.batcher.expecting(count, parsed.priority):
             items = list(await asyncio.gather(*(slot.preprocess(image, parsed.priority)
                                                 for image in parsed.images)))
     else:
