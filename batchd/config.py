@@ -22,6 +22,9 @@ ArtifactFormat = Literal["torchscript", "exported", "onnx"]
 ARTIFACT_SUFFIXES: dict[str, ArtifactFormat] = {
     ".ts": "torchscript", ".torchscript": "torchscript", ".pt2": "exported", ".onnx": "onnx",
 }
+# The most buckets one model may have: each is a graph compiled at warm-up, and the
+# compiler's recompile limit is set from this (batchd.process).
+MAX_BUCKETS = 64
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 
@@ -190,12 +193,26 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class RepositoryConfig:
+    """A model repository: a folder of models, each with its versions, that can be
+    loaded, reloaded and unloaded while the server runs (batchd.repository)."""
+
+    path: Path | None = None
+    # Seconds between looks for changed models, which are then reloaded; 0: never.
+    poll_s: float = 0.0
+    # The environment variable holding the token of the management API
+    # (/v2/repository/...); unset, that API is off (404).
+    admin_token_env: str = ""
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration file."""
 
     server: ServerConfig
     models: tuple[ModelConfig, ...]
     path: Path | None = None
+    repository: RepositoryConfig = field(default_factory=RepositoryConfig)
 
     def model(self, name: str) -> ModelConfig:
         for model in self.models:
@@ -219,27 +236,31 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 
 def parse_config(raw: dict[str, Any], path: Path) -> Config:
     """Build a Config from already-parsed TOML; relative paths resolve against the file's folder."""
-    _reject_unknown(raw, {"server", "models"}, "", path)
-    server = _build(ServerConfig, raw.get("server", {}), "server", path)
-    raw_models = raw.get("models")
-    if not isinstance(raw_models, list) or not raw_models:
-        raise ConfigError(f"{path}: key 'models' must be a non-empty array of tables ([[models]])")
+    _reject_unknown(raw, {"server", "models", "repository"}, "", path)
+    server = build_table(ServerConfig, raw.get("server", {}), "server", path)
+    repository = build_table(RepositoryConfig, raw.get("repository", {}), "repository", path)
+    repository = _check_repository(repository, path)
+    raw_models = raw.get("models", [])
+    if not isinstance(raw_models, list) or (not raw_models and repository.path is None):
+        raise ConfigError(f"{path}: key 'models' must be a non-empty array of tables "
+                          "([[models]]), unless [repository] names a path")
     models = []
     for index, raw_model in enumerate(raw_models):
         key = f"models[{index}]"
         if not isinstance(raw_model, dict):
             raise ConfigError(f"{path}: key '{key}' must be a table")
-        models.append(_build_model(raw_model, key, path))
+        models.append(build_model_config(raw_model, key, path))
     names = [model.name for model in models]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         raise ConfigError(f"{path}: key 'models': duplicate model names {duplicates}")
-    if not server.default_model:
-        server = dataclasses.replace(server, default_model=names[0])
-    elif server.default_model not in names:
+    # a default from the repository is checked once the repository is read
+    if server.default_model and server.default_model not in names and repository.path is None:
         raise ConfigError(
             f"{path}: key 'server.default_model': {server.default_model!r} is not one of {names}"
         )
+    if not server.default_model and names:
+        server = dataclasses.replace(server, default_model=names[0])
     if server.auth_token_file is not None:
         token_file = (path.parent / server.auth_token_file).resolve()
         if not token_file.is_file():
@@ -247,10 +268,26 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
                               f"{token_file}")
         server = dataclasses.replace(server, auth_token_file=token_file)
     _check_server(server, path)
-    return Config(server=server, models=tuple(models), path=path)
+    return Config(server=server, models=tuple(models), path=path, repository=repository)
 
 
-def _build_model(raw: dict[str, Any], key: str, path: Path) -> ModelConfig:
+def _check_repository(repository: RepositoryConfig, path: Path) -> RepositoryConfig:
+    if repository.path is None:
+        if repository.poll_s or repository.admin_token_env:
+            raise ConfigError(f"{path}: key 'repository.path' is required with "
+                              "poll_s or admin_token_env")
+        return repository
+    folder = (path.parent / repository.path).resolve()
+    if not folder.is_dir():
+        raise ConfigError(f"{path}: key 'repository.path': folder not found: {folder}")
+    if repository.poll_s < 0:
+        raise ConfigError(f"{path}: key 'repository.poll_s': must not be negative")
+    return dataclasses.replace(repository, path=folder)
+
+
+def build_model_config(raw: dict[str, Any], key: str, path: Path) -> ModelConfig:
+    """One model's table (as in [[models]]), with its files resolved against `path`'s
+    folder and every value checked; errors name `key` in `path`."""
     raw = dict(raw)
     checkpoint = raw.get("checkpoint")
     if isinstance(checkpoint, str):
@@ -259,7 +296,7 @@ def _build_model(raw: dict[str, Any], key: str, path: Path) -> ModelConfig:
     if isinstance(source, dict) and isinstance(source.get("artifact"), str):
         raw["source"] = {**source, "artifact": _existing_file(path, f"{key}.source.artifact",
                                                               source["artifact"])}
-    model = _build(ModelConfig, raw, key, path)
+    model = build_table(ModelConfig, raw, key, path)
     _check_model(model, key, path)
     return model
 
@@ -347,6 +384,9 @@ def _check_model(model: ModelConfig, key: str, path: Path) -> None:
         if level.max_queue_size < 0 or level.queue_timeout_ms < 0:
             fail(f"batching.levels[{index}]", "max_queue_size and queue_timeout_ms must not "
                  "be negative (0: the model's)")
+    if len(batching.bucket_sizes) > MAX_BUCKETS:
+        fail("batching.buckets", f"has {len(batching.bucket_sizes)} buckets; at most "
+             f"{MAX_BUCKETS}")
     if any(size < 1 for size in batching.buckets):
         fail("batching.buckets", "every bucket must be at least 1")
     if batching.buckets and max(batching.buckets) > batching.max_batch_size:
@@ -402,7 +442,7 @@ def _reject_unknown(raw: dict[str, Any], known: set[str], key: str, path: Path) 
         raise ConfigError(f"{path}: unknown key {names}; expected one of {sorted(known)}")
 
 
-def _build(cls: type[Any], raw: Any, key: str, path: Path) -> Any:
+def build_table(cls: type[Any], raw: Any, key: str, path: Path) -> Any:
     """Construct dataclass `cls` from a TOML table, checking keys and types field by field."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: key '{key}' must be a table")
@@ -423,7 +463,7 @@ def _build(cls: type[Any], raw: Any, key: str, path: Path) -> Any:
 def _convert(hint: Any, value: Any, key: str, path: Path) -> Any:
     origin = get_origin(hint)
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
-        return _build(hint, value, key, path)
+        return build_table(hint, value, key, path)
     if origin in (types.UnionType, typing.Union):
         options = [arg for arg in get_args(hint) if arg is not type(None)]
         return _convert(options[0], value, key, path)

@@ -103,3 +103,9 @@ class Unauthorized(BatchdError):
     """The request lacks the bearer token this server requires."""
 
     reason = "unauthorized"
+
+
+class LoadFailed(BatchdError):
+    """A model's load or reload from the repository failed; what served before still does."""
+
+    reason = "load_failed"

@@ -1,4 +1,5 @@
-"""Prometheus metrics, labelled by model. Each app owns its own registry.
+"""Prometheus metrics, labelled by model, and by version where versions differ: the
+batches, the queue and readiness. Each app owns its own registry.
 
 The batcher and the model do not know about Prometheus: per-batch figures arrive through
 the BatchObserver callback, and counts and gauges are read from them at scrape time.
@@ -6,6 +7,7 @@ the BatchObserver callback, and counts and gauges are read from them at scrape t
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -53,11 +55,11 @@ class _Watched:
 
 
 class _BatchObserver:
-    def __init__(self, metrics: Metrics, model: str) -> None:
-        self._queue_wait = metrics.queue_wait.labels(model)
-        self._compute = metrics.batch_compute.labels(model)
-        self._size = metrics.batch_size.labels(model)
-        self._padding = metrics.padding.labels(model)
+    def __init__(self, metrics: Metrics, model: str, version: str) -> None:
+        self._queue_wait = metrics.queue_wait.labels(model, version)
+        self._compute = metrics.batch_compute.labels(model, version)
+        self._size = metrics.batch_size.labels(model, version)
+        self._padding = metrics.padding.labels(model, version)
 
     def batch_done(
         self, size: int, bucket: int, queue_waits: Sequence[float], compute_s: float
@@ -74,7 +76,7 @@ class Metrics:
 
     def __init__(self, max_batch_size: int = 256, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
-        self._watched: dict[str, _Watched] = {}
+        self._watched: dict[tuple[str, str], _Watched] = {}
         self.request_duration = Histogram(
             "batchd_request_duration_seconds",
             "Time from a request's arrival to its response, by model and HTTP status code.",
@@ -87,20 +89,37 @@ class Metrics:
         )
         self.queue_wait = Histogram(
             "batchd_queue_wait_seconds", "Time a request spent queued before its batch ran.",
-            ["model"], buckets=LATENCY_BUCKETS, registry=self.registry,
+            ["model", "version"], buckets=LATENCY_BUCKETS, registry=self.registry,
         )
         self.batch_compute = Histogram(
             "batchd_batch_compute_seconds", "Time the model took to compute one batch.",
-            ["model"], buckets=LATENCY_BUCKETS, registry=self.registry,
+            ["model", "version"], buckets=LATENCY_BUCKETS, registry=self.registry,
         )
         size_buckets = sorted({2**i for i in range(max_batch_size.bit_length())}
                               | {max_batch_size})
         self.batch_size = Histogram(
             "batchd_batch_size", "Requests in each batch computed (before padding).",
-            ["model"], buckets=size_buckets, registry=self.registry,
+            ["model", "version"], buckets=size_buckets, registry=self.registry,
         )
         self.padding = Counter(
             "batchd_padding_slots", "Padded (wasted) batch slots added to reach a bucket size.",
+            ["model", "version"], registry=self.registry,
+        )
+        self.model_loads = Counter(
+            "batchd_model_loads",
+            "Loads, reloads and unloads of repository models, by action and outcome.",
+            ["model", "action", "outcome"], registry=self.registry,
+        )
+        self.model_load_duration = Histogram(
+            "batchd_model_load_duration_seconds",
+            "Time a load or reload took, from reading the repository to serving the new "
+            "version (unload: to freeing the old).", ["model", "action"],
+            buckets=(0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0),
+            registry=self.registry,
+        )
+        self._serving = Gauge(
+            "batchd_model_serving_version",
+            "The version that answers requests naming none (the newest loaded).",
             ["model"], registry=self.registry,
         )
         self.registry.register(_StateCollector(self._watched))
@@ -110,22 +129,37 @@ class Metrics:
             "computing); a drain waits for this to reach 0.", registry=self.registry)
         ProcessCollector(registry=self.registry)  # process_resident_memory_bytes and friends
 
-    def watch(self, name: str, batcher: WatchedBatcher, model: WatchedModel,
+    def watch(self, name: str, version: int, batcher: WatchedBatcher, model: WatchedModel,
               is_ready: Callable[[], bool]) -> None:
-        """Export a model's queue, counts and readiness (`is_ready`: the runtime's one
-        definition of it); pre-create its labelled series."""
-        self._watched[name] = _Watched(batcher, model, is_ready)
+        """Export a model version's queue, counts and readiness (`is_ready`: the runtime's
+        one definition of it); pre-create its labelled series."""
+        self._watched[(name, str(version))] = _Watched(batcher, model, is_ready)
         for outcome in OUTCOMES:
             self.requests.labels(name, outcome)
-        self.padding.labels(name)
+        self.padding.labels(name, str(version))
+
+    def unwatch(self, name: str, version: int) -> None:
+        """Drop a retired version's series."""
+        self._watched.pop((name, str(version)), None)
+        for family in (self.queue_wait, self.batch_compute, self.batch_size, self.padding):
+            with contextlib.suppress(KeyError):
+                family.remove(name, str(version))
+
+    def set_serving(self, name: str, version: int | None) -> None:
+        """Which version answers `name`'s requests that name none (None: unloaded)."""
+        if version is None:
+            with contextlib.suppress(KeyError):
+                self._serving.remove(name)
+        else:
+            self._serving.labels(name).set(version)
 
     def watch_requests(self, in_progress: Callable[[], float]) -> None:
         """Read the number of admitted requests from `in_progress` at scrape time."""
         self._in_progress.set_function(in_progress)
 
-    def observer(self, model: str) -> _BatchObserver:
-        """The BatchObserver to hand to `model`'s batcher."""
-        return _BatchObserver(self, model)
+    def observer(self, model: str, version: int = 1) -> _BatchObserver:
+        """The BatchObserver to hand to the batcher of `model`'s `version`."""
+        return _BatchObserver(self, model, str(version))
 
     def request_done(self, model: str, outcome: str, code: int, seconds: float) -> None:
         self.requests.labels(model, outcome).inc()
@@ -140,7 +174,7 @@ class _StateCollector(Collector):
                                lambda w: w.batcher.queue_depth),
         "batchd_in_flight_requests": ("Requests accepted by the batcher and not yet answered.",
                                       lambda w: w.batcher.in_flight),
-        "batchd_model_ready": ("1 when the model is ready to serve (as /ready says), else 0.",
+        "batchd_model_ready": ("1 when this loaded version is ready to serve, else 0.",
                                lambda w: 1.0 if w.is_ready() else 0.0),
         "batchd_queue_capacity": ("The most requests the model's queue holds (max_queue_size).",
                                   lambda w: w.batcher.max_queue_size),
@@ -165,27 +199,28 @@ class _StateCollector(Collector):
     _OUTCOMES = ("succeeded", "failed", "cancelled", "expired", "deadline_exceeded",
                  "rejected_full", "rejected_shutdown", "rejected_late")
 
-    def __init__(self, watched: dict[str, _Watched]) -> None:
+    def __init__(self, watched: dict[tuple[str, str], _Watched]) -> None:
         self._watched = watched
 
     def collect(self) -> Iterator[Metric]:
+        watched = list(self._watched.items())  # a reload may change it between yields
         for name, (doc, read) in self._GAUGES.items():
-            gauge = GaugeMetricFamily(name, doc, labels=["model"])
-            for model, watched in self._watched.items():
-                gauge.add_metric([model], read(watched))
+            gauge = GaugeMetricFamily(name, doc, labels=["model", "version"])
+            for labels, one in watched:
+                gauge.add_metric(list(labels), read(one))
             yield gauge
         for name, (doc, read) in self._COUNTERS.items():
-            counter = CounterMetricFamily(name, doc, labels=["model"])
-            for model, watched in self._watched.items():
-                counter.add_metric([model], read(watched))
+            counter = CounterMetricFamily(name, doc, labels=["model", "version"])
+            for labels, one in watched:
+                counter.add_metric(list(labels), read(one))
             yield counter
         settled = CounterMetricFamily(
             "batchd_batcher_requests",
             "Requests the batcher settled, by outcome; the accepted ones sum to "
             "batchd_batcher_accepted_total (rejected_* never entered the queue).",
-            labels=["model", "outcome"],
+            labels=["model", "version", "outcome"],
         )
-        for model, watched in self._watched.items():
+        for labels, one in watched:
             for outcome in self._OUTCOMES:
-                settled.add_metric([model, outcome], getattr(watched.batcher.stats, outcome))
+                settled.add_metric([*labels, outcome], getattr(one.batcher.stats, outcome))
         yield settled

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import itertools
 import logging
 import pickle
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,8 @@ from batchd.errors import CheckpointError, ConfigError, ModelOverloaded
 from batchd.preprocess import Preprocessor
 
 logger = logging.getLogger("batchd.model")
+# numbers each compiled forward's code object, which holds its own compile cache
+_compiled_forwards = itertools.count()
 
 
 def build_network(config: ModelConfig) -> nn.Module:
@@ -216,16 +220,35 @@ class ServedModel:
                 f"by {self.low_precision_error:.3e} > runtime.dtype_tolerance {tolerance}")
 
     def _compiled(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The network compiled for static shapes, with a compile cache of its own.
+
+        Compiling the module itself would put every model's graphs on torch's one shared
+        wrapper code object, under one recompile limit: a second model, or a reloaded
+        version of the first, would run out of it and fall back to eager without a word.
+        Each instance compiles a forward function whose code object is its own, so its
+        graphs live and die with it. The backend holds the model only weakly, because
+        torch keeps every backend it was given for the life of the process.
+        """
         from torch._inductor import list_mode_options
         from torch._inductor.compile_fx import compile_fx
 
         patches = list_mode_options(self.config.runtime.compile_mode)
+        owner = weakref.ref(self)
 
         def counting_backend(graph: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
-            self.compile_count += 1  # compiles happen on the model's one thread
+            model = owner()
+            if model is not None:
+                model.compile_count += 1  # compiles happen on the model's one thread
             return compile_fx(graph, example_inputs, config_patches=patches)
 
-        return torch.compile(self.network, backend=counting_backend, dynamic=False)
+        network = self.network
+
+        def forward(batch: torch.Tensor) -> torch.Tensor:
+            return network(batch)
+
+        forward.__code__ = forward.__code__.replace(
+            co_name=f"batchd_forward_{next(_compiled_forwards)}")
+        return torch.compile(forward, backend=counting_backend, dynamic=False)
 
     def _probe_num_classes(self) -> int:
         with torch.inference_mode():

@@ -13,7 +13,7 @@ import sys
 import prometheus_client
 import torch
 
-from batchd.config import Config
+from batchd.config import MAX_BUCKETS, Config
 from batchd.cpu_plan import CpuPlan, plan
 from batchd.model import resolve_device
 
@@ -29,13 +29,14 @@ def configure_process(config: Config) -> CpuPlan:
     cpu_plan = plan(server.torch_threads, server.preprocess_threads, on_gpu)
     torch.set_num_threads(cpu_plan.torch_threads)
     sys.setswitchinterval(server.gil_switch_interval_ms / 1000)
-    # Each bucket is one static-shape graph; the limit must let warm-up compile all of them.
-    buckets = max(len(model.batching.bucket_sizes) for model in config.models)
+    # Each bucket is one static-shape graph, and each model's compiled forward has a cache
+    # (and a limit) of its own (batchd.model), so the limit must let warm-up compile every
+    # bucket of any model: also of one loaded later from the repository.
     dynamo_config = torch._dynamo.config
     # torch 2.7 renamed cache_size_limit to recompile_limit; Debian's torch is 2.6
     limit_key = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") \
         else "cache_size_limit"
-    recompile_limit = max(getattr(dynamo_config, limit_key), buckets + 2)
+    recompile_limit = max(getattr(dynamo_config, limit_key), MAX_BUCKETS + 2)
     setattr(dynamo_config, limit_key, recompile_limit)
     # The *_created series double every counter and histogram for no use a dashboard has.
     prometheus_client.disable_created_metrics()

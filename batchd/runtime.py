@@ -1,8 +1,8 @@
 """The served models at run time, and the server's life cycle.
 
-This is where the batching core meets torch: the runtime builds each ServedModel, warms
-it on the thread that will serve it, starts its batcher, and owns every step of start-up
-and shut-down, in one order:
+This is where the batching core meets torch: the runtime builds each version of each
+model (a ModelSlot), warms it, starts its batcher, and owns every step of start-up and
+shut-down, in one order:
 
     load()          build every model and load its checkpoint (strict), on its device thread
     start()         warm every model in the background; each serves once it is warm
@@ -10,6 +10,10 @@ and shut-down, in one order:
     drain(limit)    wait for the admitted requests; at the limit, abandon()
     abandon()       answer everything still in progress with ShuttingDown, at once
     close()         stop the workers and release the device threads
+
+While serving, batchd.manager swaps versions in and out through `build_slot`, `warm`,
+`install`, `remove` and `retire`: a swap is one assignment on the event loop, and a
+retired version is freed only once every prediction that resolved it is answered.
 
 It also owns each model's one readiness status (`status`), which every view reads: /ready,
 /models, the Open Inference Protocol's health endpoints, the prediction frame and the
@@ -20,12 +24,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
+import ctypes
+import ctypes.util
 import functools
+import gc
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import anyio
 import torch
@@ -34,107 +39,73 @@ from batchd.batcher import Batcher
 from batchd.config import Config, ModelConfig
 from batchd.cpu_plan import CpuPlan, plan
 from batchd.device_thread import DeviceThread
-from batchd.errors import NotReady, ShuttingDown
+from batchd.errors import ConfigError, NotReady, ShuttingDown, UnknownModel
 from batchd.metrics import Metrics
 from batchd.model import ServedModel, resolve_device
 from batchd.priority import PriorityGate
+from batchd.repository import Repository, RepositoryModel
+from batchd.slot import OOM_STREAK_NOT_READY, ModelSlot, ModelState, ModelStatus
+
+__all__ = ["OOM_STREAK_NOT_READY", "ModelSlot", "ModelState", "ModelStatus", "Runtime"]
 
 logger = logging.getLogger("batchd.runtime")
 
-# Batches in a row that ran out of device memory (within 30 s) before readiness fails, so
-# that a load balancer sends traffic elsewhere until the device recovers.
-OOM_STREAK_NOT_READY = 3
 # After abandon(), how long drain() waits for the answers to be written.
 FLUSH_S = 2.0
 
 
-class ModelState(enum.Enum):
-    """Where a model stands; only READY serves."""
-
-    LOADING = "loading"
-    WARMING = "warming"
-    READY = "ready"
-    WARM_UP_FAILED = "warm_up_failed"
-    WORKER_DEAD = "worker_dead"
-    OUT_OF_MEMORY = "out_of_memory"
-    STALLED = "stalled"
-    DRAINING = "draining"
-
-
-@dataclass(frozen=True)
-class ModelStatus:
-    """A snapshot of one model's readiness, with the reason when it is not ready."""
-
-    state: ModelState
-    reason: str = ""
-
-    @property
-    def ready(self) -> bool:
-        return self.state is ModelState.READY
-
-
-@dataclass
-class ModelSlot:
-    """One model, its batcher and the thread it computes on."""
-
-    config: ModelConfig
-    model: ServedModel
-    batcher: Batcher[torch.Tensor, torch.Tensor]
-    executor: DeviceThread
-    preprocess_limiter: anyio.CapacityLimiter
-    decode_gate: PriorityGate
-    warm_error: str | None = None
-
-    @property
-    def name(self) -> str:
-        return self.config.name
-
-    async def preprocess(self, data: bytes, priority: int = 0) -> torch.Tensor:
-        """Decode and preprocess one encoded image in the decoding thread pool; the more
-        urgent priority levels get the next free thread first."""
-        async with self.decode_gate.hold(self.batcher.level_of(priority)):
-            return await anyio.to_thread.run_sync(self.model.preprocessor.load, data,
-                                                  limiter=self.preprocess_limiter)
-
-    def status(self, draining: bool, watchdog_s: float) -> ModelStatus:
-        if self.warm_error:
-            return ModelStatus(ModelState.WARM_UP_FAILED, f"warm-up failed: {self.warm_error}")
-        if self.batcher.dead_reason:
-            return ModelStatus(ModelState.WORKER_DEAD,
-                               f"worker stopped: {self.batcher.dead_reason}")
-        if not self.model.ready or not self.batcher.alive:
-            return ModelStatus(ModelState.WARMING, "warming up")
-        if draining:
-            return ModelStatus(ModelState.DRAINING, "shutting down")
-        if self.model.out_of_memory_streak() >= OOM_STREAK_NOT_READY:
-            return ModelStatus(ModelState.OUT_OF_MEMORY, f"out of device memory on the last "
-                               f"{self.model.consecutive_oom} batches")
-        stalled = self.batcher.stalled_for()
-        if stalled > watchdog_s:
-            return ModelStatus(ModelState.STALLED, f"batch running for {stalled:.0f}s "
-                               f"(watchdog {watchdog_s:.0f}s)")
-        return ModelStatus(ModelState.READY)
-
-
 class Runtime:
-    """Every served model by name, and the life cycle of the whole server."""
+    """Every served model by name and version, and the life cycle of the whole server."""
 
     def __init__(self, config: Config, cpu_plan: CpuPlan | None = None,
                  metrics: Metrics | None = None) -> None:
         self.config = config
         self.cpu_plan = cpu_plan or plan(config.server.torch_threads,
                                          config.server.preprocess_threads, on_gpu=False)
-        self.metrics = metrics or Metrics(
-            max(model.batching.max_batch_size for model in config.models))
+        self.repository = Repository(config.repository.path) \
+            if config.repository.path is not None else None
+        # Read (and so checked) before anything loads: a bad repository fails start-up.
+        self.repository_models: dict[str, RepositoryModel] = {
+            name: self.repository.read(name) for name in self.repository.names()
+        } if self.repository is not None else {}
+        self.default_model = self._default_model()
+        self.metrics = metrics or Metrics(max(
+            [model.batching.max_batch_size for model in self.model_configs()]))
+        # The version that serves each name when a request names none: the newest.
         self.slots: dict[str, ModelSlot] = {}
+        self.versions: dict[str, dict[int, ModelSlot]] = {}
+        self._retiring: set[ModelSlot] = set()
         self.draining = False
         self.fatal_error: str | None = None
         self._threads: dict[str, DeviceThread] = {}
+        self._limiter: anyio.CapacityLimiter | None = None
+        self._decode_gate: PriorityGate | None = None
         self._warm_task: asyncio.Task[None] | None = None
         self._admitted: set[anyio.CancelScope] = set()
         self._idle = asyncio.Event()
         self._idle.set()
         self.metrics.watch_requests(lambda: self.active_requests)
+
+    def _default_model(self) -> str:
+        names = [model.name for model in self.config.models]
+        clash = sorted(set(names) & set(self.repository_models))
+        if clash:
+            raise ConfigError(f"{self.config.path}: models {clash} are both in [[models]] and "
+                              f"in the repository {self.config.repository.path}")
+        default = self.config.server.default_model or (names + sorted(self.repository_models)
+                                                        + [""])[0]
+        if default and default not in names and default not in self.repository_models:
+            raise ConfigError(f"{self.config.path}: key 'server.default_model': {default!r} "
+                              f"is neither in [[models]] nor in the repository")
+        if not default:
+            raise ConfigError(f"{self.config.path}: no model to serve: [[models]] is empty and "
+                              f"the repository {self.config.repository.path} holds none")
+        return default
+
+    def model_configs(self) -> list[ModelConfig]:
+        """Every model version the server starts with."""
+        return [*self.config.models, *(config for model in self.repository_models.values()
+                                       for config in model.versions.values())]
 
     # -- start-up -----------------------------------------------------------------------
 
@@ -143,46 +114,69 @@ class Runtime:
 
         Blocking: call it off the event loop.
         """
-        limiter = anyio.CapacityLimiter(self.cpu_plan.preprocess_threads)
-        decode_gate = PriorityGate(self.cpu_plan.preprocess_threads)
+        self._limiter = anyio.CapacityLimiter(self.cpu_plan.preprocess_threads)
+        self._decode_gate = PriorityGate(self.cpu_plan.preprocess_threads)
         for model_config in self.config.models:
-            # One batch at a time per device: models sharing a device take turns fairly.
-            device_key = str(resolve_device(model_config.runtime.device))
-            thread = self._threads.get(device_key)
-            if thread is None:
-                thread = self._threads[device_key] = DeviceThread(f"batchd-{device_key}")
-            # Every torch call of a model, loading included, runs on its device's thread:
-            # a second thread running parallel torch work would start a second OpenMP team,
-            # and on a small CPU the two teams slow each other down (measured: 1.8x).
-            model = thread.submit(
-                ServedModel.from_config, model_config, self.config.server.max_image_pixels,
-                self.config.server.max_aspect_ratio,
-            ).result()
-            batching = model_config.batching
-            batcher: Batcher[torch.Tensor, torch.Tensor] = Batcher(
-                model.run_batch,
-                max_batch_size=batching.max_batch_size,
-                bucket_sizes=batching.bucket_sizes,
-                max_wait_s=batching.max_wait_ms / 1000.0,
-                max_queue_size=batching.max_queue_size,
-                queue_timeout_s=batching.queue_timeout_ms / 1000.0,
-                executor=thread,
-                observer=self.metrics.observer(model_config.name),
-                name=model_config.name,
-                slo_s=batching.slo_ms / 1000.0,
-                priority_levels=batching.priority_levels,
-                default_priority=batching.default_priority,
-                priority_share=batching.priority_share,
-                level_limits=[(size, timeout_ms / 1000.0)
-                              for size, timeout_ms in batching.level_limits()],
-                expedite=batching.expedite_level_1,
-            )
-            slot = ModelSlot(model_config, model, batcher, thread, limiter, decode_gate)
-            self.slots[model_config.name] = slot
-            self.metrics.watch(model_config.name, batcher, model,
-                               functools.partial(self.is_ready, model_config.name))
-            logger.info("model %s: loaded %s on %s", model_config.name,
-                        model_config.checkpoint or model_config.source.artifact, model.device)
+            slot = self.build_slot(model_config, 1, self.device_thread(model_config))
+            self.install(model_config.name, {1: slot})
+        for name, model in self.repository_models.items():
+            self.install(name, {version: self.build_slot(config, version,
+                                                         self.device_thread(config))
+                                for version, config in model.versions.items()})
+
+    def device_thread(self, model_config: ModelConfig) -> DeviceThread:
+        """The thread that computes every batch on the model's device."""
+        # One batch at a time per device: models sharing a device take turns fairly.
+        device_key = str(resolve_device(model_config.runtime.device))
+        thread = self._threads.get(device_key)
+        if thread is None:
+            thread = self._threads[device_key] = DeviceThread(f"batchd-{device_key}")
+        return thread
+
+    def loader_thread(self) -> DeviceThread:
+        """The thread that builds and warms a new version while the old one serves."""
+        thread = self._threads.get("loader")
+        if thread is None:
+            thread = self._threads["loader"] = DeviceThread("batchd-loader")
+        return thread
+
+    def build_slot(self, model_config: ModelConfig, version: int,
+                   build_on: DeviceThread) -> ModelSlot:
+        """Build one version and load its checkpoint on `build_on` (blocking; call it off
+        the event loop). Its batches will run on the device's serving thread."""
+        assert self._limiter is not None and self._decode_gate is not None, "load() first"
+        # Every torch call of a model, loading included, runs on one thread: a second
+        # thread running parallel torch work would start a second OpenMP team, and on a
+        # small CPU the two teams slow each other down (measured: 1.8x). Only a reload,
+        # which must not hold up serving, builds and warms on a thread of its own.
+        model = build_on.submit(
+            ServedModel.from_config, model_config, self.config.server.max_image_pixels,
+            self.config.server.max_aspect_ratio,
+        ).result()
+        batching = model_config.batching
+        thread = self.device_thread(model_config)
+        batcher: Batcher[torch.Tensor, torch.Tensor] = Batcher(
+            model.run_batch,
+            max_batch_size=batching.max_batch_size,
+            bucket_sizes=batching.bucket_sizes,
+            max_wait_s=batching.max_wait_ms / 1000.0,
+            max_queue_size=batching.max_queue_size,
+            queue_timeout_s=batching.queue_timeout_ms / 1000.0,
+            executor=thread,
+            observer=self.metrics.observer(model_config.name, version),
+            name=model_config.name,
+            slo_s=batching.slo_ms / 1000.0,
+            priority_levels=batching.priority_levels,
+            default_priority=batching.default_priority,
+            priority_share=batching.priority_share,
+            level_limits=[(size, timeout_ms / 1000.0)
+                          for size, timeout_ms in batching.level_limits()],
+            expedite=batching.expedite_level_1,
+        )
+        logger.info("model %s: version %d loaded from %s on %s", model_config.name, version,
+                    model_config.checkpoint or model_config.source.artifact, model.device)
+        return ModelSlot(model_config, model, batcher, thread, self._limiter,
+                         self._decode_gate, version)
 
     async def start(self) -> None:
         """Warm every model in the background; returns at once."""
@@ -192,28 +186,84 @@ class Runtime:
     async def _warm_up(self) -> None:
         """Warm each model on its serving thread, then start its batcher. A model whose
         warm-up fails stays failed (and the server fatal); the others still warm."""
-        loop = asyncio.get_running_loop()
-        for slot in self.slots.values():
+        for slot in self.all_slots():
             started = time.monotonic()
             try:
-                await loop.run_in_executor(slot.executor, slot.model.warm_up, None)
+                await self.warm(slot, slot.executor)
             except Exception as exc:
                 slot.warm_error = repr(exc)
                 logger.exception("model %s: warm-up failed", slot.name)
                 self.fatal_error = self.fatal_error or f"model {slot.name}: warm-up failed: {exc!r}"
                 continue
-            slot.batcher.set_bucket_costs(slot.model.bucket_seconds)
-            slot.batcher.start()
-            logger.info("model %s: ready after %.1fs of warm-up", slot.name,
-                        time.monotonic() - started)
+            logger.info("model %s: version %d ready after %.1fs of warm-up", slot.name,
+                        slot.version, time.monotonic() - started)
+
+    @staticmethod
+    async def warm(slot: ModelSlot, executor: DeviceThread) -> None:
+        """Run every bucket once on `executor`, then start the slot's batcher."""
+        await asyncio.get_running_loop().run_in_executor(executor, slot.model.warm_up, None)
+        slot.batcher.set_bucket_costs(slot.model.bucket_seconds)
+        slot.batcher.start()
+
+    # -- versions in and out (batchd.manager) --------------------------------------------
+
+    def install(self, name: str, versions: dict[int, ModelSlot]) -> list[ModelSlot]:
+        """Serve `versions` of `name` from now on, in one step, the newest for requests that
+        name no version. Returns the versions they replace, to retire()."""
+        replaced = list(self.versions.get(name, {}).values())
+        self.versions[name] = dict(versions)
+        self.slots[name] = versions[max(versions)]
+        self._retiring.update(replaced)
+        for slot in versions.values():
+            self.metrics.watch(name, slot.version, slot.batcher, slot.model,
+                               functools.partial(self.slot_ready, slot))
+        self.metrics.set_serving(name, max(versions))
+        return replaced
+
+    def remove(self, name: str) -> list[ModelSlot]:
+        """Stop serving `name` (new requests get 404); returns its versions, to retire()."""
+        replaced = list(self.versions.pop(name, {}).values())
+        self.slots.pop(name, None)
+        self._retiring.update(replaced)
+        self.metrics.set_serving(name, None)
+        return replaced
+
+    async def retire(self, slots: list[ModelSlot], timeout_s: float) -> None:
+        """Let the predictions that hold each slot finish (answering those left at the
+        limit with ShuttingDown), stop its worker and free its memory."""
+        for slot in slots:
+            if not await slot.wait_unused(timeout_s):
+                logger.warning("model %s: version %d still held by %d requests after %.1fs; "
+                               "answering them 503", slot.name, slot.version, slot.users,
+                               timeout_s)
+                await slot.batcher.abandon()
+                await slot.wait_unused(FLUSH_S)
+            await slot.batcher.drain(0)
+            if slot.version not in self.versions.get(slot.name, {}):
+                self.metrics.unwatch(slot.name, slot.version)
+            self._retiring.discard(slot)
+        del slots[:]  # the caller's list too: nothing may keep a retired model alive
+        await anyio.to_thread.run_sync(release_memory)
+
+    def all_slots(self) -> list[ModelSlot]:
+        """Every version loaded: serving, or retired and still finishing."""
+        return [*(slot for versions in self.versions.values() for slot in versions.values()),
+                *self._retiring]
 
     # -- readiness: the one definition ----------------------------------------------------
 
-    def status(self, name: str) -> ModelStatus:
-        """Model `name`'s status (KeyError if there is no such model)."""
-        if not self.slots:
+    def slot_status(self, slot: ModelSlot) -> ModelStatus:
+        return slot.status(self.draining, self.config.server.watchdog_s)
+
+    def slot_ready(self, slot: ModelSlot) -> bool:
+        return self.slot_status(slot).ready
+
+    def status(self, name: str, version: int | None = None) -> ModelStatus:
+        """Model `name`'s status (KeyError if there is no such model or version)."""
+        if not self.slots and not self.versions:
             return ModelStatus(ModelState.LOADING, "loading models")
-        return self.slots[name].status(self.draining, self.config.server.watchdog_s)
+        slot = self.slots[name] if version is None else self.versions[name][version]
+        return self.slot_status(slot)
 
     def is_ready(self, name: str) -> bool:
         return self.status(name).ready
@@ -232,13 +282,24 @@ class Runtime:
     def ready(self) -> bool:
         return not self.not_ready_reasons()
 
-    def slot_for_prediction(self, name: str) -> ModelSlot:
-        """The slot to serve a prediction for `name` (called once admitted, so never while
-        draining); raises NotReady unless it serves now."""
-        status = self.status(name)
+    def find_slot(self, name: str, version: int | None = None) -> ModelSlot:
+        """Version `version` of `name`, or the one serving requests that name none;
+        UnknownModel when there is no such model or version loaded."""
+        slot = self.slots.get(name) if version is None \
+            else self.versions.get(name, {}).get(version)
+        if slot is None:
+            which = f"model {name!r}" + ("" if version is None else f" version {version}")
+            raise UnknownModel(f"no {which} is loaded")
+        return slot
+
+    def slot_for_prediction(self, name: str, version: int | None = None) -> ModelSlot:
+        """The slot to serve a prediction (called once admitted, so never while draining);
+        raises UnknownModel, or NotReady unless it serves now."""
+        slot = self.find_slot(name, version)
+        status = self.slot_status(slot)
         if not status.ready:
             raise NotReady(f"model {name!r} is not ready: {status.reason}")
-        return self.slots[name]
+        return slot
 
     # -- requests in progress -------------------------------------------------------------
 
@@ -293,7 +354,7 @@ class Runtime:
         computing through their batcher, those still uploading or decoding through their
         scope. Then wait (briefly) for the answers to be written."""
         self.begin_drain()
-        await asyncio.gather(*(slot.batcher.abandon() for slot in self.slots.values()))
+        await asyncio.gather(*(slot.batcher.abandon() for slot in self.all_slots()))
         for scope in list(self._admitted):
             scope.cancel()
         if not await self.wait_idle(FLUSH_S):
@@ -311,3 +372,15 @@ class Runtime:
         await self.abandon()
         for thread in self._threads.values():
             thread.shutdown(wait=False, cancel_futures=True)
+
+
+def release_memory() -> None:
+    """Hand freed memory back: the collector for the cycles a network leaves, the CUDA
+    allocator's cache, and glibc's free lists, which otherwise keep the pages resident."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    libc_name = ctypes.util.find_library("c")
+    if libc_name:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(libc_name).malloc_trim(0)

@@ -57,7 +57,7 @@ def metric_names() -> set[str]:
         ready = True
 
     metrics = Metrics(32)
-    metrics.watch("m", Batcher(), Model(), lambda: True)  # type: ignore[arg-type]
+    metrics.watch("m", 1, Batcher(), Model(), lambda: True)  # type: ignore[arg-type]
     metrics.request_done("m", "success", 200, 0.01)
     metrics.observer("m").batch_done(1, 2, [0.001], 0.01)
     return {sample.name for family in metrics.registry.collect() for sample in family.samples}

@@ -93,8 +93,8 @@ async def test_every_view_reads_the_one_status(
     v2_model = await client.get("/v2/models/digits/ready")
     assert (v2_model.status_code, v2_model.json()["ready"]) == (200 if ready else 400, ready)
     gauge = [line for line in (await client.get("/metrics")).text.splitlines()
-             if line.startswith('batchd_model_ready{model="digits"}')]
-    assert gauge == [f'batchd_model_ready{{model="digits"}} {1.0 if ready else 0.0}']
+             if line.startswith('batchd_model_ready{model="digits",version="1"}')]
+    assert gauge == [f'batchd_model_ready{{model="digits",version="1"}} {1.0 if ready else 0.0}']
     if not ready:
         predicted = await client.post("/predict", content=b"x",
                                       headers={"content-type": "image/png"})

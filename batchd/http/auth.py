@@ -12,7 +12,7 @@ import os
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from batchd.config import ServerConfig
+from batchd.config import Config, ServerConfig
 from batchd.errors import ConfigError
 
 # Probes and scrapers send no credentials (a Kubernetes probe cannot), so the health
@@ -20,6 +20,8 @@ from batchd.errors import ConfigError
 # the token) and the schema. None of them reveals a model's output.
 OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/v2/health/live", "/v2/health/ready",
                         "/", "/openapi.json", "/ui/app.js", "/ui/style.css", "/ui/icon.svg"})
+# The repository API checks its own admin token (batchd.http.repository), not this one.
+ADMIN_PREFIX = "/v2/repository/"
 
 
 def resolve_token(server: ServerConfig) -> str | None:
@@ -42,6 +44,21 @@ def resolve_token(server: ServerConfig) -> str | None:
     return None
 
 
+def resolve_admin_token(config: Config, inference_token: str | None) -> str | None:
+    """The repository API's token, or None when that API is off."""
+    variable = config.repository.admin_token_env
+    if not variable:
+        return None
+    token = os.environ.get(variable, "").strip()
+    if not token:
+        raise ConfigError(f"repository.admin_token_env: environment variable {variable} is "
+                          "unset or empty")
+    if token == inference_token:
+        raise ConfigError(f"repository.admin_token_env: {variable} holds the inference token; "
+                          "the repository API needs a token of its own")
+    return token
+
+
 class BearerAuthMiddleware:
     """Answers 401 unless `Authorization: Bearer <token>` matches, except on OPEN_PATHS."""
 
@@ -50,7 +67,8 @@ class BearerAuthMiddleware:
         self._expected = f"Bearer {token}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS \
+                or scope["path"].startswith(ADMIN_PREFIX):
             await self.app(scope, receive, send)
             return
         given = b""

@@ -23,6 +23,7 @@ from batchd.errors import (
     BatchdError,
     DeadlineExceeded,
     InvalidParameter,
+    LoadFailed,
     ModelFailed,
     ModelOverloaded,
     NotReady,
@@ -54,6 +55,8 @@ STATUS_FOR_ERROR: dict[type[BatchdError], int] = {
     PayloadTooLarge: 413,
     UnsupportedMediaType: 415,
     InvalidParameter: 422,
+    # as Triton answers a failed load; the message says what failed
+    LoadFailed: 400,
     Unauthorized: 401,
     UnknownModel: 404,
     QueueFull: 503,
@@ -80,6 +83,8 @@ def error_response(error: BatchdError, headers: dict[str, str] | None = None) ->
     headers = dict(headers or {})
     if status == 503:
         headers["Retry-After"] = RETRY_AFTER_S
+    elif status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="batchd"'
     return JSONResponse({"error": str(error), "reason": error.reason}, status, headers=headers)
 
 
@@ -127,24 +132,29 @@ async def cancel_on_disconnect(
 PredictionHandler = Callable[[Request, ModelSlot, dict[str, str]], Awaitable[Response | None]]
 
 
-async def serve_prediction(request: Request, name: str, handler: PredictionHandler) -> Response:
-    """Run `handler` for model `name` inside the frame every prediction shares.
+async def serve_prediction(request: Request, name: str, handler: PredictionHandler,
+                           version: int | None = None) -> Response:
+    """Run `handler` for model `name` (at `version`, else the newest loaded) inside the
+    frame every prediction shares.
 
     The frame resolves the model once (404 if unknown; 503 while draining or not ready),
     admits the request so that a drain waits for it (and, at the drain limit, answers it
-    503 wherever it is: uploading, decoding, queued or computing), maps BatchdErrors to
-    their status, and records the outcome and latency. A handler returns None when the
-    client went away.
+    503 wherever it is: uploading, decoding, queued or computing), holds the version it
+    resolved until the answer (a reload that swaps it out frees it only then), maps
+    BatchdErrors to their status, and records the outcome and latency. A handler returns
+    None when the client went away.
     """
     started = time.perf_counter()
     runtime = runtime_of(request)
     headers = {"X-Request-ID": request_id_of(request)}
-    if name not in runtime.slots:
-        return error_response(UnknownModel(f"no model named {name!r}"), headers)
+    try:
+        runtime.find_slot(name, version)
+    except UnknownModel as error:
+        return error_response(error, headers)
     try:
         with runtime.admit() as scope:
-            slot = runtime.slot_for_prediction(name)
-            with scope:
+            slot = runtime.slot_for_prediction(name, version)
+            with slot.use(), scope:
                 response = await handler(request, slot, headers)
             if scope.cancelled_caught:
                 raise ShuttingDown("the server shut down before this request finished")

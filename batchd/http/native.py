@@ -16,6 +16,7 @@ from batchd.http.frame import (
     RETRY_AFTER_S,
     TIMEOUT_HEADER,
     cancel_on_disconnect,
+    error_response,
     note_batch,
     runtime_of,
     serve_prediction,
@@ -43,6 +44,7 @@ def describe(slot: ModelSlot, status: ModelStatus) -> dict[str, Any]:
     pre = slot.config.preprocess
     return {
         "name": slot.name,
+        "version": str(slot.version),
         "input_shape": list(slot.model.input_shape),
         "labels": list(slot.model.labels),
         "preprocess": {"resize": pre.resize, "crop": pre.crop, "mean": list(pre.mean),
@@ -70,8 +72,8 @@ async def list_models(request: Request) -> Response:
     """Every model: input shape, labels, preprocessing, batching, device and status."""
     runtime = runtime_of(request)
     return JSONResponse({
-        "default": runtime.config.server.default_model,
-        "models": [describe(slot, runtime.status(name)) for name, slot in runtime.slots.items()],
+        "default": runtime.default_model,
+        "models": [describe(slot, runtime.slot_status(slot)) for slot in runtime.slots.values()],
     })
 
 
@@ -121,9 +123,23 @@ def parse_timeout(request: Request) -> float | None:
     return timeout_ms / 1000.0
 
 
+def parse_version(request: Request) -> int | None:
+    """The model version a request names (?version=N), or None: the newest loaded."""
+    raw = request.query_params.get("version")
+    if raw is None:
+        return None
+    if not _INTEGER.fullmatch(raw) or int(raw) < 1:
+        raise InvalidParameter(f"version must be a positive integer, not {raw[:20]!r}")
+    return int(raw)
+
+
 async def predict(request: Request) -> Response:
-    name = request.path_params.get("name", runtime_of(request).config.server.default_model)
-    return await serve_prediction(request, name, _predict)
+    name = request.path_params.get("name", runtime_of(request).default_model)
+    try:
+        version = parse_version(request)
+    except InvalidParameter as error:
+        return error_response(error)
+    return await serve_prediction(request, name, _predict, version)
 
 
 async def _predict(request: Request, slot: ModelSlot, headers: dict[str, str]) -> Response | None:
@@ -144,7 +160,8 @@ async def _predict(request: Request, slot: ModelSlot, headers: dict[str, str]) -
     headers["Server-Timing"] = (f"queue;dur={result.queue_wait_s * 1000:.2f}, "
                                 f"compute;dur={result.compute_s * 1000:.2f}, "
                                 f'batch;desc="{result.batch_size}"')
-    return JSONResponse({"model": slot.name, "predictions": predictions}, headers=headers)
+    return JSONResponse({"model": slot.name, "version": str(slot.version),
+                         "predictions": predictions}, headers=headers)
 
 
 def routes() -> list[Route]:

@@ -17,11 +17,12 @@ from starlette.responses import JSONResponse, Response
 from batchd import __version__
 from batchd.config import Config
 from batchd.errors import BatchdError
-from batchd.http import native, ui, v2
-from batchd.http.auth import BearerAuthMiddleware, resolve_token
+from batchd.http import native, repository, ui, v2
+from batchd.http.auth import BearerAuthMiddleware, resolve_admin_token, resolve_token
 from batchd.http.frame import error_response
 from batchd.http.payload import BodyLimitMiddleware
 from batchd.http.protocol import guarded_protocol
+from batchd.manager import ModelManager
 from batchd.process import configure_process
 from batchd.runtime import Runtime
 
@@ -63,26 +64,37 @@ def create_app(config: Config, runtime: Runtime | None = None) -> Starlette:
     shut-down closes the runtime; draining before that is the server's job (batchd.cli).
     """
     runtime = runtime or Runtime(config, configure_process(config))
+    manager = ModelManager(runtime, runtime.repository) \
+        if runtime.repository is not None else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await anyio.to_thread.run_sync(runtime.load)
         await runtime.start()
+        if manager is not None and config.repository.poll_s:
+            manager.start_polling(config.repository.poll_s)
         try:
             yield
         finally:
+            if manager is not None:
+                await manager.stop()
             await runtime.close()
 
     middleware = [Middleware(BodyLimitMiddleware, max_bytes=config.server.max_body_bytes)]
     token = resolve_token(config.server)
     if token is not None:
         middleware.insert(0, Middleware(BearerAuthMiddleware, token=token))
+    admin_token = resolve_admin_token(config, token)
+    admin_routes = repository.routes() if admin_token is not None else []
     app = Starlette(
-        routes=[*native.routes(), *v2.routes(), *ui.routes(config, auth=token is not None)],
+        routes=[*native.routes(), *v2.routes(), *admin_routes,
+                *ui.routes(config, auth=token is not None)],
         lifespan=lifespan,
         middleware=middleware,
         exception_handlers={404: not_found, 405: method_not_allowed, BatchdError: batchd_error},
     )
     app.state.runtime = runtime
+    app.state.manager = manager
+    app.state.admin_token = admin_token
     app.state.version = __version__
     return app

@@ -17,6 +17,7 @@ decoding thread pool.
 from __future__ import annotations
 
 import asyncio
+import re
 
 import anyio.to_thread
 import torch
@@ -29,6 +30,7 @@ from batchd.batcher import BatchResult
 from batchd.errors import UnknownModel
 from batchd.http.frame import (
     cancel_on_disconnect,
+    error_response,
     note_batch,
     runtime_of,
     serve_prediction,
@@ -38,7 +40,6 @@ from batchd.http.v2_codec import (
     INPUT_IMAGES,
     INPUT_TENSOR,
     OUTPUTS,
-    VERSION,
     encode_response,
     parse_request,
 )
@@ -47,24 +48,31 @@ from batchd.runtime import ModelSlot
 PLATFORM = "pytorch"
 EXTENSIONS = ["binary_tensor_data", "classification"]
 NOT_READY = 400  # the protocol: "a 4xx status code indicates false"
+_VERSION = re.compile(r"[1-9][0-9]{0,8}")
 
 
 def model_slot(request: Request) -> ModelSlot:
-    """The slot a metadata or readiness call names (UnknownModel -> 404)."""
-    name = checked_name(request)
-    return runtime_of(request).slots[name]
+    """The model version a call names, or the newest loaded (UnknownModel -> 404)."""
+    return runtime_of(request).find_slot(request.path_params["name"], requested_version(request))
 
 
-def checked_name(request: Request) -> str:
-    name = request.path_params["name"]
-    version = request.path_params.get("version", VERSION)
-    if name not in runtime_of(request).slots or version != VERSION:
-        raise UnknownModel(f"no model named {name!r} with version {version!r}")
-    return str(name)
+def requested_version(request: Request) -> int | None:
+    raw = request.path_params.get("version")
+    if raw is None:
+        return None
+    if not _VERSION.fullmatch(raw):
+        raise UnknownModel(f"no version {raw[:20]!r} of model {request.path_params['name']!r}")
+    return int(raw)
+
+
+def loaded_versions(request: Request, slot: ModelSlot) -> list[str]:
+    return [str(version) for version in sorted(runtime_of(request).versions.get(slot.name, {}))]
 
 
 async def server_metadata(request: Request) -> Response:
-    return JSONResponse({"name": "batchd", "version": __version__, "extensions": EXTENSIONS})
+    repository = ["model_repository"] if request.app.state.admin_token else []
+    return JSONResponse({"name": "batchd", "version": __version__,
+                         "extensions": [*EXTENSIONS, *repository]})
 
 
 async def server_live(request: Request) -> Response:
@@ -77,9 +85,9 @@ async def server_ready(request: Request) -> Response:
 
 
 async def model_ready(request: Request) -> Response:
-    name = checked_name(request)
-    ready = runtime_of(request).status(name).ready
-    return JSONResponse({"name": name, "ready": ready}, 200 if ready else NOT_READY)
+    slot = model_slot(request)
+    ready = runtime_of(request).slot_status(slot).ready
+    return JSONResponse({"name": slot.name, "ready": ready}, 200 if ready else NOT_READY)
 
 
 async def model_metadata(request: Request) -> Response:
@@ -88,7 +96,7 @@ async def model_metadata(request: Request) -> Response:
     classes = slot.model.num_classes
     return JSONResponse({
         "name": slot.name,
-        "versions": [VERSION],
+        "versions": loaded_versions(request, slot),
         "platform": PLATFORM,
         "inputs": [
             {"name": INPUT_TENSOR, "datatype": "FP32", "shape": [-1, channels, height, width]},
@@ -117,7 +125,8 @@ async def model_config(request: Request) -> Response:
         "name": slot.name,
         "platform": "pytorch_libtorch",
         "backend": PLATFORM,
-        "version_policy": {"specific": {"versions": [int(VERSION)]}},
+        "version_policy": {"specific": {"versions": [
+            int(version) for version in loaded_versions(request, slot)]}},
         "max_batch_size": batching.max_batch_size,
         "input": [{"name": INPUT_TENSOR, "data_type": "TYPE_FP32", "format": "FORMAT_NCHW",
                    "dims": list(slot.model.input_shape)}],
@@ -138,7 +147,11 @@ async def model_config(request: Request) -> Response:
 
 
 async def infer(request: Request) -> Response:
-    return await serve_prediction(request, checked_name(request), _infer)
+    try:
+        version = requested_version(request)
+    except UnknownModel as error:
+        return error_response(error)
+    return await serve_prediction(request, request.path_params["name"], _infer, version)
 
 
 async def _infer(request: Request, slot: ModelSlot, headers: dict[str, str]) -> Response | None:
@@ -162,7 +175,8 @@ async def _infer(request: Request, slot: ModelSlot, headers: dict[str, str]) -> 
         return None
     note_batch(request, max(results, key=lambda result: result.queue_wait_s))
     content, media_type, extra = await anyio.to_thread.run_sync(
-        encode_response, slot.name, slot.model.labels, parsed, results, limiter=limiter)
+        encode_response, slot.name, slot.version, slot.model.labels, parsed, results,
+        limiter=limiter)
     return Response(content, media_type=media_type, headers={**headers, **extra})
 
 

@@ -25,7 +25,6 @@ from batchd.errors import BadInput, PayloadTooLarge
 INPUT_TENSOR = "input"
 INPUT_IMAGES = "image"
 OUTPUTS = ("logits", "probabilities")
-VERSION = "1"
 HEADER_LENGTH = "inference-header-content-length"
 
 
@@ -242,7 +241,7 @@ def requested_timeout(parameters: dict[str, Any]) -> float | None:
     return timeout_us / 1e6 if timeout_us else None
 
 
-def encode_response(model: str, labels: tuple[str, ...], parsed: InferRequest,
+def encode_response(model: str, version: int, labels: tuple[str, ...], parsed: InferRequest,
                     results: list[BatchResult[torch.Tensor]]
                     ) -> tuple[bytes, str, dict[str, str]]:
     """The response body, its media type and extra headers (runs off the event loop)."""
@@ -269,7 +268,7 @@ def encode_response(model: str, labels: tuple[str, ...], parsed: InferRequest,
         else:
             entry["data"] = flat
         described.append(entry)
-    body: dict[str, Any] = {"model_name": model, "model_version": VERSION,
+    body: dict[str, Any] = {"model_name": model, "model_version": str(version),
                             "outputs": described}
     if parsed.request_id is not None:
         body["id"] = parsed.request_id

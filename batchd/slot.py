@@ -1,0 +1,117 @@
+"""One served version of a model: its network, batcher and thread, its readiness, and
+the count of the predictions that hold it, so that a retired version is freed only once
+the last of them is answered."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import anyio
+import torch
+
+from batchd.batcher import Batcher
+from batchd.config import ModelConfig
+from batchd.device_thread import DeviceThread
+from batchd.model import ServedModel
+from batchd.priority import PriorityGate
+
+# Batches in a row that ran out of device memory (within 30 s) before readiness fails, so
+# that a load balancer sends traffic elsewhere until the device recovers.
+OOM_STREAK_NOT_READY = 3
+
+class ModelState(enum.Enum):
+    """Where a model stands; only READY serves."""
+
+    LOADING = "loading"
+    WARMING = "warming"
+    READY = "ready"
+    WARM_UP_FAILED = "warm_up_failed"
+    WORKER_DEAD = "worker_dead"
+    OUT_OF_MEMORY = "out_of_memory"
+    STALLED = "stalled"
+    DRAINING = "draining"
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """A snapshot of one model's readiness, with the reason when it is not ready."""
+
+    state: ModelState
+    reason: str = ""
+
+    @property
+    def ready(self) -> bool:
+        return self.state is ModelState.READY
+
+
+@dataclass
+class ModelSlot:
+    """One version of a model, its batcher and the thread it computes on."""
+
+    config: ModelConfig
+    model: ServedModel
+    batcher: Batcher[torch.Tensor, torch.Tensor]
+    executor: DeviceThread
+    preprocess_limiter: anyio.CapacityLimiter
+    decode_gate: PriorityGate
+    version: int = 1
+    warm_error: str | None = None
+    users: int = 0  # predictions that resolved this slot and are not yet answered
+    _unused: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+
+    def __post_init__(self) -> None:
+        self._unused.set()
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @contextlib.contextmanager
+    def use(self) -> Iterator[None]:
+        """Hold the slot for one prediction, from its resolution to its answer."""
+        self.users += 1
+        self._unused.clear()
+        try:
+            yield
+        finally:
+            self.users -= 1
+            if not self.users:
+                self._unused.set()
+
+    async def wait_unused(self, timeout_s: float) -> bool:
+        """Wait until no prediction holds the slot; False if the limit passed first."""
+        with anyio.move_on_after(timeout_s):
+            await self._unused.wait()
+        return self._unused.is_set()
+
+    async def preprocess(self, data: bytes, priority: int = 0) -> torch.Tensor:
+        """Decode and preprocess one encoded image in the decoding thread pool; the more
+        urgent priority levels get the next free thread first."""
+        async with self.decode_gate.hold(self.batcher.level_of(priority)):
+            return await anyio.to_thread.run_sync(self.model.preprocessor.load, data,
+                                                  limiter=self.preprocess_limiter)
+
+    def status(self, draining: bool, watchdog_s: float) -> ModelStatus:
+        if self.warm_error:
+            return ModelStatus(ModelState.WARM_UP_FAILED, f"warm-up failed: {self.warm_error}")
+        if self.batcher.dead_reason:
+            return ModelStatus(ModelState.WORKER_DEAD,
+                               f"worker stopped: {self.batcher.dead_reason}")
+        if not self.model.ready or not self.batcher.alive:
+            return ModelStatus(ModelState.WARMING, "warming up")
+        if draining:
+            return ModelStatus(ModelState.DRAINING, "shutting down")
+        if self.model.out_of_memory_streak() >= OOM_STREAK_NOT_READY:
+            return ModelStatus(ModelState.OUT_OF_MEMORY, f"out of device memory on the last "
+                               f"{self.model.consecutive_oom} batches")
+        stalled = self.batcher.stalled_for()
+        if stalled > watchdog_s:
+            return ModelStatus(ModelState.STALLED, f"batch running for {stalled:.0f}s "
+                               f"(watchdog {watchdog_s:.0f}s)")
+        return ModelStatus(ModelState.READY)
+
+
