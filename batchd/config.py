@@ -291,10 +291,10 @@ def build_model_config(raw: dict[str, Any], key: str, path: Path) -> ModelConfig
     raw = dict(raw)
     checkpoint = raw.get("checkpoint")
     if isinstance(checkpoint, str):
-        raw["checkpoint"] = _existing_file(path, f"{key}.checkpoint", checkpoint)
+        raw["checkpoint"] = _existing_file(path, _dotted(key, "checkpoint"), checkpoint)
     source = raw.get("source")
     if isinstance(source, dict) and isinstance(source.get("artifact"), str):
-        raw["source"] = {**source, "artifact": _existing_file(path, f"{key}.source.artifact",
+        raw["source"] = {**source, "artifact": _existing_file(path, _dotted(key, "source.artifact"),
                                                               source["artifact"])}
     model = build_table(ModelConfig, raw, key, path)
     _check_model(model, key, path)
@@ -317,7 +317,7 @@ def artifact_format(source: SourceConfig) -> ArtifactFormat | None:
 
 def _check_model(model: ModelConfig, key: str, path: Path) -> None:
     def fail(subkey: str, message: str) -> typing.NoReturn:
-        raise ConfigError(f"{path}: key '{key}.{subkey}': {message}")
+        raise ConfigError(f"{path}: key '{_dotted(key, subkey)}': {message}")
 
     if not model.name or "/" in model.name:
         fail("name", "must be a non-empty name without '/'")
@@ -434,6 +434,10 @@ def _check_server(server: ServerConfig, path: Path) -> None:
             raise ConfigError(f"{path}: key 'server.{key}': value {value!r} is out of range")
 
 
+def _dotted(key: str, subkey: str) -> str:
+    return f"{key}.{subkey}" if key else subkey
+
+
 def _reject_unknown(raw: dict[str, Any], known: set[str], key: str, path: Path) -> None:
     unknown = sorted(set(raw) - known)
     if unknown:
@@ -446,12 +450,12 @@ def build_table(cls: type[Any], raw: Any, key: str, path: Path) -> Any:
     """Construct dataclass `cls` from a TOML table, checking keys and types field by field."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: key '{key}' must be a table")
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init and f.name != "path"}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     _reject_unknown(raw, set(fields), key, path)
     hints = get_type_hints(cls)
     values = {}
     for name, f in fields.items():
-        subkey = f"{key}.{name}" if key else name
+        subkey = _dotted(key, name)
         if name not in raw:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise ConfigError(f"{path}: key '{subkey}' is required")

@@ -161,8 +161,6 @@ class ModelManager:
         """Free versions that were built for a load that failed; they never served."""
         retired = list(slots.values())
         slots.clear()
-        for slot in retired:
-            await slot.batcher.abandon()
         await self.runtime.retire(retired, 0)
 
     def _count(self, name: str, action: Action, outcome: str, started: float) -> None:

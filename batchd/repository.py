@@ -163,4 +163,7 @@ def _version_config(raw: dict[str, Any], file: Path, version: int,
         raw["checkpoint"] = str(file)
     else:
         raw["source"] = {**raw.get("source", {}), "artifact": str(file)}
-    return build_model_config(raw, f"version {version}", config_path)
+    try:
+        return build_model_config(raw, "", config_path)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (version {version}: {file})") from None

@@ -238,7 +238,7 @@ class Runtime:
                                timeout_s)
                 await slot.batcher.abandon()
                 await slot.wait_unused(FLUSH_S)
-            await slot.batcher.drain(0)
+            await slot.batcher.abandon()  # nothing is left in it: this stops its worker
             if slot.version not in self.versions.get(slot.name, {}):
                 self.metrics.unwatch(slot.name, slot.version)
             self._retiring.discard(slot)

@@ -48,7 +48,7 @@ class ModelStatus:
         return self.state is ModelState.READY
 
 
-@dataclass
+@dataclass(eq=False)  # identity: two loads of one version are two slots
 class ModelSlot:
     """One version of a model, its batcher and the thread it computes on."""
 

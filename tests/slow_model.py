@@ -95,3 +95,10 @@ class FaultyDigits(SlowDigits):
 
 def build_faulty(fault: str, delay_ms: float = 0.0, num_classes: int = 10) -> nn.Module:
     return FaultyDigits(fault, delay_ms, num_classes)
+
+
+def build_wide(width: int = 6400, num_classes: int = 10) -> nn.Module:
+    """A large model for memory tests: about 4 x width^2 bytes of weights (for 8x8 grey
+    inputs)."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, width), nn.ReLU(),
+                         nn.Linear(width, width), nn.ReLU(), nn.Linear(width, num_classes))
