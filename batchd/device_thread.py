@@ -8,6 +8,8 @@ daemon: once every accepted request has been answered, the process may leave it 
 
 from __future__ import annotations
 
+import contextlib
+import os
 import queue
 import threading
 from collections.abc import Callable
@@ -23,9 +25,10 @@ _Call = tuple[Future[Any], Callable[..., Any], tuple[Any, ...], dict[str, Any]]
 class DeviceThread(Executor):
     """Runs submitted calls one at a time, in submission order, on one daemon thread."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, niceness: int = 0) -> None:
         self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
         self._closed = False
+        self._niceness = niceness
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
 
@@ -53,6 +56,12 @@ class DeviceThread(Executor):
             self._thread.join()
 
     def _serve(self) -> None:
+        if self._niceness:
+            # Linux schedules threads one by one: this lowers only this thread and the
+            # threads it starts (its OpenMP team), so the serving threads come first.
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
+                               os.getpriority(os.PRIO_PROCESS, 0) + self._niceness)
         while True:
             call = self._calls.get()
             if call is None:

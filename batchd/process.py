@@ -16,6 +16,7 @@ import torch
 from batchd.config import MAX_BUCKETS, Config
 from batchd.cpu_plan import CpuPlan, plan
 from batchd.model import resolve_device
+from batchd.repository import repository_model_configs
 
 logger = logging.getLogger("batchd.process")
 
@@ -25,7 +26,8 @@ def configure_process(config: Config) -> CpuPlan:
     limit, Prometheus' series and the access log. Returns the CPU plan, which the runtime
     follows."""
     server = config.server
-    on_gpu = any(resolve_device(model.runtime.device).type == "cuda" for model in config.models)
+    on_gpu = any(resolve_device(model.runtime.device).type == "cuda"
+                 for model in (*config.models, *repository_model_configs(config)))
     cpu_plan = plan(server.torch_threads, server.preprocess_threads, on_gpu)
     torch.set_num_threads(cpu_plan.torch_threads)
     sys.setswitchinterval(server.gil_switch_interval_ms / 1000)

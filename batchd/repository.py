@@ -22,7 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from batchd.config import ARTIFACT_SUFFIXES, ModelConfig, build_model_config, build_table
+from batchd.config import (
+    ARTIFACT_SUFFIXES,
+    Config,
+    ModelConfig,
+    build_model_config,
+    build_table,
+)
 from batchd.errors import BadInput, ConfigError, UnknownModel
 
 MODEL_CONFIG = "config.toml"
@@ -144,6 +150,15 @@ class Repository:
             if candidates:
                 files[int(entry.name)] = candidates[0]
         return files
+
+
+def repository_model_configs(config: Config) -> list[ModelConfig]:
+    """Every model version the config's repository holds now (none without one)."""
+    if config.repository.path is None:
+        return []
+    repository = Repository(config.repository.path)
+    return [version for name in repository.names()
+            for version in repository.read(name).versions.values()]
 
 
 def _check_policy(policy: VersionPolicy, path: Path) -> None:

@@ -52,6 +52,9 @@ logger = logging.getLogger("batchd.runtime")
 
 # After abandon(), how long drain() waits for the answers to be written.
 FLUSH_S = 2.0
+# How much lower the loader thread runs than the serving ones (nice): a reload builds and
+# warms beside a serving model and should take its spare CPU, not its turn.
+LOADER_NICENESS = 10
 
 
 class Runtime:
@@ -75,6 +78,7 @@ class Runtime:
         self.slots: dict[str, ModelSlot] = {}
         self.versions: dict[str, dict[int, ModelSlot]] = {}
         self._retiring: set[ModelSlot] = set()
+        self.loaded = False  # load() finished: every configured model was built
         self.draining = False
         self.fatal_error: str | None = None
         self._threads: dict[str, DeviceThread] = {}
@@ -123,6 +127,7 @@ class Runtime:
             self.install(name, {version: self.build_slot(config, version,
                                                          self.device_thread(config))
                                 for version, config in model.versions.items()})
+        self.loaded = True
 
     def device_thread(self, model_config: ModelConfig) -> DeviceThread:
         """The thread that computes every batch on the model's device."""
@@ -137,7 +142,8 @@ class Runtime:
         """The thread that builds and warms a new version while the old one serves."""
         thread = self._threads.get("loader")
         if thread is None:
-            thread = self._threads["loader"] = DeviceThread("batchd-loader")
+            thread = self._threads["loader"] = DeviceThread("batchd-loader",
+                                                            niceness=LOADER_NICENESS)
         return thread
 
     def build_slot(self, model_config: ModelConfig, version: int,
@@ -260,7 +266,7 @@ class Runtime:
 
     def status(self, name: str, version: int | None = None) -> ModelStatus:
         """Model `name`'s status (KeyError if there is no such model or version)."""
-        if not self.slots and not self.versions:
+        if not self.loaded:
             return ModelStatus(ModelState.LOADING, "loading models")
         slot = self.slots[name] if version is None else self.versions[name][version]
         return self.slot_status(slot)
@@ -270,8 +276,10 @@ class Runtime:
 
     def not_ready_reasons(self) -> dict[str, str]:
         """Why the server is not ready, by model (and "server"); empty when it is ready."""
-        if not self.slots:
+        if not self.loaded:
             return {"server": "loading models"}
+        if not self.slots:
+            return {"server": "no model is loaded (all were unloaded)"}
         reasons = {name: status.reason for name in self.slots
                    if not (status := self.status(name)).ready}
         if self.draining:

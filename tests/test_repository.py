@@ -397,6 +397,13 @@ async def test_unload_answers_queued_requests_then_404(tmp_path: Path,
             again = await client.post("/models/digits/predict", content=digit_png,
                                       headers={"content-type": "image/png"})
             assert answer_version(again) == "1"
+            # with every model unloaded, the server is not ready, and says why
+            for name in ("digits", "other"):
+                await client.post(f"/v2/repository/models/{name}/unload", headers=ADMIN)
+            not_ready = await client.get("/ready")
+            assert not_ready.status_code == 503
+            assert not_ready.json()["reasons"] == {
+                "server": "no model is loaded (all were unloaded)"}
         assert slot not in runtime.all_slots()
 
 

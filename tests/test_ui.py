@@ -116,7 +116,9 @@ def test_schema_fuzzing_finds_no_500s_and_no_undeclared_answers(
                 fuzz()
             except Unsatisfiable:
                 assert mode is GenerationMode.NEGATIVE  # nothing in it can be made invalid
-    assert digits_server.metric("batchd_requests_total") - predictions_before >= 40
+    # Most generated ?version= values name no loaded version: 404 before admission, not
+    # counted. Those without one reached the handler.
+    assert digits_server.metric("batchd_requests_total") - predictions_before >= 20
 
 
 # -- the page in a real browser --------------------------------------------------------

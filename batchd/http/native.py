@@ -73,7 +73,9 @@ async def list_models(request: Request) -> Response:
     runtime = runtime_of(request)
     return JSONResponse({
         "default": runtime.default_model,
-        "models": [describe(slot, runtime.slot_status(slot)) for slot in runtime.slots.values()],
+        "models": [{**describe(slot, runtime.slot_status(slot)),
+                    "versions": [str(version) for version in sorted(runtime.versions[name])]}
+                   for name, slot in runtime.slots.items()],
     })
 
 

@@ -30,7 +30,7 @@ def prediction_error_reasons() -> dict[int, list[str]]:
     """Every status a prediction can fail with, and the `reason` values each carries."""
     by_status: dict[int, set[str]] = {}
     for cls in _error_classes():
-        if cls is errors.Unauthorized or not any(issubclass(cls, listed)
+        if cls in (errors.Unauthorized, errors.LoadFailed) or not any(issubclass(cls, listed)
                                                  for listed in STATUS_FOR_ERROR):
             continue
         by_status.setdefault(status_for(cls("")), set()).add(cls.reason)
@@ -58,6 +58,10 @@ def _predict_operation(path: str, auth: bool) -> dict[str, Any]:
         {"name": "top_k", "in": "query", "required": False,
          "description": "how many labels to return, highest probability first (default 3, "
                         "at most the number of labels; otherwise 422)",
+         "schema": {"type": "integer", "minimum": 1, "maximum": 999_999_999}},
+        {"name": "version", "in": "query", "required": False,
+         "description": "the model version to ask (a loaded one; otherwise 404); absent: "
+                        "the newest loaded",
          "schema": {"type": "integer", "minimum": 1, "maximum": 999_999_999}},
         {"name": TIMEOUT_HEADER, "in": "header", "required": False,
          "description": "milliseconds, a plain decimal number; shortens (never lengthens) "
@@ -134,13 +138,16 @@ def openapi_document(config: Config, auth: bool) -> dict[str, Any]:
         "openapi": "3.1.0",
         "info": {"title": "batchd", "version": __version__,
                  "description": "A dynamic-batching inference server. Models: "
-                                + ", ".join(model.name for model in config.models)},
+                                + ", ".join(model.name for model in config.models)
+                                + (f" and those of the repository {config.repository.path}"
+                                   if config.repository.path else "")},
         "paths": paths,
         "components": {"schemas": {
             "Error": {"type": "object", "required": ["error", "reason"], "properties": {
                 "error": {"type": "string"}, "reason": {"type": "string"}}},
-            "Prediction": {"type": "object", "required": ["model", "predictions"],
-                           "properties": {"model": {"type": "string"}, "predictions": {
+            "Prediction": {"type": "object", "required": ["model", "version", "predictions"],
+                           "properties": {"model": {"type": "string"},
+                                          "version": {"type": "string"}, "predictions": {
                                "type": "array", "items": {
                                    "type": "object", "required": ["label", "prob"],
                                    "properties": {"label": {"type": "string"},
