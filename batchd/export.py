@@ -99,18 +99,35 @@ EXPORTERS: dict[ArtifactFormat, Callable[[nn.Module, torch.Tensor, Path], None]]
 
 
 def check_parity(eager: nn.Module, exported: nn.Module, input_shape: tuple[int, ...],
-                 batch_sizes: tuple[int, ...], tolerance: float) -> ParityReport:
+                 batch_sizes: tuple[int, ...], tolerance: float,
+                 device: torch.device | None = None) -> ParityReport:
+    """Both modules' answers on seeded inputs (the exported one's on `device`, if given)."""
     differences = {}
     with torch.inference_mode():
         for size in batch_sizes:
             inputs = seeded_inputs(input_shape, size)
             want = eager(inputs).float()
-            got = exported(inputs).float()
+            got = exported(inputs.to(device) if device else inputs).float().cpu()
             if got.shape != want.shape:
                 differences[size] = float("inf")
                 continue
             differences[size] = float((got - want).abs().max())
     return ParityReport(batch_sizes, differences, tolerance)
+
+
+def check_served_artifact(reference: ModelConfig, artifact: nn.Module,
+                          device: torch.device) -> ParityReport:
+    """Trust an artifact about to be served only if it answers as the eager model it was
+    exported from (`reference`: its architecture and state_dict); ParityError if not."""
+    network, _ = load_network(reference)
+    network.eval()
+    report = check_parity(network, artifact, reference.preprocess.input_shape,
+                          parity_batch_sizes(reference), DEFAULT_TOLERANCE, device)
+    if not report.ok:
+        raise ParityError(f"model {reference.name!r}: the artifact fails its parity check "
+                          f"against {reference.checkpoint}: max abs difference "
+                          f"{report.worst:.3e} > {DEFAULT_TOLERANCE:.0e}")
+    return report
 
 
 def export_model(config: ModelConfig, fmt: ArtifactFormat, out: Path,

@@ -110,7 +110,8 @@ class ModelManager:
                 loader = self.runtime.loader_thread()
                 for version, config in model.versions.items():
                     new[version] = await anyio.to_thread.run_sync(
-                        self.runtime.build_slot, config, version, loader)
+                        self.runtime.build_slot, config, version, loader,
+                        model.references.get(version))
                     await self.runtime.warm(new[version], loader)
                     logger.info("model %s: version %d built and warmed beside the serving "
                                 "one in %.1fs", name, version, time.monotonic() - started)

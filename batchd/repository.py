@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 import tomllib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,6 +33,9 @@ from batchd.errors import BadInput, ConfigError, UnknownModel
 
 MODEL_CONFIG = "config.toml"
 CHECKPOINT_SUFFIXES = (".pt", ".pth")
+# Beside an artifact, the state_dict it was exported from: with it (and the config's arch
+# or builder) the artifact must pass a parity check against the eager model to be served.
+PARITY_REFERENCE = "reference.pt"
 # A model's folder name: what a URL path segment can carry without escaping, never "..".
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _VERSION = re.compile(r"[1-9][0-9]{0,8}")
@@ -67,6 +70,8 @@ class RepositoryModel:
     name: str
     versions: dict[int, ModelConfig]
     fingerprint: Fingerprint
+    # per artifact version: the eager model it must agree with (see PARITY_REFERENCE)
+    references: dict[int, ModelConfig] = field(default_factory=dict)
 
     @property
     def newest(self) -> int:
@@ -97,7 +102,8 @@ class Repository:
 
     def fingerprint(self, name: str) -> Fingerprint:
         folder = self.path / name
-        files = [folder / MODEL_CONFIG, *folder.glob("*/model.*")]
+        files = [folder / MODEL_CONFIG, *folder.glob("*/model.*"),
+                 *folder.glob(f"*/{PARITY_REFERENCE}")]
         stamps = []
         for file in files:
             try:
@@ -132,9 +138,13 @@ class Repository:
         if not selected:
             raise ConfigError(f"{config_path}: no version to serve: the folders hold "
                               f"versions {sorted(on_disk)}, version_policy selects none")
-        versions = {version: _version_config(raw, on_disk[version], version, config_path)
-                    for version in selected}
-        return RepositoryModel(name, versions, fingerprint)
+        versions, references = {}, {}
+        for version in selected:
+            versions[version], reference = _version_config(raw, on_disk[version], version,
+                                                           config_path)
+            if reference is not None:
+                references[version] = reference
+        return RepositoryModel(name, versions, fingerprint, references)
 
     def _version_files(self, folder: Path) -> dict[int, Path]:
         files: dict[int, Path] = {}
@@ -171,14 +181,33 @@ def _check_policy(policy: VersionPolicy, path: Path) -> None:
                           "'specific'")
 
 
-def _version_config(raw: dict[str, Any], file: Path, version: int,
-                    config_path: Path) -> ModelConfig:
+def _version_config(raw: dict[str, Any], file: Path, version: int, config_path: Path
+                    ) -> tuple[ModelConfig, ModelConfig | None]:
+    """The version's config, and for an artifact whose model config names its network
+    (arch or builder), the config of the eager reference it must match."""
     raw = dict(raw)
+    source = dict(raw.get("source", {}))
+    reference_raw = None
     if file.suffix in CHECKPOINT_SUFFIXES:
         raw["checkpoint"] = str(file)
     else:
-        raw["source"] = {**raw.get("source", {}), "artifact": str(file)}
+        network = {key: source.pop(key) for key in ("arch", "builder", "kwargs")
+                   if key in source}
+        if "arch" in network or "builder" in network:
+            reference_file = file.parent / PARITY_REFERENCE
+            if not reference_file.is_file():
+                raise ConfigError(f"{config_path}: version {version} is an artifact ({file.name}) "
+                                  f"of the network the config names: put the state_dict it "
+                                  f"was exported from beside it as {PARITY_REFERENCE}, for "
+                                  "its parity check")
+            reference_raw = {**raw, "checkpoint": str(reference_file),
+                             "source": {**source, **network},
+                             "runtime": {**raw.get("runtime", {}), "compile": False}}
+        raw["source"] = {**source, "artifact": str(file)}
     try:
-        return build_model_config(raw, "", config_path)
+        served = build_model_config(raw, "", config_path)
+        reference = None if reference_raw is None \
+            else build_model_config(reference_raw, "", config_path)
     except ConfigError as exc:
         raise ConfigError(f"{exc} (version {version}: {file})") from None
+    return served, reference

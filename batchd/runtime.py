@@ -40,6 +40,7 @@ from batchd.config import Config, ModelConfig
 from batchd.cpu_plan import CpuPlan, plan
 from batchd.device_thread import DeviceThread
 from batchd.errors import ConfigError, NotReady, ShuttingDown, UnknownModel
+from batchd.export import check_served_artifact
 from batchd.metrics import Metrics
 from batchd.model import ServedModel, resolve_device
 from batchd.priority import PriorityGate
@@ -124,9 +125,10 @@ class Runtime:
             slot = self.build_slot(model_config, 1, self.device_thread(model_config))
             self.install(model_config.name, {1: slot})
         for name, model in self.repository_models.items():
-            self.install(name, {version: self.build_slot(config, version,
-                                                         self.device_thread(config))
-                                for version, config in model.versions.items()})
+            self.install(name, {
+                version: self.build_slot(config, version, self.device_thread(config),
+                                         model.references.get(version))
+                for version, config in model.versions.items()})
         self.loaded = True
 
     def device_thread(self, model_config: ModelConfig) -> DeviceThread:
@@ -146,10 +148,12 @@ class Runtime:
                                                             niceness=LOADER_NICENESS)
         return thread
 
-    def build_slot(self, model_config: ModelConfig, version: int,
-                   build_on: DeviceThread) -> ModelSlot:
+    def build_slot(self, model_config: ModelConfig, version: int, build_on: DeviceThread,
+                   parity_reference: ModelConfig | None = None) -> ModelSlot:
         """Build one version and load its checkpoint on `build_on` (blocking; call it off
-        the event loop). Its batches will run on the device's serving thread."""
+        the event loop); an artifact with a `parity_reference` must first answer as that
+        eager model does (ParityError). Its batches will run on the device's serving
+        thread."""
         assert self._limiter is not None and self._decode_gate is not None, "load() first"
         # Every torch call of a model, loading included, runs on one thread: a second
         # thread running parallel torch work would start a second OpenMP team, and on a
@@ -159,6 +163,11 @@ class Runtime:
             ServedModel.from_config, model_config, self.config.server.max_image_pixels,
             self.config.server.max_aspect_ratio,
         ).result()
+        if parity_reference is not None:
+            report = build_on.submit(check_served_artifact, parity_reference, model.network,
+                                     model.device).result()
+            logger.info("model %s: version %d passed its parity check (worst %.1e)",
+                        model_config.name, version, report.worst)
         batching = model_config.batching
         thread = self.device_thread(model_config)
         batcher: Batcher[torch.Tensor, torch.Tensor] = Batcher(

@@ -566,3 +566,50 @@ async def test_compiled_reloads_compile_every_bucket_and_free_the_old_network(
                                           headers={"content-type": "image/png"})
         assert answer_version(response) == "4"
         assert server.metric("batchd_recompiles_total", {"model": "digits"}) == 0
+
+
+async def test_an_artifact_serves_only_after_its_parity_check(
+        tmp_path: Path, digit_png: bytes) -> None:
+    """A TorchScript version with the state_dict it came from beside it loads and serves;
+    one whose reference disagrees (other weights) fails its parity check, and the version
+    before goes on serving."""
+    from batchd.export import export_model
+
+    repository = make_repository(tmp_path)
+    config = Repository(repository).read("digits").versions[1]
+    state = torch.load(DIGITS_CHECKPOINT, map_location="cpu", weights_only=True)
+    for version, reference in ((2, state),
+                               (3, {key: value + 0.01 if value.is_floating_point() else value
+                                    for key, value in state.items()})):
+        folder = repository / "digits" / str(version)
+        folder.mkdir()
+        export_model(config, "torchscript", folder / "model.ts", progress=lambda line: None)
+        torch.save(reference, folder / "reference.pt")
+    (repository / "digits" / "config.toml").write_text(
+        model_config_text(policy={"kind": "specific", "versions": [1, 2]}))
+    with run_server(server_config(tmp_path, repository)) as server:
+        runtime = server.app.state.runtime
+        assert list(runtime.versions["digits"]) == [1, 2]  # passed at start-up
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            (repository / "digits" / "config.toml").write_text(model_config_text(
+                policy={"kind": "specific", "versions": [1, 3]}))
+            failed = await client.post("/v2/repository/models/digits/load", headers=ADMIN)
+            assert failed.status_code == 400
+            assert "parity check" in failed.json()["error"], failed.text
+            assert list(runtime.versions["digits"]) == [1, 2]
+            # without a reference beside it, an artifact of a named network is refused
+            (repository / "digits" / "3" / "reference.pt").unlink()
+            refused = await client.post("/v2/repository/models/digits/load", headers=ADMIN)
+            assert refused.status_code == 400 and "reference.pt" in refused.json()["error"]
+            served = await client.post("/models/digits/predict?version=2", content=digit_png,
+                                       headers={"content-type": "image/png"})
+        # the TorchScript version (no classes in it: labels "0".."9") gives the eager
+        # version's answer
+        assert served.status_code == 200 and served.json()["version"] == "2"
+        first = await asyncio.to_thread(httpx.post, f"{server.url}/models/digits/predict"
+                                        "?version=1", content=digit_png,
+                                        headers={"content-type": "image/png"})
+        assert answer_version(first) == "1"
+        assert [(p["label"], p["prob"]) for p in served.json()["predictions"]] == [
+            (p["label"].removeprefix("v1-"), pytest.approx(p["prob"], abs=1e-5))
+            for p in first.json()["predictions"]]
