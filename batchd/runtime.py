@@ -41,6 +41,7 @@ from batchd.cpu_plan import CpuPlan, plan
 from batchd.device_thread import DeviceThread
 from batchd.errors import ConfigError, NotReady, ShuttingDown, UnknownModel
 from batchd.export import check_served_artifact
+from batchd.holders import Holders
 from batchd.metrics import Metrics
 from batchd.model import ServedModel, resolve_device
 from batchd.priority import PriorityGate
@@ -86,9 +87,7 @@ class Runtime:
         self._limiter: anyio.CapacityLimiter | None = None
         self._decode_gate: PriorityGate | None = None
         self._warm_task: asyncio.Task[None] | None = None
-        self._admitted: set[anyio.CancelScope] = set()
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._admitted: Holders[anyio.CancelScope] = Holders()
         self.metrics.watch_requests(lambda: self.active_requests)
 
     def _default_model(self) -> str:
@@ -330,21 +329,12 @@ class Runtime:
         it gets, which abandon() cancels: the caller then answers ShuttingDown."""
         if self.draining:
             raise ShuttingDown("the server is shutting down")
-        scope = anyio.CancelScope()
-        self._admitted.add(scope)
-        self._idle.clear()
-        try:
+        with self._admitted.hold(anyio.CancelScope()) as scope:
             yield scope
-        finally:
-            self._admitted.discard(scope)
-            if not self._admitted:
-                self._idle.set()
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """Wait until no prediction is in progress; False if the limit passed first."""
-        with anyio.move_on_after(timeout_s):
-            await self._idle.wait()
-        return self._idle.is_set()
+        return await self._admitted.wait_empty(timeout_s)
 
     # -- shut-down ------------------------------------------------------------------------
 
@@ -372,7 +362,7 @@ class Runtime:
         scope. Then wait (briefly) for the answers to be written."""
         self.begin_drain()
         await asyncio.gather(*(slot.batcher.abandon() for slot in self.all_slots()))
-        for scope in list(self._admitted):
+        for scope in self._admitted.snapshot():
             scope.cancel()
         if not await self.wait_idle(FLUSH_S):
             logger.error("%d requests still unanswered %.0fs after abandoning them",

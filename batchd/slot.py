@@ -4,7 +4,6 @@ the last of them is answered."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import enum
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ import torch
 from batchd.batcher import Batcher
 from batchd.config import ModelConfig
 from batchd.device_thread import DeviceThread
+from batchd.holders import Holders
 from batchd.model import ServedModel
 from batchd.priority import PriorityGate
 
@@ -60,33 +60,26 @@ class ModelSlot:
     decode_gate: PriorityGate
     version: int = 1
     warm_error: str | None = None
-    users: int = 0  # predictions that resolved this slot and are not yet answered
-    _unused: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
-
-    def __post_init__(self) -> None:
-        self._unused.set()
+    _holders: Holders[object] = field(default_factory=Holders, repr=False)
 
     @property
     def name(self) -> str:
         return self.config.name
 
+    @property
+    def users(self) -> int:
+        """Predictions that resolved this slot and are not yet answered."""
+        return len(self._holders)
+
     @contextlib.contextmanager
     def use(self) -> Iterator[None]:
         """Hold the slot for one prediction, from its resolution to its answer."""
-        self.users += 1
-        self._unused.clear()
-        try:
+        with self._holders.hold(object()):
             yield
-        finally:
-            self.users -= 1
-            if not self.users:
-                self._unused.set()
 
     async def wait_unused(self, timeout_s: float) -> bool:
         """Wait until no prediction holds the slot; False if the limit passed first."""
-        with anyio.move_on_after(timeout_s):
-            await self._unused.wait()
-        return self._unused.is_set()
+        return await self._holders.wait_empty(timeout_s)
 
     async def preprocess(self, data: bytes, priority: int = 0) -> torch.Tensor:
         """Decode and preprocess one encoded image in the decoding thread pool; the more
