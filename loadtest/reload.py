@@ -141,11 +141,12 @@ async def study(args: argparse.Namespace, url: str, pid: int, folder: Path) -> d
     await admin.aclose()
     watch.stop()
 
-    def latency(selected: list[float]) -> dict[str, float]:
+    def latency(selected: list[float], seconds: float) -> dict[str, float]:
         ordered = sorted(selected)
         if not ordered:
             return {}
-        return {"requests": len(ordered), "p50_ms": round(statistics.median(ordered) * 1000, 1),
+        return {"requests": len(ordered), "per_s": round(len(ordered) / seconds, 1),
+                "p50_ms": round(statistics.median(ordered) * 1000, 1),
                 "p99_ms": round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
                                 * 1000, 1)}
 
@@ -154,8 +155,8 @@ async def study(args: argparse.Namespace, url: str, pid: int, folder: Path) -> d
     steady = [lat for sent, lat, _, _ in answers if sent < steady_end]
     return {
         "reloads": reloads,
-        "latency_steady": latency(steady),
-        "latency_during_reload": latency(during),
+        "latency_steady": latency(steady, args.settle_s),
+        "latency_during_reload": latency(during, sum(end - start for start, end in windows)),
         "answers": len(answers),
         "non_200": sum(1 for _, _, status, _ in answers if status != 200),
         "versions_answering": sorted({version for _, _, status, version in answers
