@@ -117,13 +117,24 @@ def serve(config: Config, host: str | None, port: int | None) -> int:
 
 
 def pick_model(config: Config, name: str | None) -> ModelConfig:
-    if name is None:
-        return config.model(config.server.default_model)
-    try:
-        return config.model(name)
-    except KeyError:
-        names = [model.name for model in config.models]
-        raise ConfigError(f"{config.path}: no model named {name!r}; models: {names}") from None
+    """A model of the config: `name`, else the default; a repository model's newest
+    version counts too."""
+    from batchd.repository import Repository
+
+    wanted = name or config.server.default_model
+    found = {model.name: model for model in config.models}
+    if config.repository.path is not None:
+        repository = Repository(config.repository.path)
+        for model_name in repository.names():
+            if model_name == wanted or not wanted:
+                versions = repository.read(model_name).versions
+                found.setdefault(model_name, versions[max(versions)])
+    if not wanted and found:
+        return next(iter(found.values()))
+    if wanted not in found:
+        raise ConfigError(f"{config.path}: no model named {wanted!r}; models: "
+                          f"{sorted(found)}")
+    return found[wanted]
 
 
 def export_command(args: argparse.Namespace) -> int:

@@ -613,3 +613,15 @@ async def test_an_artifact_serves_only_after_its_parity_check(
         assert [(p["label"], p["prob"]) for p in served.json()["predictions"]] == [
             (p["label"].removeprefix("v1-"), pytest.approx(p["prob"], abs=1e-5))
             for p in first.json()["predictions"]]
+
+
+def test_export_and_inspect_find_repository_models(tmp_path: Path) -> None:
+    from batchd.cli import pick_model
+
+    repository = make_repository(tmp_path, versions=(1, 3))
+    config = load_config(server_config(tmp_path, repository))
+    picked = pick_model(config, None)
+    assert (picked.name, picked.checkpoint) == ("digits", repository / "digits" / "3" / "model.pt")
+    assert pick_model(config, "digits") == picked
+    with pytest.raises(ConfigError, match="no model named 'nope'"):
+        pick_model(config, "nope")
