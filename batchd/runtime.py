@@ -245,8 +245,9 @@ class Runtime:
     async def retire(self, slots: list[ModelSlot], timeout_s: float) -> None:
         """Let the predictions that hold each slot finish (answering those left at the
         limit with ShuttingDown), stop its worker and free its memory."""
-        for slot in slots:
-            if not await slot.wait_unused(timeout_s):
+        unused = await asyncio.gather(*(slot.wait_unused(timeout_s) for slot in slots))
+        for slot, finished in zip(slots, unused, strict=True):
+            if not finished:
                 logger.warning("model %s: version %d still held by %d requests after %.1fs; "
                                "answering them 503", slot.name, slot.version, slot.users,
                                timeout_s)

@@ -133,9 +133,10 @@ PredictionHandler = Callable[[Request, ModelSlot, dict[str, str]], Awaitable[Res
 
 
 async def serve_prediction(request: Request, name: str, handler: PredictionHandler,
-                           version: int | None = None) -> Response:
-    """Run `handler` for model `name` (at `version`, else the newest loaded) inside the
-    frame every prediction shares.
+                           version_of: Callable[[Request], int | None] | None = None
+                           ) -> Response:
+    """Run `handler` for model `name` (at the version `version_of` reads from the request,
+    else the newest loaded) inside the frame every prediction shares.
 
     The frame resolves the model once (404 if unknown; 503 while draining or not ready),
     admits the request so that a drain waits for it (and, at the drain limit, answers it
@@ -148,8 +149,9 @@ async def serve_prediction(request: Request, name: str, handler: PredictionHandl
     runtime = runtime_of(request)
     headers = {"X-Request-ID": request_id_of(request)}
     try:
+        version = version_of(request) if version_of is not None else None
         runtime.find_slot(name, version)
-    except UnknownModel as error:
+    except BatchdError as error:  # no such model or version: not counted, by design
         return error_response(error, headers)
     try:
         with runtime.admit() as scope:

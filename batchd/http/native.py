@@ -16,7 +16,6 @@ from batchd.http.frame import (
     RETRY_AFTER_S,
     TIMEOUT_HEADER,
     cancel_on_disconnect,
-    error_response,
     note_batch,
     runtime_of,
     serve_prediction,
@@ -137,11 +136,7 @@ def parse_version(request: Request) -> int | None:
 
 async def predict(request: Request) -> Response:
     name = request.path_params.get("name", runtime_of(request).default_model)
-    try:
-        version = parse_version(request)
-    except InvalidParameter as error:
-        return error_response(error)
-    return await serve_prediction(request, name, _predict, version)
+    return await serve_prediction(request, name, _predict, parse_version)
 
 
 async def _predict(request: Request, slot: ModelSlot, headers: dict[str, str]) -> Response | None:

@@ -30,7 +30,6 @@ from batchd.batcher import BatchResult
 from batchd.errors import UnknownModel
 from batchd.http.frame import (
     cancel_on_disconnect,
-    error_response,
     note_batch,
     runtime_of,
     serve_prediction,
@@ -147,11 +146,8 @@ async def model_config(request: Request) -> Response:
 
 
 async def infer(request: Request) -> Response:
-    try:
-        version = requested_version(request)
-    except UnknownModel as error:
-        return error_response(error)
-    return await serve_prediction(request, request.path_params["name"], _infer, version)
+    return await serve_prediction(request, request.path_params["name"], _infer,
+                                  requested_version)
 
 
 async def _infer(request: Request, slot: ModelSlot, headers: dict[str, str]) -> Response | None:
