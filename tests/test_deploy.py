@@ -60,6 +60,9 @@ def metric_names() -> set[str]:
     metrics.watch("m", 1, Batcher(), Model(), lambda: True)  # type: ignore[arg-type]
     metrics.request_done("m", "success", 200, 0.01)
     metrics.observer("m").batch_done(1, 2, [0.001], 0.01)
+    metrics.set_serving("m", 1)
+    metrics.model_loads.labels("m", "reload", "failure").inc()
+    metrics.model_load_duration.labels("m", "reload").observe(1.0)
     return {sample.name for family in metrics.registry.collect() for sample in family.samples}
 
 
