@@ -119,7 +119,8 @@ class Metrics:
         )
         self._serving = Gauge(
             "batchd_model_serving_version",
-            "The version that answers requests naming none (the newest loaded).",
+            "The newest loaded version: it answers requests naming none while it is ready "
+            "(else the newest ready one does).",
             ["model"], registry=self.registry,
         )
         self.registry.register(_StateCollector(self._watched))

@@ -76,8 +76,6 @@ class Runtime:
         self.default_model = self._default_model()
         self.metrics = metrics or Metrics(max(
             [model.batching.max_batch_size for model in self.model_configs()]))
-        # The version that serves each name when a request names none: the newest.
-        self.slots: dict[str, ModelSlot] = {}
         self.versions: dict[str, dict[int, ModelSlot]] = {}
         self._retiring: set[ModelSlot] = set()
         self.loaded = False  # load() finished: every configured model was built
@@ -226,7 +224,6 @@ class Runtime:
         name no version. Returns the versions they replace, to retire()."""
         replaced = list(self.versions.get(name, {}).values())
         self.versions[name] = dict(versions)
-        self.slots[name] = versions[max(versions)]
         self._retiring.update(replaced)
         for slot in versions.values():
             self.metrics.watch(name, slot.version, slot.batcher, slot.model,
@@ -237,7 +234,6 @@ class Runtime:
     def remove(self, name: str) -> list[ModelSlot]:
         """Stop serving `name` (new requests get 404); returns its versions, to retire()."""
         replaced = list(self.versions.pop(name, {}).values())
-        self.slots.pop(name, None)
         self._retiring.update(replaced)
         self.metrics.set_serving(name, None)
         return replaced
@@ -260,6 +256,17 @@ class Runtime:
         del slots[:]  # the caller's list too: nothing may keep a retired model alive
         await anyio.to_thread.run_sync(release_memory)
 
+    @property
+    def slots(self) -> dict[str, ModelSlot]:
+        """The version of each model that answers a request naming none."""
+        return {name: self.serving_slot(name) for name in self.versions}
+
+    def serving_slot(self, name: str) -> ModelSlot:
+        """The newest ready version of `name`, else its newest (KeyError: none loaded)."""
+        versions = self.versions[name]
+        newest_first = [versions[number] for number in sorted(versions, reverse=True)]
+        return next((slot for slot in newest_first if self.slot_ready(slot)), newest_first[0])
+
     def all_slots(self) -> list[ModelSlot]:
         """Every version loaded: serving, or retired and still finishing."""
         return [*(slot for versions in self.versions.values() for slot in versions.values()),
@@ -277,7 +284,7 @@ class Runtime:
         """Model `name`'s status (KeyError if there is no such model or version)."""
         if not self.loaded:
             return ModelStatus(ModelState.LOADING, "loading models")
-        slot = self.slots[name] if version is None else self.versions[name][version]
+        slot = self.serving_slot(name) if version is None else self.versions[name][version]
         return self.slot_status(slot)
 
     def is_ready(self, name: str) -> bool:
@@ -287,9 +294,9 @@ class Runtime:
         """Why the server is not ready, by model (and "server"); empty when it is ready."""
         if not self.loaded:
             return {"server": "loading models"}
-        if not self.slots:
+        if not self.versions:
             return {"server": "no model is loaded (all were unloaded)"}
-        reasons = {name: status.reason for name in self.slots
+        reasons = {name: status.reason for name in self.versions
                    if not (status := self.status(name)).ready}
         if self.draining:
             reasons["server"] = "shutting down"
@@ -302,8 +309,9 @@ class Runtime:
     def find_slot(self, name: str, version: int | None = None) -> ModelSlot:
         """Version `version` of `name`, or the one serving requests that name none;
         UnknownModel when there is no such model or version loaded."""
-        slot = self.slots.get(name) if version is None \
-            else self.versions.get(name, {}).get(version)
+        if name in self.versions and version is None:
+            return self.serving_slot(name)
+        slot = self.versions.get(name, {}).get(version or 0)
         if slot is None:
             which = f"model {name!r}" + ("" if version is None else f" version {version}")
             raise UnknownModel(f"no {which} is loaded")

@@ -433,6 +433,17 @@ async def test_versions_are_reachable_by_number(tmp_path: Path, digit_png: bytes
                 assert response.status_code == expected, (query, response.text)
                 if expected == 200:
                     assert answer_version(response) == ("1" if query else "2")
+            # a version that is not ready: requests naming none go to the newest ready one
+            server.app.state.runtime.versions["digits"][2].warm_error = "test"
+            fallback = await client.post("/models/digits/predict", content=digit_png,
+                                         headers={"content-type": "image/png"})
+            assert answer_version(fallback) == "1"
+            broken = await client.post("/models/digits/predict?version=2", content=digit_png,
+                                       headers={"content-type": "image/png"})
+            assert broken.status_code == 503 and broken.json()["reason"] == "not_ready"
+            assert (await client.get("/v2/models/digits/versions/2/ready")).status_code == 400
+            assert (await client.get("/v2/models/digits/ready")).status_code == 200
+            server.app.state.runtime.versions["digits"][2].warm_error = None
             # the management API is off: 404, whatever the token
             off = await client.post("/v2/repository/index", headers=ADMIN)
             assert off.status_code == 404 and off.json()["reason"] == "not_found"
