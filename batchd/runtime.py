@@ -250,6 +250,10 @@ class Runtime:
                 await slot.batcher.abandon()
                 await slot.wait_unused(FLUSH_S)
             await slot.batcher.abandon()  # nothing is left in it: this stops its worker
+            # On its own thread, so after any batch of it still computing.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    asyncio.wrap_future(slot.executor.submit(slot.model.release)), FLUSH_S)
             if slot.version not in self.versions.get(slot.name, {}):
                 self.metrics.unwatch(slot.name, slot.version)
             self._retiring.discard(slot)

@@ -16,10 +16,11 @@ from typing import Any
 import httpx
 import pytest
 import torch
+from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
 from batchd.config import load_config
 from batchd.errors import BadInput, ConfigError, UnknownModel
-from batchd.model import ServedModel
+from batchd.model import ServedModel, _guard_finalizers
 from batchd.repository import Repository
 from tests.conftest import (
     DIGITS_CHECKPOINT,
@@ -565,13 +566,21 @@ async def test_compiled_reloads_compile_every_bucket_and_free_the_old_network(
         runtime = server.app.state.runtime
         buckets = len(runtime.slots["digits"].config.batching.bucket_sizes)
         assert runtime.slots["digits"].model.compile_count == buckets
+        guards_kept = len(_guard_finalizers())
         for version in (2, 3, 4):
-            old_network = weakref.ref(runtime.slots["digits"].model.network)
+            old_model = runtime.slots["digits"].model
+            old_network = weakref.ref(old_model.network)
+            old_code = old_model._compiled_code
+            assert len(_debug_get_cache_entry_list(old_code)) == buckets
+            del old_model
             write_version(repository, version)
             await asyncio.to_thread(triton, server, "load_model", "digits", headers=ADMIN)
             assert runtime.slots["digits"].model.compile_count == buckets, version
             gc.collect()
             assert old_network() is None, f"version {version - 1} is still alive"
+            # its graphs and their guards are let go too (ServedModel.release)
+            assert _debug_get_cache_entry_list(old_code) == [], version
+            assert len(_guard_finalizers()) == guards_kept, version
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
             response = await client.post("/models/digits/predict", content=digit_png,
                                           headers={"content-type": "image/png"})
