@@ -119,18 +119,12 @@ def serve(config: Config, host: str | None, port: int | None) -> int:
 def pick_model(config: Config, name: str | None) -> ModelConfig:
     """A model of the config: `name`, else the default; a repository model's newest
     version counts too."""
-    from batchd.repository import Repository
+    from batchd.repository import read_repository
 
-    wanted = name or config.server.default_model
     found = {model.name: model for model in config.models}
-    if config.repository.path is not None:
-        repository = Repository(config.repository.path)
-        for model_name in repository.names():
-            if model_name == wanted or not wanted:
-                versions = repository.read(model_name).versions
-                found.setdefault(model_name, versions[max(versions)])
-    if not wanted and found:
-        return next(iter(found.values()))
+    for model_name, model in read_repository(config).items():
+        found.setdefault(model_name, model.versions[model.newest])
+    wanted = name or config.server.default_model or next(iter(found), "")
     if wanted not in found:
         raise ConfigError(f"{config.path}: no model named {wanted!r}; models: "
                           f"{sorted(found)}")

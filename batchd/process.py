@@ -16,7 +16,7 @@ import torch
 from batchd.config import MAX_BUCKETS, Config
 from batchd.cpu_plan import CpuPlan, plan
 from batchd.model import resolve_device
-from batchd.repository import repository_model_configs
+from batchd.repository import read_repository
 
 logger = logging.getLogger("batchd.process")
 
@@ -27,7 +27,9 @@ def configure_process(config: Config) -> CpuPlan:
     follows."""
     server = config.server
     on_gpu = any(resolve_device(model.runtime.device).type == "cuda"
-                 for model in (*config.models, *repository_model_configs(config)))
+                 for model in (*config.models, *(
+                     version for model in read_repository(config).values()
+                     for version in model.versions.values())))
     cpu_plan = plan(server.torch_threads, server.preprocess_threads, on_gpu)
     torch.set_num_threads(cpu_plan.torch_threads)
     sys.setswitchinterval(server.gil_switch_interval_ms / 1000)

@@ -162,13 +162,12 @@ class Repository:
         return files
 
 
-def repository_model_configs(config: Config) -> list[ModelConfig]:
-    """Every model version the config's repository holds now (none without one)."""
+def read_repository(config: Config) -> dict[str, RepositoryModel]:
+    """Every model the config's repository holds now, by name (none without one)."""
     if config.repository.path is None:
-        return []
+        return {}
     repository = Repository(config.repository.path)
-    return [version for name in repository.names()
-            for version in repository.read(name).versions.values()]
+    return {name: repository.read(name) for name in repository.names()}
 
 
 def _check_policy(policy: VersionPolicy, path: Path) -> None:

@@ -45,7 +45,7 @@ from batchd.holders import Holders
 from batchd.metrics import Metrics
 from batchd.model import ServedModel, resolve_device
 from batchd.priority import PriorityGate
-from batchd.repository import Repository, RepositoryModel
+from batchd.repository import Repository, RepositoryModel, read_repository
 from batchd.slot import OOM_STREAK_NOT_READY, ModelSlot, ModelState, ModelStatus
 
 __all__ = ["OOM_STREAK_NOT_READY", "ModelSlot", "ModelState", "ModelStatus", "Runtime"]
@@ -70,9 +70,7 @@ class Runtime:
         self.repository = Repository(config.repository.path) \
             if config.repository.path is not None else None
         # Read (and so checked) before anything loads: a bad repository fails start-up.
-        self.repository_models: dict[str, RepositoryModel] = {
-            name: self.repository.read(name) for name in self.repository.names()
-        } if self.repository is not None else {}
+        self.repository_models: dict[str, RepositoryModel] = read_repository(config)
         self.default_model = self._default_model()
         self.metrics = metrics or Metrics(max(
             [model.batching.max_batch_size for model in self.model_configs()]))
