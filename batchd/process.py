@@ -26,10 +26,10 @@ def configure_process(config: Config) -> CpuPlan:
     limit, Prometheus' series and the access log. Returns the CPU plan, which the runtime
     follows."""
     server = config.server
+    repository_versions = [version for held in read_repository(config).values()
+                           for version in held.versions.values()]
     on_gpu = any(resolve_device(model.runtime.device).type == "cuda"
-                 for model in (*config.models, *(
-                     version for model in read_repository(config).values()
-                     for version in model.versions.values())))
+                 for model in (*config.models, *repository_versions))
     cpu_plan = plan(server.torch_threads, server.preprocess_threads, on_gpu)
     torch.set_num_threads(cpu_plan.torch_threads)
     sys.setswitchinterval(server.gil_switch_interval_ms / 1000)
