@@ -38,7 +38,8 @@ TOKEN_ENV = "BATCHD_RELOAD_ADMIN_TOKEN"
 TOKEN = "reload-study"
 
 
-def write_repository(folder: Path, arch: str, compile: bool) -> Path:
+def write_repository(folder: Path, arch: str, compile: bool,
+                     switch_interval_ms: float = 5.0) -> Path:
     """A repository with the model's config; its versions come from write_version."""
     template = (ROOT / "config" / "resnet18.toml").read_text()
     model = template[template.index("[models.source]"):]
@@ -47,8 +48,9 @@ def write_repository(folder: Path, arch: str, compile: bool) -> Path:
     (folder / "models" / arch).mkdir(parents=True)
     (folder / "models" / arch / "config.toml").write_text(model)
     config = folder / "server.toml"
-    config.write_text(f'[server]\nhost = "127.0.0.1"\n\n[repository]\npath = "models"\n'
-                      f'admin_token_env = "{TOKEN_ENV}"\n')
+    config.write_text(f'[server]\nhost = "127.0.0.1"\n'
+                      f'gil_switch_interval_ms = {switch_interval_ms}\n\n'
+                      f'[repository]\npath = "models"\nadmin_token_env = "{TOKEN_ENV}"\n')
     return config
 
 
@@ -173,10 +175,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--settle-s", type=float, default=10.0)
     parser.add_argument("--eager", action="store_true", help="serve without torch.compile")
+    parser.add_argument("--switch-interval-ms", type=float, default=5.0,
+                        help="server.gil_switch_interval_ms")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="batchd-reload-") as scratch:
         folder = Path(scratch)
-        config = write_repository(folder, args.arch, compile=not args.eager)
+        config = write_repository(folder, args.arch, compile=not args.eager,
+                                  switch_interval_ms=args.switch_interval_ms)
         write_version(folder, args.arch, 1)
         port = free_port()
         url = f"http://127.0.0.1:{port}"
