@@ -282,15 +282,12 @@ class Runtime:
     def slot_ready(self, slot: ModelSlot) -> bool:
         return self.slot_status(slot).ready
 
-    def status(self, name: str, version: int | None = None) -> ModelStatus:
-        """Model `name`'s status (KeyError if there is no such model or version)."""
+    def status(self, name: str) -> ModelStatus:
+        """Model `name`'s status: its serving version's (KeyError if there is no such
+        model)."""
         if not self.loaded:
             return ModelStatus(ModelState.LOADING, "loading models")
-        slot = self.serving_slot(name) if version is None else self.versions[name][version]
-        return self.slot_status(slot)
-
-    def is_ready(self, name: str) -> bool:
-        return self.status(name).ready
+        return self.slot_status(self.serving_slot(name))
 
     def not_ready_reasons(self) -> dict[str, str]:
         """Why the server is not ready, by model (and "server"); empty when it is ready."""
@@ -319,14 +316,12 @@ class Runtime:
             raise UnknownModel(f"no {which} is loaded")
         return slot
 
-    def slot_for_prediction(self, name: str, version: int | None = None) -> ModelSlot:
-        """The slot to serve a prediction (called once admitted, so never while draining);
-        raises UnknownModel, or NotReady unless it serves now."""
-        slot = self.find_slot(name, version)
+    def check_serving(self, slot: ModelSlot) -> None:
+        """NotReady unless `slot` serves now (called once a prediction is admitted, so
+        never while draining)."""
         status = self.slot_status(slot)
         if not status.ready:
-            raise NotReady(f"model {name!r} is not ready: {status.reason}")
-        return slot
+            raise NotReady(f"model {slot.name!r} is not ready: {status.reason}")
 
     # -- requests in progress -------------------------------------------------------------
 

@@ -150,12 +150,13 @@ async def serve_prediction(request: Request, name: str, handler: PredictionHandl
     headers = {"X-Request-ID": request_id_of(request)}
     try:
         version = version_of(request) if version_of is not None else None
-        runtime.find_slot(name, version)
+        slot = runtime.find_slot(name, version)
     except BatchdError as error:  # no such model or version: not counted, by design
         return error_response(error, headers)
     try:
+        # No await since the slot was found: admitted, it is still the one to serve.
         with runtime.admit() as scope:
-            slot = runtime.slot_for_prediction(name, version)
+            runtime.check_serving(slot)
             with slot.use(), scope:
                 response = await handler(request, slot, headers)
             if scope.cancelled_caught:
