@@ -169,6 +169,10 @@ class ServerConfig:
     # bounds what the shorter-side resize can make of it (resize^2 x this many pixels).
     max_aspect_ratio: float = 20.0
     preprocess_threads: int = 0  # 0: the CPU plan decides (batchd.cpu_plan)
+    # Front-end processes that accept HTTP, read, check and decode requests, beside one
+    # engine process that batches and computes (batchd.supervisor); 1: everything in one
+    # process, as on a small host. 0: the CPU plan decides.
+    workers: int = 0
     drain_timeout_s: float = 30.0
     watchdog_s: float = 60.0
     torch_threads: int = 0  # 0: the CPU plan decides
@@ -423,6 +427,7 @@ def _check_server(server: ServerConfig, path: Path) -> None:
         "idle_timeout_s": server.idle_timeout_s > 0,
         "max_connections": server.max_connections >= 1,
         "preprocess_threads": server.preprocess_threads >= 0,
+        "workers": 0 <= server.workers <= 64,
         "drain_timeout_s": server.drain_timeout_s >= 0,
         "watchdog_s": server.watchdog_s > 0,
         "torch_threads": server.torch_threads >= 0,
