@@ -4,14 +4,16 @@ the last of them is answered."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import enum
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import anyio
 import torch
 
+from batchd.batch_stats import BatchResult
 from batchd.batcher import Batcher
 from batchd.config import ModelConfig
 from batchd.device_thread import DeviceThread
@@ -81,6 +83,23 @@ class ModelSlot:
         """Wait until no prediction holds the slot; False if the limit passed first."""
         return await self._holders.wait_empty(timeout_s)
 
+    def hold_places(self, count: int, priority: int) -> contextlib.ExitStack:
+        """Admission, now: refuse (QueueFull, QueueTimeout, ShuttingDown, ...) before a
+        body is read or decoded, else hold places for `count` inputs on their way, so the
+        worker waits for them and admission counts them. Closing the stack gives the
+        places back."""
+        self.batcher.check_admission(priority, count)
+        places = contextlib.ExitStack()
+        places.enter_context(self.batcher.expecting(count, priority))
+        return places
+
+    @contextlib.asynccontextmanager
+    async def admit(self, count: int = 1, priority: int = 0) -> AsyncIterator[Ticket]:
+        """A ticket for `count` inputs at `priority` (see hold_places); its `slot` is the
+        version that serves them (here: this one)."""
+        with self.hold_places(count, priority) as places:
+            yield Ticket(self, priority, places)
+
     async def preprocess(self, data: bytes, priority: int = 0) -> torch.Tensor:
         """Decode and preprocess one encoded image in the decoding thread pool; the more
         urgent priority levels get the next free thread first."""
@@ -108,3 +127,37 @@ class ModelSlot:
         return ModelStatus(ModelState.READY)
 
 
+
+
+class Ticket:
+    """Admitted places in one version's queue, for one request's inputs."""
+
+    def __init__(self, slot: ModelSlot, priority: int, places: contextlib.ExitStack) -> None:
+        self.slot = slot
+        self._priority = priority
+        self._places = places
+
+    async def submit(self, items: Sequence[torch.Tensor],
+                     timeout_s: float | None) -> list[BatchResult[torch.Tensor]]:
+        """Queue the inputs (their places are then given back) and wait for every output."""
+        self._places.close()
+        return await submit_group(self.slot.batcher, items, timeout_s, self._priority)
+
+
+async def submit_group(batcher: Batcher[torch.Tensor, torch.Tensor],
+                       items: Sequence[torch.Tensor], timeout_s: float | None,
+                       priority: int = 0) -> list[BatchResult[torch.Tensor]]:
+    """Queue every input of one request as one group of the fair queue (so that a large
+    request takes one place in each round); if one fails, cancel the rest and raise."""
+    if len(items) == 1:  # the common case, without a task of its own
+        return [await batcher.submit(items[0], timeout_s, priority=priority)]
+    group: Hashable = object()
+    tasks = [asyncio.ensure_future(batcher.submit(item, timeout_s, group, priority))
+             for item in items]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise

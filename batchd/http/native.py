@@ -143,21 +143,22 @@ async def _predict(request: Request, slot: ModelSlot, headers: dict[str, str]) -
     top_k = parse_top_k(request, len(slot.model.labels))
     timeout_s = parse_timeout(request)
     priority = parse_priority(request)
-    slot.batcher.check_admission(priority)
-    with slot.batcher.expecting(1, priority):
+    async with slot.admit(1, priority) as ticket:
+        served = ticket.slot  # the version the engine admitted it to (a reload may swap)
         data = await read_image_payload(request, runtime_of(request).config.server.max_body_bytes)
-        item = await slot.preprocess(data, priority)
-    disconnected, result = await cancel_on_disconnect(
-        request, slot.batcher.submit(item, timeout_s, priority=priority))
-    if disconnected or result is None:
+        item = await served.preprocess(data, priority)
+        disconnected, results = await cancel_on_disconnect(
+            request, ticket.submit([item], timeout_s))
+    if disconnected or results is None:
         return None
+    result = results[0]
     note_batch(request, result)
     predictions = [{"label": label, "prob": prob}
-                   for label, prob in slot.model.top_k(result.output, top_k)]
+                   for label, prob in served.model.top_k(result.output, top_k)]
     headers["Server-Timing"] = (f"queue;dur={result.queue_wait_s * 1000:.2f}, "
                                 f"compute;dur={result.compute_s * 1000:.2f}, "
                                 f'batch;desc="{result.batch_size}"')
-    return JSONResponse({"model": slot.name, "version": str(slot.version),
+    return JSONResponse({"model": served.name, "version": str(served.version),
                          "predictions": predictions}, headers=headers)
 
 

@@ -20,13 +20,11 @@ import asyncio
 import re
 
 import anyio.to_thread
-import torch
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from batchd import __version__
-from batchd.batcher import BatchResult
 from batchd.errors import UnknownModel
 from batchd.http.frame import (
     cancel_on_disconnect,
@@ -157,39 +155,23 @@ async def _infer(request: Request, slot: ModelSlot, headers: dict[str, str]) -> 
         parse_request, body, request.headers.get(HEADER_LENGTH), slot.model.input_shape,
         slot.model.num_classes, slot.config.batching.request_item_limit, limiter=limiter)
     count = len(parsed.images if parsed.images is not None else parsed.tensors or [])
-    slot.batcher.check_admission(parsed.priority, count)
-    if parsed.images is not None:
-        with slot.batcher.expecting(count, parsed.priority):
-            items = list(await asyncio.gather(*(slot.preprocess(image, parsed.priority)
+    async with slot.admit(count, parsed.priority) as ticket:
+        served = ticket.slot  # the version the engine admitted it to (a reload may swap)
+        if parsed.images is not None:
+            items = list(await asyncio.gather(*(served.preprocess(image, parsed.priority)
                                                 for image in parsed.images)))
-    else:
-        assert parsed.tensors is not None
-        items = parsed.tensors
-    disconnected, results = await cancel_on_disconnect(
-        request, submit_all(slot, items, parsed.timeout_s, parsed.priority))
+        else:
+            assert parsed.tensors is not None
+            items = parsed.tensors
+        disconnected, results = await cancel_on_disconnect(
+            request, ticket.submit(items, parsed.timeout_s))
     if disconnected or results is None:
         return None
     note_batch(request, max(results, key=lambda result: result.queue_wait_s))
     content, media_type, extra = await anyio.to_thread.run_sync(
-        encode_response, slot.name, slot.version, slot.model.labels, parsed, results,
+        encode_response, served.name, served.version, served.model.labels, parsed, results,
         limiter=limiter)
     return Response(content, media_type=media_type, headers={**headers, **extra})
-
-
-async def submit_all(slot: ModelSlot, items: list[torch.Tensor], timeout_s: float | None,
-                     priority: int = 0) -> list[BatchResult[torch.Tensor]]:
-    """Queue every sample as one group of the fair queue (so that a large request takes
-    one place in each round); if one fails, cancel the rest and raise its error."""
-    group = object()
-    tasks = [asyncio.ensure_future(slot.batcher.submit(item, timeout_s, group, priority))
-             for item in items]
-    try:
-        return list(await asyncio.gather(*tasks))
-    except BaseException:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
 
 
 def routes() -> list[Route]:
