@@ -49,6 +49,17 @@ Out = TypeVar("Out")
 logger = logging.getLogger("batchd.batcher")
 
 
+def level_for(priority: int, levels: int, default_level: int) -> int:
+    """The level of a request asking for `priority` among `levels` (0: `default_level`);
+    InvalidParameter for a level there is not."""
+    if priority == 0:
+        return default_level
+    if not 1 <= priority <= levels:
+        raise InvalidParameter(f"priority must be between 1 and {levels} "
+                               f"(or 0 for the default), not {priority}")
+    return priority
+
+
 class _State(enum.Enum):
     QUEUED = "queued"
     RUNNING = "running"
@@ -222,12 +233,7 @@ class Batcher(Generic[In, Out]):
     def level_of(self, priority: int) -> int:
         """The level a request asking for `priority` queues at (0: the default level);
         InvalidParameter for a level the model does not have."""
-        if priority == 0:
-            return self.default_level
-        if not 1 <= priority <= self._queue.levels:
-            raise InvalidParameter(f"priority must be between 1 and {self._queue.levels} "
-                                   f"(or 0 for the default), not {priority}")
-        return priority
+        return level_for(priority, self._queue.levels, self.default_level)
 
     def check_admission(self, priority: int = 0, count: int = 1) -> None:
         """Refuse, before its body is read or decoded, a request that submit() would refuse

@@ -23,6 +23,7 @@ from batchd.cpu_plan import apply_openmp_waiting
 from batchd.errors import BatchdError, ConfigError
 
 if TYPE_CHECKING:
+    from batchd.frontend import FrontendRuntime
     from batchd.runtime import Runtime
 
 logger = logging.getLogger("batchd.cli")
@@ -46,7 +47,7 @@ class GracefulServer(uvicorn.Server):
     JSON at once), then on; the exit status stays 0.
     """
 
-    def __init__(self, config: uvicorn.Config, runtime: Runtime) -> None:
+    def __init__(self, config: uvicorn.Config, runtime: Runtime | FrontendRuntime) -> None:
         super().__init__(config)
         self.runtime = runtime
         self.fatal_error: str | None = None
@@ -93,13 +94,28 @@ class GracefulServer(uvicorn.Server):
 
 def serve(config: Config, host: str | None, port: int | None) -> int:
     apply_openmp_waiting()
-    from batchd.http import create_app
-    from batchd.http.server import uvicorn_options
-    from batchd.process import configure_process
+    from batchd.process import configure_process, server_plan
+
+    cpu_plan = server_plan(config)
+    if cpu_plan.workers > 1:
+        from batchd.supervisor import serve_processes
+
+        logger.info("%s", cpu_plan.describe())
+        return serve_processes(config, cpu_plan, host, port)
     from batchd.runtime import Runtime
 
-    server_config = config.server
     runtime = Runtime(config, configure_process(config))
+    return run_uvicorn(config, runtime, host, port)
+
+
+def run_uvicorn(config: Config, runtime: Runtime | FrontendRuntime, host: str | None = None,
+                port: int | None = None, sockets: list[socket.socket] | None = None) -> int:
+    """Serve the app over `runtime` until a signal (on `sockets` where given: a front end
+    of batchd.supervisor); the exit status."""
+    from batchd.http import create_app
+    from batchd.http.server import uvicorn_options
+
+    server_config = config.server
     uvicorn_config = uvicorn.Config(
         create_app(config, runtime),
         host=host or server_config.host,
@@ -110,7 +126,7 @@ def serve(config: Config, host: str | None, port: int | None) -> int:
         **uvicorn_options(config),
     )
     server = GracefulServer(uvicorn_config, runtime)
-    server.run()
+    server.run(sockets=sockets)
     if server.fatal_error or not server.started:
         return 1
     return 0

@@ -35,6 +35,11 @@ from pathlib import Path
 logger = logging.getLogger("batchd.cpu_plan")
 
 SPIN_COUNT = "1000"
+# One interpreter serves a few hundred requests a second (the GIL); below this many cores
+# it is not the limit, and one process (no messages between processes) serves best.
+MIN_CORES_FOR_WORKERS = 8
+CORES_PER_FRONTEND_GPU = 4
+CORES_PER_FRONTEND_CPU = 8
 
 
 @dataclass(frozen=True)
@@ -44,12 +49,16 @@ class CpuPlan:
     cores: int
     found: str
     torch_threads: int
-    preprocess_threads: int
+    preprocess_threads: int  # in each front end, where there are several
     openmp_waiting: str
+    workers: int = 1
 
     def describe(self) -> str:
-        return (f"CPU plan: {self.cores} cores ({self.found}); model intra-op threads "
-                f"{self.torch_threads}, decoding threads {self.preprocess_threads}, "
+        layout = "one process" if self.workers == 1 else \
+            f"{self.workers} front-end processes and one engine"
+        return (f"CPU plan: {self.cores} cores ({self.found}); {layout}; model intra-op "
+                f"threads {self.torch_threads}, decoding threads {self.preprocess_threads}"
+                f"{' per front end' if self.workers > 1 else ''}, "
                 f"idle OpenMP threads: {self.openmp_waiting}")
 
 
@@ -97,15 +106,29 @@ def cgroup_quota(root: Path) -> float | None:
     return quota_us / period_us if quota_us > 0 and period_us > 0 else None
 
 
+def plan_workers(cores: int, on_gpu: bool) -> int:
+    """Front-end processes for `cores`: one process below MIN_CORES_FOR_WORKERS; above,
+    one front end per CORES_PER_FRONTEND_GPU cores beside a GPU (decoding is the work
+    there), one per CORES_PER_FRONTEND_CPU on a CPU device (the model takes the cores)."""
+    if cores < MIN_CORES_FOR_WORKERS:
+        return 1
+    per_frontend = CORES_PER_FRONTEND_GPU if on_gpu else CORES_PER_FRONTEND_CPU
+    return max(2, cores // per_frontend)
+
+
 def plan(torch_threads: int, preprocess_threads: int, on_gpu: bool,
-         cores: tuple[int, str] | None = None) -> CpuPlan:
-    """The plan for these overrides (0: decide) on this machine."""
+         cores: tuple[int, str] | None = None, workers: int = 0) -> CpuPlan:
+    """The plan for these overrides (0: decide) on this machine. With several front
+    ends, the decoding threads are shared out among them."""
     count, found = cores or usable_cores()
+    workers = workers or plan_workers(count, on_gpu)
+    decoding = count if on_gpu else max(1, count // 2)
     return CpuPlan(
         cores=count,
         found=found,
         torch_threads=torch_threads or (1 if on_gpu else count),
-        preprocess_threads=preprocess_threads or (count if on_gpu else max(1, count // 2)),
+        preprocess_threads=preprocess_threads or max(1, decoding // workers),
         openmp_waiting=openmp_waiting(),
+        workers=workers,
     )
 

@@ -109,3 +109,11 @@ class LoadFailed(BatchdError):
     """A model's load or reload from the repository failed; what served before still does."""
 
     reason = "load_failed"
+
+
+def error_named(name: str, message: str) -> BatchdError:
+    """The BatchdError subclass `name` (as a Refused or Reply names it), with `message`."""
+    cls = globals().get(name)
+    if isinstance(cls, type) and issubclass(cls, BatchdError):
+        return cls(message)
+    return ModelFailed(message)

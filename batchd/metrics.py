@@ -71,22 +71,48 @@ class _BatchObserver:
         self._padding.inc(bucket - size)
 
 
-class Metrics:
-    """batchd's metrics in one registry."""
+class RequestMetrics:
+    """The prediction requests' own series: how each ended and how long it took, and how
+    many are in progress. A front-end process keeps only these (batchd.frontend), in
+    prometheus-client's multiprocess mode; the engine keeps the rest (Metrics)."""
 
-    def __init__(self, max_batch_size: int = 256, registry: CollectorRegistry | None = None):
-        self.registry = registry or CollectorRegistry()
-        self._watched: dict[tuple[str, str], _Watched] = {}
+    def __init__(self, registry: CollectorRegistry) -> None:
         self.request_duration = Histogram(
             "batchd_request_duration_seconds",
             "Time from a request's arrival to its response, by model and HTTP status code.",
-            ["model", "code"], buckets=LATENCY_BUCKETS, registry=self.registry,
+            ["model", "code"], buckets=LATENCY_BUCKETS, registry=registry,
         )
         self.requests = Counter(
             "batchd_requests",
             "Prediction requests by how they ended (success or the reason they failed).",
-            ["model", "outcome"], registry=self.registry,
+            ["model", "outcome"], registry=registry,
         )
+        # In multiprocess mode a gauge is a file per process, summed over the live ones.
+        self.in_progress = Gauge(
+            "batchd_requests_in_progress",
+            "Prediction requests admitted and not yet answered (uploading, decoding, queued or "
+            "computing); a drain waits for this to reach 0.", registry=registry,
+            multiprocess_mode="livesum")
+
+    def expect_model(self, name: str) -> None:
+        """Pre-create `name`'s series, so that a dashboard sees zeros, not gaps."""
+        for outcome in OUTCOMES:
+            self.requests.labels(name, outcome)
+
+    def request_done(self, model: str, outcome: str, code: int, seconds: float) -> None:
+        self.requests.labels(model, outcome).inc()
+        self.request_duration.labels(model, str(code)).observe(seconds)
+
+
+class Metrics:
+    """batchd's metrics in one registry; without `requests`, the engine's share of them
+    (its front ends count the requests)."""
+
+    def __init__(self, max_batch_size: int = 256, registry: CollectorRegistry | None = None,
+                 requests: bool = True):
+        self.registry = registry or CollectorRegistry()
+        self._watched: dict[tuple[str, str], _Watched] = {}
+        self.request_metrics = RequestMetrics(self.registry) if requests else None
         self.queue_wait = Histogram(
             "batchd_queue_wait_seconds", "Time a request spent queued before its batch ran.",
             ["model", "version"], buckets=LATENCY_BUCKETS, registry=self.registry,
@@ -124,10 +150,6 @@ class Metrics:
             ["model"], registry=self.registry,
         )
         self.registry.register(_StateCollector(self._watched))
-        self._in_progress = Gauge(
-            "batchd_requests_in_progress",
-            "Prediction requests admitted and not yet answered (uploading, decoding, queued or "
-            "computing); a drain waits for this to reach 0.", registry=self.registry)
         ProcessCollector(registry=self.registry)  # process_resident_memory_bytes and friends
 
     def watch(self, name: str, version: int, batcher: WatchedBatcher, model: WatchedModel,
@@ -135,8 +157,8 @@ class Metrics:
         """Export a model version's queue, counts and readiness (`is_ready`: the runtime's
         one definition of it); pre-create its labelled series."""
         self._watched[(name, str(version))] = _Watched(batcher, model, is_ready)
-        for outcome in OUTCOMES:
-            self.requests.labels(name, outcome)
+        if self.request_metrics is not None:
+            self.request_metrics.expect_model(name)
         self.padding.labels(name, str(version))
 
     def unwatch(self, name: str, version: int) -> None:
@@ -156,15 +178,16 @@ class Metrics:
 
     def watch_requests(self, in_progress: Callable[[], float]) -> None:
         """Read the number of admitted requests from `in_progress` at scrape time."""
-        self._in_progress.set_function(in_progress)
+        if self.request_metrics is not None:
+            self.request_metrics.in_progress.set_function(in_progress)
 
     def observer(self, model: str, version: int = 1) -> _BatchObserver:
         """The BatchObserver to hand to the batcher of `model`'s `version`."""
         return _BatchObserver(self, model, str(version))
 
     def request_done(self, model: str, outcome: str, code: int, seconds: float) -> None:
-        self.requests.labels(model, outcome).inc()
-        self.request_duration.labels(model, str(code)).observe(seconds)
+        if self.request_metrics is not None:
+            self.request_metrics.request_done(model, outcome, code, seconds)
 
 
 class _StateCollector(Collector):

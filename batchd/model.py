@@ -421,7 +421,13 @@ class ServedModel:
 
     def top_k(self, logits: torch.Tensor, k: int) -> list[tuple[str, float]]:
         """The k most probable labels with their softmax probabilities, highest first."""
-        probs = torch.softmax(logits.float(), dim=0)
-        values, indices = torch.topk(probs, min(k, probs.numel()))
-        pairs = zip(indices.tolist(), values.tolist(), strict=True)
-        return [(self.labels[index], float(prob)) for index, prob in pairs]
+        return top_k_labels(self.labels, logits, k)
+
+
+def top_k_labels(labels: Sequence[str], logits: torch.Tensor, k: int
+                 ) -> list[tuple[str, float]]:
+    """The k most probable of `labels` with their softmax probabilities, highest first."""
+    probs = torch.softmax(logits.float(), dim=0)
+    values, indices = torch.topk(probs, min(k, probs.numel()))
+    pairs = zip(indices.tolist(), values.tolist(), strict=True)
+    return [(labels[index], float(prob)) for index, prob in pairs]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import resource
 import sys
+from typing import Literal
 
 import prometheus_client
 import torch
@@ -21,17 +22,18 @@ from batchd.repository import read_repository
 logger = logging.getLogger("batchd.process")
 
 
-def configure_process(config: Config) -> CpuPlan:
+Role = Literal["single", "engine", "frontend"]
+
+
+def configure_process(config: Config, role: Role = "single") -> CpuPlan:
     """Thread counts (the CPU plan), the GIL's switch interval, the compiler's recompile
-    limit, Prometheus' series and the access log. Returns the CPU plan, which the runtime
-    follows."""
+    limit, Prometheus' series and the access log, for a process in `role` (the whole
+    server, or the engine or a front end of several processes: batchd.supervisor).
+    Returns the CPU plan, which the runtime follows."""
     server = config.server
-    repository_versions = [version for held in read_repository(config).values()
-                           for version in held.versions.values()]
-    on_gpu = any(resolve_device(model.runtime.device).type == "cuda"
-                 for model in (*config.models, *repository_versions))
-    cpu_plan = plan(server.torch_threads, server.preprocess_threads, on_gpu)
-    torch.set_num_threads(cpu_plan.torch_threads)
+    cpu_plan = server_plan(config)
+    # A front end runs no model: a softmax per answer needs no team of OpenMP threads.
+    torch.set_num_threads(1 if role == "frontend" else cpu_plan.torch_threads)
     sys.setswitchinterval(server.gil_switch_interval_ms / 1000)
     # Each bucket is one static-shape graph, and each model's compiled forward has a cache
     # (and a limit) of its own (batchd.model), so the limit must let warm-up compile every
@@ -47,10 +49,22 @@ def configure_process(config: Config) -> CpuPlan:
     if server.access_log:
         enable_access_log()
     raise_open_file_limit(server.max_connections)
-    logger.info("%s; GIL switch interval %g ms; recompile limit %d; access log %s",
-                cpu_plan.describe(), server.gil_switch_interval_ms,
+    logger.info("%s%s; GIL switch interval %g ms; recompile limit %d; access log %s",
+                "" if role == "single" else f"{role}: ", cpu_plan.describe(),
+                server.gil_switch_interval_ms,
                 recompile_limit, "on" if server.access_log else "off")
     return cpu_plan
+
+
+def server_plan(config: Config) -> CpuPlan:
+    """The CPU plan for `config` on this machine: workers, threads."""
+    server = config.server
+    repository_versions = [version for held in read_repository(config).values()
+                           for version in held.versions.values()]
+    on_gpu = any(resolve_device(model.runtime.device).type == "cuda"
+                 for model in (*config.models, *repository_versions))
+    return plan(server.torch_threads, server.preprocess_threads, on_gpu,
+                workers=server.workers)
 
 
 def enable_access_log() -> None:

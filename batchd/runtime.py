@@ -30,22 +30,23 @@ import functools
 import gc
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 
 import anyio
 import torch
+from prometheus_client import generate_latest
 
 from batchd.batcher import Batcher
 from batchd.config import Config, ModelConfig
 from batchd.cpu_plan import CpuPlan, plan
 from batchd.device_thread import DeviceThread
-from batchd.errors import ConfigError, NotReady, ShuttingDown, UnknownModel
+from batchd.errors import ConfigError
 from batchd.export import check_served_artifact
-from batchd.holders import Holders
 from batchd.metrics import Metrics
 from batchd.model import ServedModel, resolve_device
 from batchd.priority import PriorityGate
 from batchd.repository import Repository, RepositoryModel, read_repository
+from batchd.serving import Serving
 from batchd.slot import OOM_STREAK_NOT_READY, ModelSlot, ModelState, ModelStatus
 
 __all__ = ["OOM_STREAK_NOT_READY", "ModelSlot", "ModelState", "ModelStatus", "Runtime"]
@@ -59,11 +60,12 @@ FLUSH_S = 2.0
 LOADER_NICENESS = 10
 
 
-class Runtime:
+class Runtime(Serving[ModelSlot]):
     """Every served model by name and version, and the life cycle of the whole server."""
 
     def __init__(self, config: Config, cpu_plan: CpuPlan | None = None,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, count_requests: bool = True) -> None:
+        super().__init__()
         self.config = config
         self.cpu_plan = cpu_plan or plan(config.server.torch_threads,
                                          config.server.preprocess_threads, on_gpu=False)
@@ -72,19 +74,19 @@ class Runtime:
         # Read (and so checked) before anything loads: a bad repository fails start-up.
         self.repository_models: dict[str, RepositoryModel] = read_repository(config)
         self.default_model = self._default_model()
+        # Without count_requests (the engine), front ends count the requests themselves.
         self.metrics = metrics or Metrics(max(
-            [model.batching.max_batch_size for model in self.model_configs()]))
-        self.versions: dict[str, dict[int, ModelSlot]] = {}
+            [model.batching.max_batch_size for model in self.model_configs()]),
+            requests=count_requests)
         self._retiring: set[ModelSlot] = set()
-        self.loaded = False  # load() finished: every configured model was built
-        self.draining = False
         self.fatal_error: str | None = None
         self._threads: dict[str, DeviceThread] = {}
         self._limiter: anyio.CapacityLimiter | None = None
         self._decode_gate: PriorityGate | None = None
         self._warm_task: asyncio.Task[None] | None = None
-        self._admitted: Holders[anyio.CancelScope] = Holders()
         self.metrics.watch_requests(lambda: self.active_requests)
+        # Called after every install and remove: the engine tells its front ends at once.
+        self.on_change: list[Callable[[], None]] = []
 
     def _default_model(self) -> str:
         names = [model.name for model in self.config.models]
@@ -108,6 +110,15 @@ class Runtime:
                                        for config in model.versions.values())]
 
     # -- start-up -----------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """load() off the event loop, then start(): what the app's lifespan runs."""
+        await anyio.to_thread.run_sync(self.load)
+        await self.start()
+
+    async def metrics_exposition(self) -> bytes:
+        """Every series, in Prometheus' text format."""
+        return generate_latest(self.metrics.registry)
 
     def load(self) -> None:
         """Build every model and load its checkpoint (strict); raises on any mismatch.
@@ -227,6 +238,7 @@ class Runtime:
             self.metrics.watch(name, slot.version, slot.batcher, slot.model,
                                functools.partial(self.slot_ready, slot))
         self.metrics.set_serving(name, max(versions))
+        self._changed()
         return replaced
 
     def remove(self, name: str) -> list[ModelSlot]:
@@ -234,7 +246,12 @@ class Runtime:
         replaced = list(self.versions.pop(name, {}).values())
         self._retiring.update(replaced)
         self.metrics.set_serving(name, None)
+        self._changed()
         return replaced
+
+    def _changed(self) -> None:
+        for listener in self.on_change:
+            listener()
 
     async def retire(self, slots: list[ModelSlot], timeout_s: float) -> None:
         """Let the predictions that hold each slot finish (answering those left at the
@@ -258,109 +275,10 @@ class Runtime:
         del slots[:]  # the caller's list too: nothing may keep a retired model alive
         await anyio.to_thread.run_sync(release_memory)
 
-    @property
-    def slots(self) -> dict[str, ModelSlot]:
-        """The version of each model that answers a request naming none."""
-        return {name: self.serving_slot(name) for name in self.versions}
-
-    def serving_slot(self, name: str) -> ModelSlot:
-        """The newest ready version of `name`, else its newest (KeyError: none loaded)."""
-        versions = self.versions[name]
-        newest_first = [versions[number] for number in sorted(versions, reverse=True)]
-        return next((slot for slot in newest_first if self.slot_ready(slot)), newest_first[0])
-
     def all_slots(self) -> list[ModelSlot]:
         """Every version loaded: serving, or retired and still finishing."""
         return [*(slot for versions in self.versions.values() for slot in versions.values()),
                 *self._retiring]
-
-    # -- readiness: the one definition ----------------------------------------------------
-
-    def slot_status(self, slot: ModelSlot) -> ModelStatus:
-        return slot.status(self.draining, self.config.server.watchdog_s)
-
-    def slot_ready(self, slot: ModelSlot) -> bool:
-        return self.slot_status(slot).ready
-
-    def status(self, name: str) -> ModelStatus:
-        """Model `name`'s status: its serving version's (KeyError if there is no such
-        model)."""
-        if not self.loaded:
-            return ModelStatus(ModelState.LOADING, "loading models")
-        return self.slot_status(self.serving_slot(name))
-
-    def not_ready_reasons(self) -> dict[str, str]:
-        """Why the server is not ready, by model (and "server"); empty when it is ready."""
-        if not self.loaded:
-            return {"server": "loading models"}
-        if not self.versions:
-            return {"server": "no model is loaded (all were unloaded)"}
-        reasons = {name: status.reason for name in self.versions
-                   if not (status := self.status(name)).ready}
-        if self.draining:
-            reasons["server"] = "shutting down"
-        return reasons
-
-    @property
-    def ready(self) -> bool:
-        return not self.not_ready_reasons()
-
-    def find_slot(self, name: str, version: int | None = None) -> ModelSlot:
-        """Version `version` of `name`, or the one serving requests that name none;
-        UnknownModel when there is no such model or version loaded."""
-        if name in self.versions and version is None:
-            return self.serving_slot(name)
-        slot = self.versions.get(name, {}).get(version or 0)
-        if slot is None:
-            which = f"model {name!r}" + ("" if version is None else f" version {version}")
-            raise UnknownModel(f"no {which} is loaded")
-        return slot
-
-    def check_serving(self, slot: ModelSlot) -> None:
-        """NotReady unless `slot` serves now (called once a prediction is admitted, so
-        never while draining)."""
-        status = self.slot_status(slot)
-        if not status.ready:
-            raise NotReady(f"model {slot.name!r} is not ready: {status.reason}")
-
-    # -- requests in progress -------------------------------------------------------------
-
-    @property
-    def active_requests(self) -> int:
-        return len(self._admitted)
-
-    @contextlib.contextmanager
-    def admit(self) -> Iterator[anyio.CancelScope]:
-        """Count a prediction from arrival to response. The caller runs it inside the scope
-        it gets, which abandon() cancels: the caller then answers ShuttingDown."""
-        if self.draining:
-            raise ShuttingDown("the server is shutting down")
-        with self._admitted.hold(anyio.CancelScope()) as scope:
-            yield scope
-
-    async def wait_idle(self, timeout_s: float) -> bool:
-        """Wait until no prediction is in progress; False if the limit passed first."""
-        return await self._admitted.wait_empty(timeout_s)
-
-    # -- shut-down ------------------------------------------------------------------------
-
-    def begin_drain(self) -> None:
-        """Turn readiness off and refuse new predictions; admitted ones go on."""
-        if not self.draining:
-            logger.info("draining: readiness off, finishing %d requests in progress",
-                        self.active_requests)
-        self.draining = True
-
-    async def drain(self, timeout_s: float) -> bool:
-        """Let the admitted requests finish within `timeout_s`, then abandon the rest.
-        True when every request finished on its own."""
-        self.begin_drain()
-        if await self.wait_idle(timeout_s):
-            return True
-        logger.warning("drain limit of %.1fs reached with %d requests in progress; "
-                       "answering them 503", timeout_s, self.active_requests)
-        await self.abandon()
-        return False
 
     async def abandon(self) -> None:
         """Answer every request still in progress with ShuttingDown, now: those queued or

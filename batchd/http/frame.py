@@ -36,7 +36,12 @@ from batchd.errors import (
     UnsupportedMediaType,
     WorkerDead,
 )
+from batchd.frontend import FrontendRuntime, RemoteSlot
 from batchd.runtime import ModelSlot, Runtime
+
+# In one process, the runtime and its slots; in a front end, its view of the engine's.
+AnyRuntime = Runtime | FrontendRuntime
+AnySlot = ModelSlot | RemoteSlot
 
 T = TypeVar("T")
 # One JSON object a line, one line a prediction request (server.access_log = true).
@@ -88,8 +93,8 @@ def error_response(error: BatchdError, headers: dict[str, str] | None = None) ->
     return JSONResponse({"error": str(error), "reason": error.reason}, status, headers=headers)
 
 
-def runtime_of(request: Request) -> Runtime:
-    runtime: Runtime = request.app.state.runtime
+def runtime_of(request: Request) -> AnyRuntime:
+    runtime: AnyRuntime = request.app.state.runtime
     return runtime
 
 
@@ -129,7 +134,7 @@ async def cancel_on_disconnect(
     return False, work_task.result()
 
 
-PredictionHandler = Callable[[Request, ModelSlot, dict[str, str]], Awaitable[Response | None]]
+PredictionHandler = Callable[[Request, AnySlot, dict[str, str]], Awaitable[Response | None]]
 
 
 async def serve_prediction(request: Request, name: str, handler: PredictionHandler,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -15,13 +15,14 @@ from batchd.http.frame import (
     PRIORITY_HEADER,
     RETRY_AFTER_S,
     TIMEOUT_HEADER,
+    AnySlot,
     cancel_on_disconnect,
     note_batch,
     runtime_of,
     serve_prediction,
 )
 from batchd.http.payload import read_image_payload
-from batchd.runtime import ModelSlot, ModelStatus
+from batchd.runtime import ModelStatus
 
 
 async def health(request: Request) -> Response:
@@ -38,7 +39,7 @@ async def ready(request: Request) -> Response:
     return JSONResponse({"status": "ready"})
 
 
-def describe(slot: ModelSlot, status: ModelStatus) -> dict[str, Any]:
+def describe(slot: AnySlot, status: ModelStatus) -> dict[str, Any]:
     batching = slot.config.batching
     pre = slot.config.preprocess
     return {
@@ -80,8 +81,8 @@ async def list_models(request: Request) -> Response:
 
 async def metrics_endpoint(request: Request) -> Response:
     """Prometheus metrics."""
-    registry = runtime_of(request).metrics.registry
-    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    exposition = await runtime_of(request).metrics_exposition()
+    return Response(exposition, media_type=CONTENT_TYPE_LATEST)
 
 
 # Plain ASCII numbers only: int() and float() would also take " 3 ", "1_0", "٣" and "1e-300".
@@ -139,7 +140,7 @@ async def predict(request: Request) -> Response:
     return await serve_prediction(request, name, _predict, parse_version)
 
 
-async def _predict(request: Request, slot: ModelSlot, headers: dict[str, str]) -> Response | None:
+async def _predict(request: Request, slot: AnySlot, headers: dict[str, str]) -> Response | None:
     top_k = parse_top_k(request, len(slot.model.labels))
     timeout_s = parse_timeout(request)
     priority = parse_priority(request)

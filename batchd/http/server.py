@@ -8,7 +8,6 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-import anyio.to_thread
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -17,6 +16,7 @@ from starlette.responses import JSONResponse, Response
 from batchd import __version__
 from batchd.config import Config
 from batchd.errors import BatchdError
+from batchd.frontend import FrontendRuntime, RemoteManager
 from batchd.http import native, repository, ui, v2
 from batchd.http.auth import BearerAuthMiddleware, resolve_admin_token, resolve_token
 from batchd.http.frame import error_response
@@ -54,7 +54,7 @@ def uvicorn_options(config: Config) -> dict[str, Any]:
     }
 
 
-def create_app(config: Config, runtime: Runtime | None = None) -> Starlette:
+def create_app(config: Config, runtime: Runtime | FrontendRuntime | None = None) -> Starlette:
     """The batchd ASGI app for `config`.
 
     Without a `runtime`, building it makes the process-wide settings (batchd.process) and
@@ -64,13 +64,15 @@ def create_app(config: Config, runtime: Runtime | None = None) -> Starlette:
     shut-down closes the runtime; draining before that is the server's job (batchd.cli).
     """
     runtime = runtime or Runtime(config, configure_process(config))
-    manager = ModelManager(runtime, runtime.repository) \
-        if runtime.repository is not None else None
+    manager: ModelManager | RemoteManager | None = None
+    if isinstance(runtime, FrontendRuntime):
+        manager = RemoteManager(runtime) if config.repository.path is not None else None
+    elif runtime.repository is not None:
+        manager = ModelManager(runtime, runtime.repository)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await anyio.to_thread.run_sync(runtime.load)
-        await runtime.start()
+        await runtime.open()
         if manager is not None and config.repository.poll_s:
             manager.start_polling(config.repository.poll_s)
         try:

@@ -27,6 +27,7 @@ from starlette.routing import Route
 from batchd import __version__
 from batchd.errors import UnknownModel
 from batchd.http.frame import (
+    AnySlot,
     cancel_on_disconnect,
     note_batch,
     runtime_of,
@@ -40,7 +41,6 @@ from batchd.http.v2_codec import (
     encode_response,
     parse_request,
 )
-from batchd.runtime import ModelSlot
 
 PLATFORM = "pytorch"
 EXTENSIONS = ["binary_tensor_data", "classification"]
@@ -48,7 +48,7 @@ NOT_READY = 400  # the protocol: "a 4xx status code indicates false"
 _VERSION = re.compile(r"[1-9][0-9]{0,8}")
 
 
-def model_slot(request: Request) -> ModelSlot:
+def model_slot(request: Request) -> AnySlot:
     """The model version a call names, or the newest loaded (UnknownModel -> 404)."""
     return runtime_of(request).find_slot(request.path_params["name"], requested_version(request))
 
@@ -62,7 +62,7 @@ def requested_version(request: Request) -> int | None:
     return int(raw)
 
 
-def loaded_versions(request: Request, slot: ModelSlot) -> list[str]:
+def loaded_versions(request: Request, slot: AnySlot) -> list[str]:
     return [str(version) for version in sorted(runtime_of(request).versions.get(slot.name, {}))]
 
 
@@ -148,7 +148,7 @@ async def infer(request: Request) -> Response:
                                   requested_version)
 
 
-async def _infer(request: Request, slot: ModelSlot, headers: dict[str, str]) -> Response | None:
+async def _infer(request: Request, slot: AnySlot, headers: dict[str, str]) -> Response | None:
     body = await request.body()
     limiter = slot.preprocess_limiter
     parsed = await anyio.to_thread.run_sync(

@@ -1,0 +1,358 @@
+"""The engine process: every model, batcher and scheduler of the server, fed by its front
+ends (batchd.frontend) over one Unix socket each (batchd.messages, batchd.wire).
+
+Started by batchd.supervisor as `python -m batchd.engine RUN_DIR READY_FD`. It loads the
+models (a checkpoint mismatch stops start-up here), listens, says so on READY_FD, and
+warms in the background. Batches form across every front end: each Submit is queued in
+the same batcher, whichever front end it came from.
+
+A front end that goes away (killed, say) loses only its own requests: those still
+queued are cancelled, those computing finish and their answers are dropped, and once none
+is left its shared-memory slots are unmapped. On SIGTERM (the supervisor sends it once
+every front end has drained and exited) the engine closes its runtime and exits 0; 1 when
+a model failed its warm-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import pickle
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from batchd import errors
+from batchd.batch_stats import BatchResult
+from batchd.config import Config
+from batchd.errors import BatchdError, UnknownModel
+from batchd.manager import ModelManager
+from batchd.messages import (
+    Admit,
+    Admitted,
+    Call,
+    Catalog,
+    Forget,
+    Hello,
+    Item,
+    Output,
+    Refused,
+    Reply,
+    Results,
+    Submit,
+    VersionInfo,
+)
+from batchd.runtime import ModelSlot, Runtime
+from batchd.shared_slots import SlotView
+from batchd.slot import submit_group
+from batchd.wire import MessageStream
+
+logger = logging.getLogger("batchd.engine")
+
+ENGINE_SOCKET = "engine.sock"
+CONFIG_FILE = "config.pickle"
+# How often the engine looks for a change of readiness to tell its front ends (a
+# reload's install and remove tell them at once).
+CATALOG_CHECK_S = 0.05
+
+
+@dataclass
+class _Pending:
+    """One front end's request between Admit and its one answer."""
+
+    slot: ModelSlot
+    priority: int
+    use: contextlib.ExitStack  # the slot's use, until the answer (a retired slot waits)
+    places: contextlib.ExitStack  # the places admission held, until Submit
+    task: asyncio.Task[None] | None = None
+
+
+@dataclass(eq=False)
+class _Frontend:
+    """One connected front end: its stream, its slots and its requests."""
+
+    stream: MessageStream
+    hello: Hello | None = None
+    slots: SlotView | None = None
+    pending: dict[int, _Pending] = field(default_factory=dict)
+
+    def send(self, message: object) -> None:
+        self.stream.send(message)
+
+
+class Engine:
+    """Serves the front ends' messages over the runtime."""
+
+    def __init__(self, runtime: Runtime, manager: ModelManager | None, run_dir: Path) -> None:
+        self.runtime = runtime
+        self.manager = manager
+        self.run_dir = run_dir
+        self.frontends: set[_Frontend] = set()
+        self._unmapped: list[SlotView] = []  # closed front ends' slots still referenced
+        self._last_catalog: Catalog | None = None
+        runtime.on_change.append(self.broadcast)
+
+    # -- the catalog ------------------------------------------------------------------
+
+    def catalog(self) -> Catalog:
+        runtime = self.runtime
+        versions = []
+        for held in runtime.versions.values():
+            for version, slot in sorted(held.items()):
+                status = runtime.slot_status(slot)
+                versions.append(VersionInfo(
+                    slot.config, version, slot.model.labels, slot.model.num_classes,
+                    str(slot.model.device), tuple(sorted(slot.model.eager_buckets)),
+                    status.state.value, status.reason))
+        index = tuple(self.manager.index()) if self.manager is not None else None
+        return Catalog(tuple(versions), runtime.default_model, runtime.loaded,
+                       runtime.draining, index)
+
+    def broadcast(self) -> None:
+        """Tell every front end what is served now, if it changed."""
+        catalog = self.catalog()
+        if catalog == self._last_catalog:
+            return
+        self._last_catalog = catalog
+        for frontend in list(self.frontends):
+            if frontend.hello is not None:
+                frontend.send(catalog)
+
+    async def watch_readiness(self) -> None:
+        while True:
+            await asyncio.sleep(CATALOG_CHECK_S)
+            self.broadcast()
+            self._unmap_released()
+
+    # -- connections ------------------------------------------------------------------
+
+    def connect(self) -> MessageStream:
+        frontend = _Frontend(stream=MessageStream(lambda message: None, lambda exc: None))
+        stream = MessageStream(lambda message: self.on_message(frontend, message),
+                               lambda exc: self.on_closed(frontend))
+        frontend.stream = stream
+        self.frontends.add(frontend)
+        return stream
+
+    def on_message(self, frontend: _Frontend, message: object) -> None:
+        if isinstance(message, Admit):
+            self.admit(frontend, message)
+        elif isinstance(message, Submit):
+            self.submit(frontend, message)
+        elif isinstance(message, Forget):
+            self.forget(frontend, message.request)
+        elif isinstance(message, Call):
+            asyncio.get_running_loop().create_task(self.call(frontend, message))
+        elif isinstance(message, Hello):
+            frontend.hello = message
+            frontend.slots = SlotView(Path(message.slots_path), message.slot_bytes,
+                                      message.slot_count)
+            logger.info("front end %d (pid %d) connected: %d shared slots of %d bytes",
+                        message.worker, message.pid, message.slot_count, message.slot_bytes)
+            frontend.send(self._last_catalog or self.catalog())
+        else:
+            logger.error("unexpected message %s; closing that front end", type(message))
+            frontend.stream.close()
+
+    def on_closed(self, frontend: _Frontend) -> None:
+        """The front end is gone: drop its requests; unmap its slots once none holds them."""
+        self.frontends.discard(frontend)
+        tasks = []
+        for request, pending in list(frontend.pending.items()):
+            if pending.task is None:
+                self._finish(frontend, request)
+            else:
+                pending.task.cancel()
+                tasks.append(pending.task)
+        hello = frontend.hello
+        if hello is not None:
+            logger.warning("front end %d (pid %d) disconnected with %d requests in progress",
+                           hello.worker, hello.pid, len(frontend.pending))
+
+        async def unmap_after() -> None:
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if frontend.slots is not None:
+                self._unmapped.append(frontend.slots)
+                frontend.slots = None
+            self._unmap_released()
+
+        asyncio.get_running_loop().create_task(unmap_after())
+
+    def _unmap_released(self) -> None:
+        self._unmapped = [view for view in self._unmapped if not view.close()]
+
+    # -- one prediction ---------------------------------------------------------------
+
+    def admit(self, frontend: _Frontend, message: Admit) -> None:
+        use = contextlib.ExitStack()
+        try:
+            # 0: the version serving requests that name none, as the engine sees it now
+            slot = self.runtime.find_slot(message.model, message.version or None)
+            self.runtime.check_serving(slot)
+            use.enter_context(slot.use())
+            places = slot.hold_places(message.count, message.priority)
+        except BatchdError as error:
+            use.close()
+            frontend.send(Refused(message.request, type(error).__name__, str(error)))
+            return
+        frontend.pending[message.request] = _Pending(slot, message.priority, use, places)
+        frontend.send(Admitted(message.request, slot.version))
+
+    def submit(self, frontend: _Frontend, message: Submit) -> None:
+        pending = frontend.pending.get(message.request)
+        if pending is None or pending.task is not None:
+            frontend.send(Refused(message.request, "BadInput", "submitted without admission"))
+            return
+        try:
+            items = [self._tensor(frontend, item) for item in message.items]
+        except ValueError as error:
+            self._finish(frontend, message.request)
+            frontend.send(Refused(message.request, "BadInput", str(error)))
+            return
+        pending.places.close()
+        pending.task = asyncio.get_running_loop().create_task(
+            self._compute(frontend, message.request, pending, items, message.timeout_s))
+
+    def _tensor(self, frontend: _Frontend, item: Item) -> torch.Tensor:
+        if item.slot < 0:
+            assert item.data is not None
+            array = np.frombuffer(item.data, dtype=item.dtype).reshape(item.shape)
+            return torch.from_numpy(array.copy())
+        if frontend.slots is None:
+            raise ValueError("no shared slots")
+        return torch.from_numpy(frontend.slots.array(item.slot, item.shape, item.dtype))
+
+    async def _compute(self, frontend: _Frontend, request: int, pending: _Pending,
+                       items: list[torch.Tensor], timeout_s: float | None) -> None:
+        try:
+            results = await submit_group(pending.slot.batcher, items, timeout_s,
+                                         pending.priority)
+        except BatchdError as error:
+            answer: Results | Refused = Refused(request, type(error).__name__, str(error))
+        except asyncio.CancelledError:
+            answer = Refused(request, "Cancelled", "cancelled")
+        else:
+            answer = Results(request, tuple(_output(result) for result in results))
+        finally:
+            del items  # the slots' views: the mapping can close once none is left
+        self._finish(frontend, request)
+        frontend.send(answer)
+
+    def forget(self, frontend: _Frontend, request: int) -> None:
+        pending = frontend.pending.get(request)
+        if pending is None:
+            return
+        if pending.task is None:
+            self._finish(frontend, request)
+        else:
+            pending.task.cancel()  # answered once, by _compute
+
+    def _finish(self, frontend: _Frontend, request: int) -> None:
+        pending = frontend.pending.pop(request, None)
+        if pending is not None:
+            pending.places.close()
+            pending.use.close()
+
+    # -- calls ------------------------------------------------------------------------
+
+    async def call(self, frontend: _Frontend, message: Call) -> None:
+        try:
+            if message.action == "metrics":
+                text = (await self.runtime.metrics_exposition()).decode()
+                frontend.send(Reply(message.call, text))
+                return
+            if self.manager is None:
+                raise UnknownModel("this server has no model repository")
+            if message.action == "load":
+                await self.manager.load(message.name)
+            else:
+                await self.manager.unload(message.name)
+            self.broadcast()  # before the reply: the caller sees the new versions
+            versions = sorted(self.runtime.versions.get(message.name, {}))
+            frontend.send(Reply(message.call, extra={"versions": versions}))
+        except BatchdError as error:
+            self.broadcast()
+            frontend.send(Reply(message.call, error=type(error).__name__, message=str(error)))
+
+
+def _output(result: BatchResult[torch.Tensor]) -> Output:
+    logits = result.output.detach().to(torch.float32).contiguous().numpy()
+    return Output(logits.tobytes(), result.queue_wait_s, result.compute_s, result.batch_size)
+
+
+async def serve_engine(config: Config, run_dir: Path, ready_fd: int) -> int:
+    """Load, listen, say ready, warm, serve until SIGTERM; the process's exit status."""
+    from batchd.process import configure_process
+
+    cpu_plan = configure_process(config, role="engine")
+    runtime = Runtime(config, cpu_plan, count_requests=False)
+    await runtime.open()
+    manager = ModelManager(runtime, runtime.repository) \
+        if runtime.repository is not None else None
+    engine = Engine(runtime, manager, run_dir)
+    loop = asyncio.get_running_loop()
+    server = await loop.create_unix_server(engine.connect, path=str(run_dir / ENGINE_SOCKET))
+    if manager is not None and config.repository.poll_s:
+        manager.start_polling(config.repository.poll_s)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    os.write(ready_fd, b"ready\n")
+    os.close(ready_fd)
+    watcher = loop.create_task(engine.watch_readiness())
+    warm = runtime._warm_task
+    fatal = loop.create_task(_fatal(runtime, warm))
+    stopper = loop.create_task(stop.wait())
+    await asyncio.wait({fatal, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    code = 1 if runtime.fatal_error else 0
+    if runtime.fatal_error:
+        logger.error("fatal: %s; the engine stops", runtime.fatal_error)
+    for task in (watcher, fatal, stopper):
+        task.cancel()
+    server.close()
+    if manager is not None:
+        await manager.stop()
+    await runtime.close()
+    return code
+
+
+async def _fatal(runtime: Runtime, warm: asyncio.Task[None] | None) -> None:
+    """Returns once a model has failed its warm-up (else waits for ever)."""
+    if warm is not None:
+        await asyncio.wait({warm})
+    if runtime.fatal_error:
+        return
+    await asyncio.Event().wait()
+
+
+def main() -> None:
+    from batchd.cpu_plan import apply_openmp_waiting
+    from batchd.supervisor import die_with_parent, run_event_loop, setup_child_logging
+
+    run_dir, ready_fd = Path(sys.argv[1]), int(sys.argv[2])
+    die_with_parent()
+    apply_openmp_waiting()
+    config: Config = pickle.loads((run_dir / CONFIG_FILE).read_bytes())
+    setup_child_logging(config, "engine")
+    try:
+        code = run_event_loop(serve_engine(config, run_dir, ready_fd))
+    except BatchdError as error:
+        logger.error("%s", error)
+        code = 2 if isinstance(error, errors.ConfigError) else 1
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    # Run the module's imported self, not this __main__ copy: the app checks its classes.
+    import importlib
+
+    importlib.import_module("batchd.engine").main()

@@ -1,0 +1,166 @@
+"""A front end's connection to the engine: admission, submission and calls as awaitables
+over batchd.messages, with its shared-memory slots (batchd.shared_slots).
+
+Event-loop only. Every request waits on one future at a time, keyed by its number; when
+the engine goes away, every future fails with WorkerDead at once and so does every call
+after it: each request still in progress is answered 503 `worker_dead`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from batchd.batch_stats import BatchResult
+from batchd.errors import WorkerDead, error_named
+from batchd.messages import (
+    Admit,
+    Admitted,
+    Call,
+    Catalog,
+    Forget,
+    Hello,
+    Item,
+    Refused,
+    Reply,
+    Results,
+    Submit,
+)
+from batchd.shared_slots import SlotArena
+from batchd.wire import MessageStream
+
+logger = logging.getLogger("batchd.frontend")
+
+ENGINE_GONE = "the engine process exited"
+
+
+class EngineClient:
+    """The messages of one front end's requests, and its slots."""
+
+    def __init__(self, arena: SlotArena, on_catalog: Callable[[Catalog], None]) -> None:
+        self.arena = arena
+        self._on_catalog = on_catalog
+        self._numbers = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future[object]] = {}
+        self._reserved: dict[int, list[int]] = {}  # request -> its slots, until answered
+        self._stream: MessageStream | None = None
+        self.lost: str | None = None
+
+    async def connect(self, socket_path: Path, worker: int) -> None:
+        loop = asyncio.get_running_loop()
+        _, stream = await loop.create_unix_connection(
+            lambda: MessageStream(self._on_message, self._on_closed), str(socket_path))
+        self._stream = stream
+        stream.send(Hello(worker, os.getpid(), str(self.arena.path), self.arena.slot_bytes,
+                          self.arena.count))
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+
+    # -- what the engine says ---------------------------------------------------------
+
+    def _on_message(self, message: object) -> None:
+        if isinstance(message, Catalog):
+            self._on_catalog(message)
+            return
+        number = message.call if isinstance(message, Reply) else \
+            message.request  # type: ignore[attr-defined]
+        if isinstance(message, (Results, Refused)):
+            for index in self._reserved.pop(number, ()):
+                self.arena.release(index)
+        future = self._waiting.pop(number, None)
+        if future is not None and not future.done():
+            future.set_result(message)
+
+    def _on_closed(self, exc: Exception | None) -> None:
+        self.lost = ENGINE_GONE
+        logger.error("%s: every request in progress is answered 503", ENGINE_GONE)
+        for future in self._waiting.values():
+            if not future.done():
+                future.set_exception(WorkerDead(ENGINE_GONE))
+        self._waiting.clear()
+        for indices in self._reserved.values():
+            for index in indices:
+                self.arena.release(index)
+        self._reserved.clear()
+
+    # -- asking -----------------------------------------------------------------------
+
+    def _send(self, message: object, number: int) -> asyncio.Future[object]:
+        if self.lost is not None or self._stream is None:
+            raise WorkerDead(self.lost or "not connected to the engine")
+        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        self._waiting[number] = future
+        self._stream.send(message)
+        return future
+
+    def forget(self, request: int) -> None:
+        self._waiting.pop(request, None)
+        if self._stream is not None and self.lost is None:
+            self._stream.send(Forget(request))
+
+    async def admit(self, model: str, version: int, count: int, priority: int
+                    ) -> tuple[int, int]:
+        """(request number, the version admitted to); raises the engine's refusal."""
+        request = next(self._numbers)
+        future = self._send(Admit(request, model, version, count, priority), request)
+        try:
+            answer = await future
+        except asyncio.CancelledError:
+            self.forget(request)
+            raise
+        if isinstance(answer, Refused):
+            raise error_named(answer.error, answer.message)
+        assert isinstance(answer, Admitted)
+        return request, answer.version
+
+    async def submit(self, request: int, items: Sequence[torch.Tensor],
+                     timeout_s: float | None) -> list[BatchResult[torch.Tensor]]:
+        """Send the inputs (through free slots where they fit) and wait for the outputs;
+        cancelled, the engine is told (and answers once, which frees the slots)."""
+        sent, reserved = [], []
+        for tensor in items:
+            array = np.ascontiguousarray(tensor.numpy())
+            index = self.arena.reserve(array.nbytes)
+            if index >= 0:
+                self.arena.write(index, array)
+                reserved.append(index)
+                sent.append(Item(index, tuple(array.shape), str(array.dtype)))
+            else:
+                sent.append(Item(-1, tuple(array.shape), str(array.dtype), array.tobytes()))
+        self._reserved[request] = reserved
+        try:
+            future = self._send(Submit(request, tuple(sent), timeout_s), request)
+        except WorkerDead:
+            for index in self._reserved.pop(request, ()):
+                self.arena.release(index)
+            raise
+        try:
+            answer = await future
+        except asyncio.CancelledError:
+            self.forget(request)
+            raise
+        if isinstance(answer, Refused):
+            raise error_named(answer.error, answer.message)
+        assert isinstance(answer, Results)
+        return [BatchResult(torch.from_numpy(np.frombuffer(output.logits, np.float32).copy()),
+                            output.queue_wait_s, output.compute_s, output.batch_size)
+                for output in answer.outputs]
+
+    async def call(self, action: str, name: str = "") -> Reply:
+        """Ask the engine for its metrics, or to load or unload a repository model;
+        raises its error."""
+        number = next(self._numbers)
+        answer = await self._send(Call(number, action, name), number)  # type: ignore[arg-type]
+        assert isinstance(answer, Reply)
+        if answer.error:
+            raise error_named(answer.error, answer.message)
+        return answer

@@ -1,0 +1,306 @@
+"""A front-end process: the same HTTP app as a one-process server, over a view of the
+engine's models instead of the models themselves.
+
+Started by batchd.supervisor as `python -m batchd.frontend RUN_DIR WORKER LISTEN_FD`. It
+serves HTTP on the listening socket it shares with the other front ends, reads, checks
+and decodes requests in its own threads, and sends the decoded inputs to the engine
+(batchd.engine_client). What it knows of the models (their versions, labels, shapes,
+readiness) is the engine's last Catalog: it holds no model state it could get wrong.
+
+Its own drain is the one-process server's (batchd.cli.GracefulServer): SIGTERM turns its
+readiness off, lets its admitted requests finish within server.drain_timeout_s and then
+answers the rest 503; a second signal answers them at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+import pickle
+import socket
+import sys
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+import torch
+from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+
+from batchd.batch_stats import BatchResult
+from batchd.batcher import level_for
+from batchd.config import Config, ModelConfig
+from batchd.cpu_plan import CpuPlan
+from batchd.engine_client import ENGINE_GONE, EngineClient
+from batchd.errors import NotReady, WorkerDead
+from batchd.messages import Catalog, VersionInfo
+from batchd.metrics import RequestMetrics
+from batchd.model import top_k_labels
+from batchd.preprocess import Preprocessor
+from batchd.priority import PriorityGate
+from batchd.repository import read_repository
+from batchd.serving import Serving
+from batchd.shared_slots import SlotArena, slot_layout
+from batchd.slot import ModelState, ModelStatus
+
+logger = logging.getLogger("batchd.frontend")
+
+# How long a front end waits for the engine's first Catalog after saying hello.
+FIRST_CATALOG_S = 60.0
+
+
+class ModelView:
+    """What a front end knows of one version's model: enough to check and answer."""
+
+    def __init__(self, info: VersionInfo) -> None:
+        self.input_shape = info.config.preprocess.input_shape
+        self.labels = info.labels
+        self.num_classes = info.num_classes
+        self.device = torch.device(info.device)
+        self.eager_buckets = set(info.eager_buckets)
+
+    def top_k(self, logits: torch.Tensor, k: int) -> list[tuple[str, float]]:
+        return top_k_labels(self.labels, logits, k)
+
+
+class RemoteSlot:
+    """One version of a model served by the engine, as the prediction frame sees it."""
+
+    def __init__(self, info: VersionInfo, runtime: FrontendRuntime) -> None:
+        self.info = info
+        self.config: ModelConfig = info.config
+        self.version = info.version
+        self.model = ModelView(info)
+        self.preprocessor = Preprocessor(info.config.preprocess,
+                                         runtime.config.server.max_image_pixels,
+                                         runtime.config.server.max_aspect_ratio)
+        self.preprocess_limiter = runtime.preprocess_limiter
+        self._decode_gate = runtime.decode_gate
+        self._runtime = runtime
+        # Named by the client (?version=N): only that version may serve it. Else the
+        # engine serves it with the version it serves now, which may be newer than the
+        # one this front end's catalog showed when the request came.
+        self.pinned = True
+
+    def unpinned(self) -> RemoteSlot:
+        """This version for a request that named none (see `pinned`)."""
+        view = copy.copy(self)
+        view.pinned = False
+        return view
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def level_of(self, priority: int) -> int:
+        batching = self.config.batching
+        return level_for(priority, batching.priority_levels, batching.default_level)
+
+    def status(self, draining: bool, watchdog_s: float) -> ModelStatus:
+        if self._runtime.client.lost is not None:
+            return ModelStatus(ModelState.WORKER_DEAD, ENGINE_GONE)
+        state = ModelState(self.info.state)
+        if state is not ModelState.READY:
+            return ModelStatus(state, self.info.reason)
+        if draining:
+            return ModelStatus(ModelState.DRAINING, "shutting down")
+        return ModelStatus(ModelState.READY)
+
+    @contextlib.contextmanager
+    def use(self) -> Iterator[None]:
+        """The engine holds the version it admits a request to, until the answer."""
+        yield
+
+    @contextlib.asynccontextmanager
+    async def admit(self, count: int = 1, priority: int = 0) -> AsyncIterator[RemoteTicket]:
+        """Admission by the engine, before the body is read (see ModelSlot.admit)."""
+        self.level_of(priority)  # an unknown level is the client's error: no round trip
+        runtime = self._runtime
+        pinned = self.version if self.pinned else 0
+        client = runtime.client
+        request, version = await client.admit(self.name, pinned, count, priority)
+        ticket = RemoteTicket(runtime.version_slot(self.name, version), request, client)
+        try:
+            yield ticket
+        finally:
+            if not ticket.submitted:
+                client.forget(request)
+
+    async def preprocess(self, data: bytes, priority: int = 0) -> torch.Tensor:
+        async with self._decode_gate.hold(self.level_of(priority)):
+            return await anyio.to_thread.run_sync(self.preprocessor.load, data,
+                                                  limiter=self.preprocess_limiter)
+
+
+class RemoteTicket:
+    """Places the engine holds for one request's inputs (see batchd.slot.Ticket)."""
+
+    def __init__(self, slot: RemoteSlot, request: int, client: EngineClient) -> None:
+        self.slot = slot
+        self.submitted = False
+        self._request = request
+        self._client = client
+
+    async def submit(self, items: Sequence[torch.Tensor],
+                     timeout_s: float | None) -> list[BatchResult[torch.Tensor]]:
+        self.submitted = True
+        return await self._client.submit(self._request, items, timeout_s)
+
+
+class FrontendRuntime(Serving[RemoteSlot]):
+    """The runtime's interface for the HTTP app, over the engine's Catalog."""
+
+    def __init__(self, config: Config, cpu_plan: CpuPlan, run_dir: Path, worker: int) -> None:
+        super().__init__()
+        self.config = config
+        self.cpu_plan = cpu_plan
+        self.run_dir = run_dir
+        self.worker = worker
+        self.default_model = config.server.default_model
+        self.fatal_error: str | None = None
+        self.repository_index: tuple[dict[str, Any], ...] = ()
+        self.preprocess_limiter = anyio.CapacityLimiter(cpu_plan.preprocess_threads)
+        self.decode_gate = PriorityGate(cpu_plan.preprocess_threads)
+        self.metrics = RequestMetrics(CollectorRegistry())
+        models = [*config.models, *(version for held in read_repository(config).values()
+                                    for version in held.versions.values())]
+        # Slots hold decoded images (uint8); float32 tensors of the Open Inference
+        # Protocol are four times larger and travel inline.
+        input_bytes = max((_pixels(model) for model in models), default=0)
+        slot_bytes, count = slot_layout(input_bytes, 2 * max(
+            (model.batching.max_batch_size for model in models), default=32)
+            + cpu_plan.preprocess_threads)
+        self.arena = SlotArena(run_dir / f"slots-{os.getpid()}", slot_bytes, count)
+        self.client = EngineClient(self.arena, self.apply_catalog)
+        self._first_catalog = anyio.Event()
+
+    # -- the engine's view ------------------------------------------------------------
+
+    def apply_catalog(self, catalog: Catalog) -> None:
+        versions: dict[str, dict[int, RemoteSlot]] = {}
+        for info in catalog.versions:
+            known = self.versions.get(info.config.name, {}).get(info.version)
+            slot = known if known is not None and known.config == info.config else \
+                RemoteSlot(info, self)
+            slot.info = info
+            versions.setdefault(info.config.name, {})[info.version] = slot
+            self.metrics.expect_model(info.config.name)
+        self.versions = versions
+        self.default_model = catalog.default_model
+        self.loaded = catalog.loaded
+        self.repository_index = catalog.repository_index or ()
+        self._first_catalog.set()
+
+    def version_slot(self, name: str, version: int) -> RemoteSlot:
+        slot = self.versions.get(name, {}).get(version)
+        if slot is None:  # the engine says what it serves before it admits to it
+            raise NotReady(f"model {name!r} version {version} is not known here yet")
+        return slot
+
+    def find_slot(self, name: str, version: int | None = None) -> RemoteSlot:
+        slot = super().find_slot(name, version)
+        return slot if version is not None else slot.unpinned()
+
+    # -- life cycle -------------------------------------------------------------------
+
+    async def open(self) -> None:
+        from batchd.engine import ENGINE_SOCKET
+
+        await self.client.connect(self.run_dir / ENGINE_SOCKET, self.worker)
+        with anyio.fail_after(FIRST_CATALOG_S):
+            await self._first_catalog.wait()
+
+    async def metrics_exposition(self) -> bytes:
+        """The front ends' request series (summed over every front end, living or not)
+        and the engine's series (batches, queues, readiness)."""
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        requests = generate_latest(registry)
+        try:
+            engine = (await self.client.call("metrics")).text.encode()
+        except WorkerDead:
+            engine = b""
+        return requests + engine
+
+    @contextlib.contextmanager
+    def admit(self) -> Iterator[anyio.CancelScope]:
+        with super().admit() as scope:
+            self.metrics.in_progress.inc()
+            try:
+                yield scope
+            finally:
+                self.metrics.in_progress.dec()
+
+    async def abandon(self) -> None:
+        """Answer every request in progress 503 now: each is cancelled where it is, and
+        the engine is told."""
+        self.begin_drain()
+        for scope in self._admitted.snapshot():
+            scope.cancel()
+        await self.wait_idle(2.0)
+
+    async def close(self) -> None:
+        self.begin_drain()
+        await self.abandon()
+        self.client.close()
+        self.arena.close()
+
+
+class RemoteManager:
+    """The repository API in a front end: the engine loads and unloads."""
+
+    def __init__(self, runtime: FrontendRuntime) -> None:
+        self.runtime = runtime
+
+    def index(self, ready_only: bool = False) -> list[dict[str, Any]]:
+        return [dict(entry) for entry in self.runtime.repository_index
+                if entry["state"] == "READY" or not ready_only]
+
+    async def load(self, name: str) -> None:
+        await self.runtime.client.call("load", name)
+
+    async def unload(self, name: str) -> None:
+        await self.runtime.client.call("unload", name)
+
+    def start_polling(self, interval_s: float) -> None:
+        """The engine polls the repository; a front end does not."""
+
+    async def stop(self) -> None:
+        """Nothing of the repository runs here."""
+
+
+def _pixels(model: ModelConfig) -> int:
+    channels, height, width = model.preprocess.input_shape
+    return channels * height * width
+
+
+def main() -> None:
+    from batchd.cli import run_uvicorn
+    from batchd.cpu_plan import apply_openmp_waiting
+    from batchd.engine import CONFIG_FILE
+    from batchd.supervisor import die_with_parent, setup_child_logging
+
+    run_dir, worker, listen_fd = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    die_with_parent()
+    apply_openmp_waiting()
+    config: Config = pickle.loads((run_dir / CONFIG_FILE).read_bytes())
+    setup_child_logging(config, f"front end {worker}")
+    from batchd.process import configure_process
+
+    cpu_plan = configure_process(config, role="frontend")
+    runtime = FrontendRuntime(config, cpu_plan, run_dir, worker)
+    listener = socket.socket(fileno=listen_fd)
+    code = run_uvicorn(config, runtime, sockets=[listener])
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    # Run the module's imported self, not this __main__ copy: the app checks its classes.
+    import importlib
+
+    importlib.import_module("batchd.frontend").main()

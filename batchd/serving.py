@@ -1,0 +1,151 @@
+"""What every view of the served models shares, in one process or across several: the
+versions by model, the one definition of readiness that /ready, /models, the Open
+Inference Protocol's health endpoints, the prediction frame and the gauge all read, and
+the admitted predictions that a drain waits for.
+
+batchd.runtime (the models in this process) and batchd.frontend (a front end's view of
+the engine's models) both build on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Generic, Protocol, TypeVar
+
+import anyio
+
+from batchd.config import Config
+from batchd.errors import NotReady, ShuttingDown, UnknownModel
+from batchd.holders import Holders
+from batchd.slot import ModelState, ModelStatus
+
+logger = logging.getLogger("batchd.runtime")
+
+
+class Servable(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def version(self) -> int: ...
+    def status(self, draining: bool, watchdog_s: float) -> ModelStatus: ...
+
+
+S = TypeVar("S", bound=Servable)
+
+
+class Serving(Generic[S]):
+    """Versions by model, readiness, admission and the drain's wait."""
+
+    config: Config
+
+    def __init__(self) -> None:
+        self.versions: dict[str, dict[int, S]] = {}
+        self.loaded = False  # every configured model was built
+        self.draining = False
+        self._admitted: Holders[anyio.CancelScope] = Holders()
+
+    async def abandon(self) -> None:
+        """Answer every request still in progress with ShuttingDown, now."""
+        raise NotImplementedError
+
+    @property
+    def slots(self) -> dict[str, S]:
+        """The version of each model that answers a request naming none."""
+        return {name: self.serving_slot(name) for name in self.versions}
+
+    def serving_slot(self, name: str) -> S:
+        """The newest ready version of `name`, else its newest (KeyError: none loaded)."""
+        versions = self.versions[name]
+        newest_first = [versions[number] for number in sorted(versions, reverse=True)]
+        return next((slot for slot in newest_first if self.slot_ready(slot)), newest_first[0])
+
+    # -- readiness: the one definition ----------------------------------------------------
+
+    def slot_status(self, slot: Servable) -> ModelStatus:
+        return slot.status(self.draining, self.config.server.watchdog_s)
+
+    def slot_ready(self, slot: Servable) -> bool:
+        return self.slot_status(slot).ready
+
+    def status(self, name: str) -> ModelStatus:
+        """Model `name`'s status: its serving version's (KeyError if there is no such
+        model)."""
+        if not self.loaded:
+            return ModelStatus(ModelState.LOADING, "loading models")
+        return self.slot_status(self.serving_slot(name))
+
+    def not_ready_reasons(self) -> dict[str, str]:
+        """Why the server is not ready, by model (and "server"); empty when it is ready."""
+        if not self.loaded:
+            return {"server": "loading models"}
+        if not self.versions:
+            return {"server": "no model is loaded (all were unloaded)"}
+        reasons = {name: status.reason for name in self.versions
+                   if not (status := self.status(name)).ready}
+        if self.draining:
+            reasons["server"] = "shutting down"
+        return reasons
+
+    @property
+    def ready(self) -> bool:
+        return not self.not_ready_reasons()
+
+    def find_slot(self, name: str, version: int | None = None) -> S:
+        """Version `version` of `name`, or the one serving requests that name none;
+        UnknownModel when there is no such model or version loaded."""
+        if name in self.versions and version is None:
+            return self.serving_slot(name)
+        slot = self.versions.get(name, {}).get(version or 0)
+        if slot is None:
+            which = f"model {name!r}" + ("" if version is None else f" version {version}")
+            raise UnknownModel(f"no {which} is loaded")
+        return slot
+
+    def check_serving(self, slot: Servable) -> None:
+        """NotReady unless `slot` serves now (called once a prediction is admitted, so
+        never while draining)."""
+        status = self.slot_status(slot)
+        if not status.ready:
+            raise NotReady(f"model {slot.name!r} is not ready: {status.reason}")
+
+    # -- requests in progress -------------------------------------------------------------
+
+    @property
+    def active_requests(self) -> int:
+        return len(self._admitted)
+
+    @contextlib.contextmanager
+    def admit(self) -> Iterator[anyio.CancelScope]:
+        """Count a prediction from arrival to response. The caller runs it inside the scope
+        it gets, which abandon() cancels: the caller then answers ShuttingDown."""
+        if self.draining:
+            raise ShuttingDown("the server is shutting down")
+        with self._admitted.hold(anyio.CancelScope()) as scope:
+            yield scope
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no prediction is in progress; False if the limit passed first."""
+        return await self._admitted.wait_empty(timeout_s)
+
+    # -- shut-down ------------------------------------------------------------------------
+
+    def begin_drain(self) -> None:
+        """Turn readiness off and refuse new predictions; admitted ones go on."""
+        if not self.draining:
+            logger.info("draining: readiness off, finishing %d requests in progress",
+                        self.active_requests)
+        self.draining = True
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Let the admitted requests finish within `timeout_s`, then abandon the rest.
+        True when every request finished on its own."""
+        self.begin_drain()
+        if await self.wait_idle(timeout_s):
+            return True
+        logger.warning("drain limit of %.1fs reached with %d requests in progress; "
+                       "answering them 503", timeout_s, self.active_requests)
+        await self.abandon()
+        return False
+
