@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from prometheus_client import Gauge
 
 from batchd import errors
 from batchd.batch_stats import BatchResult
@@ -97,6 +98,10 @@ class Engine:
         self._unmapped: list[SlotView] = []  # closed front ends' slots still referenced
         self._last_catalog: Catalog | None = None
         runtime.on_change.append(self.broadcast)
+        Gauge("batchd_frontends_connected",
+              "Front-end processes connected to the engine (server.workers when all are up).",
+              registry=runtime.metrics.registry).set_function(
+            lambda: sum(frontend.hello is not None for frontend in self.frontends))
 
     # -- the catalog ------------------------------------------------------------------
 
@@ -172,8 +177,9 @@ class Engine:
                 tasks.append(pending.task)
         hello = frontend.hello
         if hello is not None:
-            logger.warning("front end %d (pid %d) disconnected with %d requests in progress",
-                           hello.worker, hello.pid, len(frontend.pending))
+            level = logging.WARNING if frontend.pending else logging.INFO
+            logger.log(level, "front end %d (pid %d) disconnected with %d requests in "
+                       "progress", hello.worker, hello.pid, len(frontend.pending))
 
         async def unmap_after() -> None:
             await asyncio.gather(*tasks, return_exceptions=True)

@@ -51,6 +51,7 @@ class EngineClient:
         self._waiting: dict[int, asyncio.Future[object]] = {}
         self._reserved: dict[int, list[int]] = {}  # request -> its slots, until answered
         self._stream: MessageStream | None = None
+        self._closing = False
         self.lost: str | None = None
 
     async def connect(self, socket_path: Path, worker: int) -> None:
@@ -62,6 +63,7 @@ class EngineClient:
                           self.arena.count))
 
     def close(self) -> None:
+        self._closing = True
         if self._stream is not None:
             self._stream.close()
 
@@ -82,7 +84,9 @@ class EngineClient:
 
     def _on_closed(self, exc: Exception | None) -> None:
         self.lost = ENGINE_GONE
-        logger.error("%s: every request in progress is answered 503", ENGINE_GONE)
+        if not self._closing:
+            logger.error("%s: every request in progress is answered 503 worker_dead",
+                         ENGINE_GONE)
         for future in self._waiting.values():
             if not future.done():
                 future.set_exception(WorkerDead(ENGINE_GONE))

@@ -27,7 +27,7 @@ from typing import Any
 
 import anyio
 import torch
-from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+from prometheus_client import CollectorRegistry, Gauge, generate_latest, multiprocess
 
 from batchd.batch_stats import BatchResult
 from batchd.batcher import level_for
@@ -164,6 +164,10 @@ class FrontendRuntime(Serving[RemoteSlot]):
         self.preprocess_limiter = anyio.CapacityLimiter(cpu_plan.preprocess_threads)
         self.decode_gate = PriorityGate(cpu_plan.preprocess_threads)
         self.metrics = RequestMetrics(CollectorRegistry())
+        self._own_in_progress = Gauge(
+            "batchd_frontend_requests_in_progress",
+            "Prediction requests admitted and not yet answered, by front-end process.",
+            multiprocess_mode="liveall", registry=CollectorRegistry())
         models = [*config.models, *(version for held in read_repository(config).values()
                                     for version in held.versions.values())]
         # Slots hold decoded images (uint8); float32 tensors of the Open Inference
@@ -228,10 +232,12 @@ class FrontendRuntime(Serving[RemoteSlot]):
     def admit(self) -> Iterator[anyio.CancelScope]:
         with super().admit() as scope:
             self.metrics.in_progress.inc()
+            self._own_in_progress.inc()
             try:
                 yield scope
             finally:
                 self.metrics.in_progress.dec()
+                self._own_in_progress.dec()
 
     async def abandon(self) -> None:
         """Answer every request in progress 503 now: each is cancelled where it is, and

@@ -199,9 +199,11 @@ def note_batch(request: Request, result: BatchResult[Any]) -> None:
 def log_access(request: Request, request_id: str, model: str, status: int, outcome: str,
                elapsed_s: float) -> None:
     queue_wait = getattr(request.state, "queue_wait_s", None)
+    worker = getattr(runtime_of(request), "worker", None)  # a front end's number
     access_logger.info(json.dumps({
         "id": request_id, "model": model, "method": request.method, "path": request.url.path,
         "status": status, "outcome": outcome, "latency_ms": round(elapsed_s * 1000, 3),
         "queue_wait_ms": None if queue_wait is None else round(queue_wait * 1000, 3),
         "batch_size": getattr(request.state, "batch_size", None),
+        **({} if worker is None else {"worker": worker}),
     }, separators=(",", ":")))
