@@ -43,7 +43,7 @@ from batchd.priority import PriorityGate
 from batchd.repository import read_repository
 from batchd.serving import Serving
 from batchd.shared_slots import SlotArena, slot_layout
-from batchd.slot import ModelState, ModelStatus
+from batchd.slot import ModelState, ModelStatus, preprocess_image
 
 logger = logging.getLogger("batchd.frontend")
 
@@ -129,9 +129,8 @@ class RemoteSlot:
                 client.forget(request)
 
     async def preprocess(self, data: bytes, priority: int = 0) -> torch.Tensor:
-        async with self._decode_gate.hold(self.level_of(priority)):
-            return await anyio.to_thread.run_sync(self.preprocessor.load, data,
-                                                  limiter=self.preprocess_limiter)
+        return await preprocess_image(self.preprocessor, data, self._decode_gate,
+                                      self.level_of(priority), self.preprocess_limiter)
 
 
 class RemoteTicket:

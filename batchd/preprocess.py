@@ -15,6 +15,8 @@ from __future__ import annotations
 import io
 import struct
 import warnings
+from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -26,6 +28,12 @@ from batchd.config import PreprocessConfig
 from batchd.errors import BadInput, BatchdError, PayloadTooLarge, UnsupportedMediaType
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+
+# Images this small are decoded where the request is handled, not in a decoding thread:
+# the hand-over to a thread and back (a queue, a wake-up, the GIL changing hands twice)
+# costs more than decoding and resizing 64x64 pixels (see docs, Performance).
+INLINE_PIXELS = 64 * 64
+INLINE_BYTES = 64 * 1024
 
 # Formats we recognise but refuse (415 rather than 400): document and icon formats whose
 # decoders are either absent, shell out, or are a known attack surface.
@@ -42,6 +50,9 @@ _REFUSED_SIGNATURES = {
 }
 
 
+T = TypeVar("T")
+
+
 class Preprocessor:
     """Turns encoded images into model input exactly as training did."""
 
@@ -55,11 +66,15 @@ class Preprocessor:
         self._mean = torch.tensor(config.mean, dtype=torch.float32).view(1, channels, 1, 1)
         self._std = torch.tensor(config.std, dtype=torch.float32).view(1, channels, 1, 1)
 
-    def decode(self, data: bytes) -> Image.Image:
-        """Decode bytes into an upright image in the model's colour mode."""
-        if not data:
-            raise BadInput("empty image payload")
-        image = open_image(data, self.max_image_pixels, self.max_aspect_ratio)
+    def decode(self, data: bytes | Image.Image) -> Image.Image:
+        """Decode bytes (or an image `open` returned) into an upright image in the model's
+        colour mode."""
+        if isinstance(data, bytes):
+            if not data:
+                raise BadInput("empty image payload")
+            image = open_image(data, self.max_image_pixels, self.max_aspect_ratio)
+        else:
+            image = data
         try:
             image.load()
             image = ImageOps.exif_transpose(image)
@@ -67,13 +82,31 @@ class Preprocessor:
             raise BadInput(f"corrupt or truncated image: {exc}") from None
         return to_color_mode(image, self.config.color_mode)
 
+    def open_small(self, data: bytes) -> Image.Image | None:
+        """The image, opened (its header read and checked, nothing decoded), when it has
+        at most INLINE_PIXELS pixels; else None. Decoding so small an image costs less
+        than handing it to a thread: the caller may decode it where it is."""
+        if len(data) > INLINE_BYTES:
+            return None
+        image = self._guarded(lambda: open_image(data, self.max_image_pixels,
+                                                 self.max_aspect_ratio))
+        return image if image.width * image.height <= INLINE_PIXELS else None
+
     def load(self, data: bytes | Image.Image) -> torch.Tensor:
         """Bytes or a PIL image -> uint8 tensor of shape input_shape (resized, cropped).
 
         Every failure is a BadInput (a PayloadTooLarge when memory ran out), never another
         exception: a hostile image gets a counted 4xx, not a 500."""
+        return self._guarded(lambda: self._load(data))
+
+    def load_opened(self, image: Image.Image) -> torch.Tensor:
+        """What `load` gives for the encoded image that `open_small` opened."""
+        return self._guarded(lambda: self._resize(self.decode(image)))
+
+    @staticmethod
+    def _guarded(step: Callable[[], T]) -> T:
         try:
-            return self._load(data)
+            return step()
         except BatchdError:
             raise
         except MemoryError:
@@ -87,6 +120,9 @@ class Preprocessor:
         image = self.decode(data) if isinstance(data, bytes) else to_color_mode(
             data, self.config.color_mode
         )
+        return self._resize(image)
+
+    def _resize(self, image: Image.Image) -> torch.Tensor:
         image = F.resize(image, self.config.resize, interpolation=InterpolationMode.BILINEAR)
         image = F.center_crop(image, [self.config.crop, self.config.crop])
         array = np.asarray(image, dtype=np.uint8)

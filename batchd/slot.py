@@ -19,6 +19,7 @@ from batchd.config import ModelConfig
 from batchd.device_thread import DeviceThread
 from batchd.holders import Holders
 from batchd.model import ServedModel
+from batchd.preprocess import Preprocessor
 from batchd.priority import PriorityGate
 
 # Batches in a row that ran out of device memory (within 30 s) before readiness fails, so
@@ -101,11 +102,10 @@ class ModelSlot:
             yield Ticket(self, priority, places)
 
     async def preprocess(self, data: bytes, priority: int = 0) -> torch.Tensor:
-        """Decode and preprocess one encoded image in the decoding thread pool; the more
-        urgent priority levels get the next free thread first."""
-        async with self.decode_gate.hold(self.batcher.level_of(priority)):
-            return await anyio.to_thread.run_sync(self.model.preprocessor.load, data,
-                                                  limiter=self.preprocess_limiter)
+        """Decode and preprocess one encoded image (see preprocess_image)."""
+        return await preprocess_image(self.model.preprocessor, data, self.decode_gate,
+                                      self.batcher.level_of(priority),
+                                      self.preprocess_limiter)
 
     def status(self, draining: bool, watchdog_s: float) -> ModelStatus:
         if self.warm_error:
@@ -142,6 +142,18 @@ class Ticket:
         """Queue the inputs (their places are then given back) and wait for every output."""
         self._places.close()
         return await submit_group(self.slot.batcher, items, timeout_s, self._priority)
+
+
+async def preprocess_image(preprocessor: Preprocessor, data: bytes, gate: PriorityGate,
+                           level: int, limiter: anyio.CapacityLimiter) -> torch.Tensor:
+    """Decode and preprocess one encoded image in the decoding thread pool, the more
+    urgent levels getting the next free thread first; a tiny image (Preprocessor.
+    open_small) here and now."""
+    small = preprocessor.open_small(data)
+    if small is not None:
+        return preprocessor.load_opened(small)
+    async with gate.hold(level):
+        return await anyio.to_thread.run_sync(preprocessor.load, data, limiter=limiter)
 
 
 async def submit_group(batcher: Batcher[torch.Tensor, torch.Tensor],

@@ -152,3 +152,34 @@ def test_over_our_limit_but_under_pillows_is_still_refused() -> None:
     data = bomb_png(3000, 3000)  # 9 MP: far below Pillow's own threshold
     with pytest.raises(PayloadTooLarge):
         Preprocessor(RGB, max_image_pixels=1_000_000).load(data)
+
+
+def test_small_images_decode_inline_to_the_same_pixels() -> None:
+    from batchd.preprocess import INLINE_PIXELS
+
+    preprocessor = Preprocessor(PreprocessConfig(resize=8, crop=8, mean=(0.5,), std=(0.5,),
+                                                 color_mode="L"))
+    small = png_bytes(Image.radial_gradient("L").resize((64, 64)))
+    opened = preprocessor.open_small(small)
+    assert opened is not None and opened.width * opened.height == INLINE_PIXELS
+    assert torch.equal(preprocessor.load_opened(opened), preprocessor.load(small))
+    # one pixel more goes to a decoding thread, and so does a large payload
+    assert preprocessor.open_small(png_bytes(Image.new("L", (65, 64)))) is None
+    noisy = Image.effect_noise((60, 60), 200)
+    assert preprocessor.open_small(png_bytes(noisy) + b"\0" * 70_000) is None
+    # the header's checks run here too: a bad header is the client's error
+    with pytest.raises(BadInput):
+        preprocessor.open_small(b"\x89PNG\r\n\x1a\n broken")
+
+
+def test_top_k_labels_match_torch_softmax() -> None:
+    from batchd.model import top_k_labels
+
+    logits = torch.tensor([0.5, 3.0, -1.0, 2.0, 3.0])
+    labels = ["a", "b", "c", "d", "e"]
+    got = top_k_labels(labels, logits, 3)
+    probs = torch.softmax(logits, 0)
+    assert [label for label, _ in got] == ["b", "e", "d"]
+    for label, prob in got:
+        assert prob == pytest.approx(float(probs[labels.index(label)]), abs=1e-6)
+    assert len(top_k_labels(labels, logits, 10)) == 5
