@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import pickle
@@ -71,7 +72,7 @@ class _Pending:
     priority: int
     use: contextlib.ExitStack  # the slot's use, until the answer (a retired slot waits)
     places: contextlib.ExitStack  # the places admission held, until Submit
-    task: asyncio.Task[None] | None = None
+    task: asyncio.Task[list[BatchResult[torch.Tensor]]] | None = None
 
 
 @dataclass(eq=False)
@@ -132,8 +133,11 @@ class Engine:
     async def watch_readiness(self) -> None:
         while True:
             await asyncio.sleep(CATALOG_CHECK_S)
-            self.broadcast()
-            self._unmap_released()
+            try:
+                self.broadcast()
+                self._unmap_released()
+            except Exception:  # a repository folder gone unreadable, say: try again
+                logger.exception("telling the front ends what is served failed")
 
     # -- connections ------------------------------------------------------------------
 
@@ -155,9 +159,15 @@ class Engine:
         elif isinstance(message, Call):
             asyncio.get_running_loop().create_task(self.call(frontend, message))
         elif isinstance(message, Hello):
+            try:
+                frontend.slots = SlotView(Path(message.slots_path), message.slot_bytes,
+                                          message.slot_count)
+            except (OSError, ValueError) as error:
+                logger.error("front end %d: its slots cannot be mapped (%s); closing",
+                             message.worker, error)
+                frontend.stream.close()
+                return
             frontend.hello = message
-            frontend.slots = SlotView(Path(message.slots_path), message.slot_bytes,
-                                      message.slot_count)
             logger.info("front end %d (pid %d) connected: %d shared slots of %d bytes",
                         message.worker, message.pid, message.slot_count, message.slot_bytes)
             frontend.send(self._last_catalog or self.catalog())
@@ -217,36 +227,50 @@ class Engine:
             return
         try:
             items = [self._tensor(frontend, item) for item in message.items]
-        except ValueError as error:
+        except (ValueError, TypeError) as error:
             self._finish(frontend, message.request)
             frontend.send(Refused(message.request, "BadInput", str(error)))
             return
-        pending.places.close()
-        pending.task = asyncio.get_running_loop().create_task(
-            self._compute(frontend, message.request, pending, items, message.timeout_s))
+        task = asyncio.get_running_loop().create_task(
+            self._compute(pending, items, message.timeout_s))
+        task.add_done_callback(functools.partial(self._computed, frontend, message.request))
+        pending.task = task
 
     def _tensor(self, frontend: _Frontend, item: Item) -> torch.Tensor:
+        """The input, copied out of its slot (or message): a request cancelled while its
+        batch runs is answered at once, and its slot may be rewritten while the batch (or
+        a retry of half of it) still reads the input."""
         if item.slot < 0:
-            assert item.data is not None
+            if item.data is None:
+                raise ValueError("an inline input without data")
             array = np.frombuffer(item.data, dtype=item.dtype).reshape(item.shape)
             return torch.from_numpy(array.copy())
         if frontend.slots is None:
             raise ValueError("no shared slots")
-        return torch.from_numpy(frontend.slots.array(item.slot, item.shape, item.dtype))
+        view = frontend.slots.array(item.slot, item.shape, item.dtype)
+        return torch.from_numpy(view.copy())
 
-    async def _compute(self, frontend: _Frontend, request: int, pending: _Pending,
-                       items: list[torch.Tensor], timeout_s: float | None) -> None:
-        try:
-            results = await submit_group(pending.slot.batcher, items, timeout_s,
-                                         pending.priority)
-        except BatchdError as error:
-            answer: Results | Refused = Refused(request, type(error).__name__, str(error))
-        except asyncio.CancelledError:
+    async def _compute(self, pending: _Pending, items: list[torch.Tensor],
+                       timeout_s: float | None) -> list[BatchResult[torch.Tensor]]:
+        # The places go back as the inputs queue, in one step: the worker, woken by the
+        # one, finds the other (see Batcher.expecting).
+        pending.places.close()
+        return await submit_group(pending.slot.batcher, items, timeout_s, pending.priority)
+
+    def _computed(self, frontend: _Frontend, request: int,
+                  task: asyncio.Task[list[BatchResult[torch.Tensor]]]) -> None:
+        """The request's one answer, however its task ended (cancelled before it began
+        too), and its holds given back."""
+        answer: Results | Refused
+        if task.cancelled():
             answer = Refused(request, "Cancelled", "cancelled")
+        elif isinstance(error := task.exception(), BatchdError):
+            answer = Refused(request, type(error).__name__, str(error))
+        elif error is not None:
+            logger.error("request %d failed", request, exc_info=error)
+            answer = Refused(request, "ModelFailed", f"the engine failed: {error!r}")
         else:
-            answer = Results(request, tuple(_output(result) for result in results))
-        finally:
-            del items  # the slots' views: the mapping can close once none is left
+            answer = Results(request, tuple(_output(result) for result in task.result()))
         self._finish(frontend, request)
         frontend.send(answer)
 
@@ -285,6 +309,10 @@ class Engine:
         except BatchdError as error:
             self.broadcast()
             frontend.send(Reply(message.call, error=type(error).__name__, message=str(error)))
+        except Exception as error:  # answered all the same: the caller waits for it
+            logger.exception("%s %s failed", message.action, message.name)
+            frontend.send(Reply(message.call, error="ModelFailed",
+                                message=f"{message.action} failed: {error!r}"))
 
 
 def _output(result: BatchResult[torch.Tensor]) -> Output:
@@ -312,8 +340,7 @@ async def serve_engine(config: Config, run_dir: Path, ready_fd: int) -> int:
     os.write(ready_fd, b"ready\n")
     os.close(ready_fd)
     watcher = loop.create_task(engine.watch_readiness())
-    warm = runtime._warm_task
-    fatal = loop.create_task(_fatal(runtime, warm))
+    fatal = loop.create_task(_fatal(runtime))
     stopper = loop.create_task(stop.wait())
     await asyncio.wait({fatal, stopper}, return_when=asyncio.FIRST_COMPLETED)
     code = 1 if runtime.fatal_error else 0
@@ -328,10 +355,9 @@ async def serve_engine(config: Config, run_dir: Path, ready_fd: int) -> int:
     return code
 
 
-async def _fatal(runtime: Runtime, warm: asyncio.Task[None] | None) -> None:
+async def _fatal(runtime: Runtime) -> None:
     """Returns once a model has failed its warm-up (else waits for ever)."""
-    if warm is not None:
-        await asyncio.wait({warm})
+    await runtime.wait_warm()
     if runtime.fatal_error:
         return
     await asyncio.Event().wait()

@@ -12,7 +12,7 @@ import asyncio
 import itertools
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -126,27 +126,34 @@ class EngineClient:
         assert isinstance(answer, Admitted)
         return request, answer.version
 
-    async def submit(self, request: int, items: Sequence[torch.Tensor],
-                     timeout_s: float | None) -> list[BatchResult[torch.Tensor]]:
-        """Send the inputs (through free slots where they fit) and wait for the outputs;
-        cancelled, the engine is told (and answers once, which frees the slots)."""
-        sent, reserved = [], []
-        for tensor in items:
-            array = np.ascontiguousarray(tensor.numpy())
-            index = self.arena.reserve(array.nbytes)
-            if index >= 0:
-                self.arena.write(index, array)
-                reserved.append(index)
-                sent.append(Item(index, tuple(array.shape), str(array.dtype)))
-            else:
-                sent.append(Item(-1, tuple(array.shape), str(array.dtype), array.tobytes()))
-        self._reserved[request] = reserved
+    def submit(self, request: int, items: Sequence[torch.Tensor],
+               timeout_s: float | None) -> Awaitable[list[BatchResult[torch.Tensor]]]:
+        """Send the inputs now (through free slots where they fit); the awaitable gives
+        the outputs. Once sent, the engine answers once (also when the wait is
+        cancelled: it is told), and that answer frees the slots."""
+        reserved: list[int] = []
         try:
+            sent = []
+            for tensor in items:
+                array = np.ascontiguousarray(tensor.numpy())
+                index = self.arena.reserve(array.nbytes)
+                if index >= 0:
+                    reserved.append(index)
+                    self.arena.write(index, array)
+                    sent.append(Item(index, tuple(array.shape), str(array.dtype)))
+                else:
+                    sent.append(Item(-1, tuple(array.shape), str(array.dtype),
+                                     array.tobytes()))
             future = self._send(Submit(request, tuple(sent), timeout_s), request)
-        except WorkerDead:
-            for index in self._reserved.pop(request, ()):
+        except BaseException:
+            for index in reserved:
                 self.arena.release(index)
             raise
+        self._reserved[request] = reserved
+        return self._outputs(request, future)
+
+    async def _outputs(self, request: int, future: asyncio.Future[object]
+                       ) -> list[BatchResult[torch.Tensor]]:
         try:
             answer = await future
         except asyncio.CancelledError:
@@ -159,11 +166,17 @@ class EngineClient:
                             output.queue_wait_s, output.compute_s, output.batch_size)
                 for output in answer.outputs]
 
-    async def call(self, action: str, name: str = "") -> Reply:
+    async def call(self, action: str, name: str = "", timeout_s: float | None = None
+                   ) -> Reply:
         """Ask the engine for its metrics, or to load or unload a repository model;
-        raises its error."""
+        raises its error (TimeoutError past `timeout_s`)."""
         number = next(self._numbers)
-        answer = await self._send(Call(number, action, name), number)  # type: ignore[arg-type]
+        future = self._send(Call(number, action, name), number)  # type: ignore[arg-type]
+        try:
+            async with asyncio.timeout(timeout_s):
+                answer = await future
+        finally:
+            self._waiting.pop(number, None)
         assert isinstance(answer, Reply)
         if answer.error:
             raise error_named(answer.error, answer.message)

@@ -49,6 +49,11 @@ logger = logging.getLogger("batchd.frontend")
 
 # How long a front end waits for the engine's first Catalog after saying hello.
 FIRST_CATALOG_S = 60.0
+# Removed versions remembered for requests the engine admitted to them before it removed
+# them (a retired version still answers what it admitted).
+KEEP_REMOVED = 16
+# How long a scrape waits for the engine's series.
+METRICS_TIMEOUT_S = 10.0
 
 
 class ModelView:
@@ -121,11 +126,12 @@ class RemoteSlot:
         pinned = self.version if self.pinned else 0
         client = runtime.client
         request, version = await client.admit(self.name, pinned, count, priority)
-        ticket = RemoteTicket(runtime.version_slot(self.name, version), request, client)
+        ticket: RemoteTicket | None = None
         try:
+            ticket = RemoteTicket(runtime.version_slot(self.name, version), request, client)
             yield ticket
         finally:
-            if not ticket.submitted:
+            if ticket is None or not ticket.submitted:
                 client.forget(request)
 
     async def preprocess(self, data: bytes, priority: int = 0) -> torch.Tensor:
@@ -144,8 +150,9 @@ class RemoteTicket:
 
     async def submit(self, items: Sequence[torch.Tensor],
                      timeout_s: float | None) -> list[BatchResult[torch.Tensor]]:
-        self.submitted = True
-        return await self._client.submit(self._request, items, timeout_s)
+        sent = self._client.submit(self._request, items, timeout_s)
+        self.submitted = True  # from here the engine answers it once, even if cancelled
+        return await sent
 
 
 class FrontendRuntime(Serving[RemoteSlot]):
@@ -178,6 +185,7 @@ class FrontendRuntime(Serving[RemoteSlot]):
         self.arena = SlotArena(run_dir / f"slots-{os.getpid()}", slot_bytes, count)
         self.client = EngineClient(self.arena, self.apply_catalog)
         self._first_catalog = anyio.Event()
+        self._removed: dict[tuple[str, int], RemoteSlot] = {}
 
     # -- the engine's view ------------------------------------------------------------
 
@@ -190,6 +198,12 @@ class FrontendRuntime(Serving[RemoteSlot]):
             slot.info = info
             versions.setdefault(info.config.name, {})[info.version] = slot
             self.metrics.expect_model(info.config.name)
+        for name, held in self.versions.items():  # removed: see version_slot
+            for number, slot in held.items():
+                if number not in versions.get(name, {}):
+                    self._removed[(name, number)] = slot
+                    while len(self._removed) > KEEP_REMOVED:
+                        del self._removed[next(iter(self._removed))]
         self.versions = versions
         self.default_model = catalog.default_model
         self.loaded = catalog.loaded
@@ -197,8 +211,11 @@ class FrontendRuntime(Serving[RemoteSlot]):
         self._first_catalog.set()
 
     def version_slot(self, name: str, version: int) -> RemoteSlot:
-        slot = self.versions.get(name, {}).get(version)
-        if slot is None:  # the engine says what it serves before it admits to it
+        """The version the engine admitted a request to. The engine sends a Catalog with a
+        new version before any admission to it; a version it admitted to and removed
+        since (its Catalog can arrive in the same read as the admission) is kept too."""
+        slot = self.versions.get(name, {}).get(version) or self._removed.get((name, version))
+        if slot is None:
             raise NotReady(f"model {name!r} version {version} is not known here yet")
         return slot
 
@@ -222,8 +239,9 @@ class FrontendRuntime(Serving[RemoteSlot]):
         multiprocess.MultiProcessCollector(registry)
         requests = generate_latest(registry)
         try:
-            engine = (await self.client.call("metrics")).text.encode()
-        except WorkerDead:
+            engine = (await self.client.call("metrics", timeout_s=METRICS_TIMEOUT_S)
+                      ).text.encode()
+        except (WorkerDead, TimeoutError):  # the front ends' series still count
             engine = b""
         return requests + engine
 

@@ -204,6 +204,11 @@ class Runtime(Serving[ModelSlot]):
         self._warm_task = asyncio.get_running_loop().create_task(self._warm_up(),
                                                                  name="batchd-warm-up")
 
+    async def wait_warm(self) -> None:
+        """Return once every model has warmed (or failed to)."""
+        if self._warm_task is not None:
+            await asyncio.wait({self._warm_task})
+
     async def _warm_up(self) -> None:
         """Warm each model on its serving thread, then start its batcher. A model whose
         warm-up fails stays failed (and the server fatal); the others still warm."""
@@ -251,7 +256,10 @@ class Runtime(Serving[ModelSlot]):
 
     def _changed(self) -> None:
         for listener in self.on_change:
-            listener()
+            try:
+                listener()
+            except Exception:  # a swap half told is still a swap made
+                logger.exception("telling of a change of versions failed")
 
     async def retire(self, slots: list[ModelSlot], timeout_s: float) -> None:
         """Let the predictions that hold each slot finish (answering those left at the

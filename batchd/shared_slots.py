@@ -15,11 +15,14 @@ slot is taken, travels inline in its message instead: slower, never refused.
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 from pathlib import Path
 
 import numpy as np
+
+logger = logging.getLogger("batchd.shared_slots")
 
 # What one front end's slots may take: Docker gives a container 64 MiB of /dev/shm by
 # default, and a few front ends must fit in it beside anything else the image does.
@@ -43,11 +46,18 @@ class SlotArena:
         self.path = path
         self.slot_bytes = slot_bytes
         self.count = count
-        size = max(1, slot_bytes * count)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.ftruncate(fd, size)
-            self._map = mmap.mmap(fd, size)
+            try:
+                # Taken now, not at the first write: a full tmpfs must fail here, not
+                # kill the process with SIGBUS under load.
+                os.posix_fallocate(fd, 0, max(1, slot_bytes * count))
+            except OSError as error:
+                logger.warning("%s: no room for %d slots of %d bytes (%s); every input "
+                               "travels inline", path, count, slot_bytes, error)
+                self.count = count = 0
+                os.ftruncate(fd, 1)
+            self._map = mmap.mmap(fd, max(1, slot_bytes * count))
         finally:
             os.close(fd)
         self._free = list(range(count - 1, -1, -1))

@@ -58,14 +58,19 @@ LISTEN_BACKLOG = 2048
 PR_SET_PDEATHSIG = 1
 
 
+SUPERVISOR_PID = "BATCHD_SUPERVISOR_PID"
+
+
 def die_with_parent() -> None:
     """Have the kernel send this process SIGTERM when its parent dies (Linux), so that
     no engine or front end outlives a supervisor killed with SIGKILL."""
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() == 1:  # the parent died before the call above
-        os.kill(os.getpid(), signal.SIGTERM)
+    # The supervisor may be PID 1 (a container): compare with its pid, not with 1.
+    supervisor = os.environ.get(SUPERVISOR_PID)
+    if supervisor is not None and os.getppid() != int(supervisor):
+        os.kill(os.getpid(), signal.SIGTERM)  # it died before the call above
 
 
 def setup_child_logging(config: Config, role: str) -> None:
@@ -129,6 +134,8 @@ class Supervisor:
         self._quick_deaths = 0
         self._signals = 0
         self._all_exited = asyncio.Event()
+        self._listener: socket.socket | None = None
+        self.port = 0
 
     def run(self) -> int:
         try:
@@ -146,23 +153,35 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        self._listener = listener
         code = await self._start_engine()
         if code is not None:
             return code
+        if self.stopping:  # a signal came while the engine loaded
+            self._stop_engine()
+            await self._all_exited.wait()
+            return 0
         for worker in range(self.workers):
             self._start_frontend(worker, listener)
         logger.info("serving on http://%s:%d with %d front-end processes and one engine",
                     server.host, self.port, self.workers)
-        self._listener = listener
         await self._all_exited.wait()
-        listener.close()
+        self._close_listener()
         return 1 if self.engine_failed else 0
+
+    def _close_listener(self) -> None:
+        """The front ends hold their own copies while they drain; once they are gone, new
+        connections are refused at once rather than left in the backlog."""
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
 
     # -- starting ---------------------------------------------------------------------
 
     def _spawn(self, role: str, args: list[str], pass_fds: tuple[int, ...],
                env: dict[str, str]) -> _Child:
-        process = subprocess.Popen([sys.executable, "-m", *args], pass_fds=pass_fds, env=env,
+        process = subprocess.Popen([sys.executable, "-m", *args], pass_fds=pass_fds,
+                                   env={**env, SUPERVISOR_PID: str(os.getpid())},
                                    start_new_session=True)  # terminal signals reach us only
         child = _Child(role, process, time.monotonic())
         pidfd = os.pidfd_open(process.pid)
@@ -188,8 +207,11 @@ class Supervisor:
             return None
         await exited
         code = self.engine.process.returncode
+        if self.stopping:
+            logger.info("stopped during start-up")
+            return 0
         logger.error("the engine stopped during start-up (exit status %s)", code)
-        return code or 1
+        return 128 - code if code < 0 else code or 1  # killed by a signal: as a shell says
 
     def _start_frontend(self, worker: int, listener: socket.socket) -> None:
         env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir)}
@@ -219,8 +241,11 @@ class Supervisor:
         if self.stopping and code == 0 and not self._live_frontends():
             logger.info("the engine stopped")
             return
-        if not self.frontends:
+        if not self.frontends and not self.stopping:
             return  # during start-up: _start_engine reports it
+        if not self.frontends:
+            self._all_exited.set()
+            return
         self.engine_failed = True
         logger.error("the engine exited (status %d): the front ends answer 503 "
                      "worker_dead and stop; the server exits 1", code)
@@ -245,6 +270,7 @@ class Supervisor:
             return
         logger.error("%s (pid %d) died (status %d); starting it again; the other front "
                      "ends serve on", child.role, child.process.pid, code)
+        assert self._listener is not None  # closed only once stopping
         self._start_frontend(child.worker, self._listener)
 
     def _live_frontends(self) -> list[_Child]:
@@ -262,6 +288,8 @@ class Supervisor:
     def _stop_frontends(self) -> None:
         first = not self.stopping
         self.stopping = True
+        if self.frontends:
+            self._close_listener()
         live = self._live_frontends()
         for child in live:
             with contextlib.suppress(ProcessLookupError):

@@ -44,7 +44,13 @@ import torch  # noqa: E402
 from loadtest import cpu  # noqa: E402
 from loadtest.images import photo_jpeg  # noqa: E402
 from loadtest.loadgen import GENERATORS, Expected, ensure_hey, run_load  # noqa: E402
-from loadtest.servers import Served, batchd_command, free_port, serving  # noqa: E402
+from loadtest.servers import (  # noqa: E402
+    Served,
+    batchd_command,
+    config_with,
+    free_port,
+    serving,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKLOADS = {
@@ -243,13 +249,15 @@ def report(workload: str, ceiling: dict[str, Any], stages: dict[str, Any],
                   "| stage sum ms | CPU / stages | load gen. share | batch | batchd/baseline "
                   "| batchd/ceiling |",
                   "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        ours, theirs = by_kind["batchd"], by_kind["baseline"]
-        for concurrency in ours:
-            for name, row in (("baseline", theirs[concurrency]), ("batchd", ours[concurrency])):
+        theirs = by_kind["baseline"]
+        ours = {name: rows for name, rows in by_kind.items() if name != "baseline"}
+        for concurrency in theirs:
+            for name, row in (("baseline", theirs[concurrency]),
+                              *((name, rows[concurrency]) for name, rows in ours.items())):
                 batch = row.get("mean_batch", 1.0)
                 work = stage_sum_ms(stages, batch)
                 ratios = ["", ""]
-                if name == "batchd":
+                if name != "baseline":
                     ratios = [f"{row['rps'] / theirs[concurrency]['rps']:.2f}x",
                               f"{row['rps'] / ceiling['images_per_s']:.2f}"]
                 lines.append(
@@ -276,7 +284,7 @@ def plot(workload: str, runs: dict[str, dict[str, dict[int, dict[str, Any]]]],
         for name, results in by_kind.items():
             rps = [r["rps"] for r in results.values()]
             axes.plot(rps, [r["p99_ms"] for r in results.values()],
-                      marker="o" if name == "batchd" else "s",
+                      marker="s" if name == "baseline" else "o",
                       linestyle="-" if generator == "hey" else "--",
                       label=f"{name} p99 ({generator})")
             for concurrency, result in results.items():
@@ -292,10 +300,21 @@ def plot(workload: str, runs: dict[str, dict[str, dict[int, dict[str, Any]]]],
     plt.close(figure)
 
 
+def batchd_layouts(workers: list[int]) -> dict[str, int]:
+    """The batchd servers to run, by name: server.workers for each (0: the CPU plan's)."""
+    if workers == [0]:
+        return {"batchd": 0}
+    return {f"batchd w={count or 'plan'}": count for count in workers}
+
+
 def run_workload(workload: str, levels: list[int], generators: list[str], body_kind: str,
-                 per_client: int, minimum: int, ceiling_seconds: float) -> dict[str, Any]:
+                 per_client: int, minimum: int, ceiling_seconds: float,
+                 workers: list[int] | None = None, device: str = "") -> dict[str, Any]:
     config_path = WORKLOADS[workload]
     ensure_checkpoint(config_path)
+    if device:  # the same model on another device (the GPU host's 16 cores, say)
+        config_path = config_with(config_path, "models.runtime", f"device-{device}",
+                                  device=f'"{device}"')
     image = photo_jpeg()
     body = cpu.multipart_body(image) if body_kind == "multipart" else (image, "image/jpeg")
     expected = offline_answer(config_path, image)
@@ -309,18 +328,26 @@ def run_workload(workload: str, levels: list[int], generators: list[str], body_k
     RESULTS.mkdir(parents=True, exist_ok=True)
     runs: dict[str, dict[str, dict[int, dict[str, Any]]]] = {g: {} for g in generators}
     recompile_count = 0.0
-    for kind in ("batchd", "baseline"):
-        with server(kind, config_path, RESULTS / f"{workload}-{kind}.log") as served:
-            if kind == "batchd":
+    layouts = batchd_layouts(workers or [0])
+    for kind in (*layouts, "baseline"):
+        served_config = config_path
+        if layouts.get(kind):
+            served_config = config_with(config_path, "server", f"w{layouts[kind]}",
+                                        workers=layouts[kind])
+        log = RESULTS / f"{workload}-{kind.replace(' ', '-').replace('=', '')}.log"
+        is_batchd = kind != "baseline"
+        with server("batchd" if is_batchd else kind, served_config, log) as served:
+            if is_batchd:
                 before = scrape(served.url)["batchd_recompiles_total"]
                 stages["http_ms"] = http_cost_ms(served) if ensure_hey() else 0.0
-                stage(f"HTTP alone (GET /health under hey): {stages['http_ms']:.2f} ms "
-                      "server CPU per request")
+                stage(f"{kind}: HTTP alone (GET /health under hey): {stages['http_ms']:.2f} "
+                      "ms server CPU per request")
             for generator in generators:
-                runs[generator][kind] = drive(served, kind, body, generator, levels,
-                                              per_client, minimum, expected)
-            if kind == "batchd":
-                recompile_count = scrape(served.url)["batchd_recompiles_total"] - before
+                runs[generator][kind] = drive(served, "batchd" if is_batchd else kind, body,
+                                              generator, levels, per_client, minimum,
+                                              expected)
+            if is_batchd:
+                recompile_count += scrape(served.url)["batchd_recompiles_total"] - before
     lines = report(workload, ceiling, stages, runs, recompile_count)
     print("\n".join(lines), flush=True)
     result = {"workload": workload, "ceiling": ceiling, "stages": stages, "runs": runs,
@@ -344,6 +371,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests-per-client", type=int, default=16)
     parser.add_argument("--min-requests", type=int, default=400)
     parser.add_argument("--ceiling-seconds", type=float, default=4.0)
+    parser.add_argument("--workers", default="0",
+                        help="server.workers of each batchd to run side by side "
+                             "(0: the CPU plan's), e.g. 1,0")
+    parser.add_argument("--device", default="",
+                        help="serve on this device instead of the config's (e.g. cpu)")
     args = parser.parse_args(argv)
     levels = [int(level) for level in args.concurrency.split(",")]
     generators = args.loadgen.split(",")
@@ -356,7 +388,8 @@ def main(argv: list[str] | None = None) -> None:
     workloads = cpu_workloads if args.workload == "all" else [args.workload]
     for workload in workloads:
         run_workload(workload, levels, generators, args.body, args.requests_per_client,
-                     args.min_requests, args.ceiling_seconds)
+                     args.min_requests, args.ceiling_seconds,
+                     [int(value) for value in args.workers.split(",")], args.device)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
-# The GPU benchmark, for a machine with an NVIDIA GPU and no network (under 8 minutes):
-# ResNet-50, 1,000 classes, bf16, buckets up to 256, against the per-request baseline and
-# the in-process ceiling on the same GPU. Prints images/s, p99 and the ratio to the ceiling.
+# The GPU host's benchmark, for a machine with an NVIDIA GPU and no network (under 10
+# minutes), in one run:
+#   1. ResNet-50, 1,000 classes, bf16, buckets up to 256: batchd in one process and with
+#      the CPU plan's front ends (server.workers = 0), side by side, against the
+#      per-request baseline and the in-process ceiling on the same GPU;
+#   2. the same host's cores alone: ResNet-18 at 64x64 on runtime.device = "cpu", one
+#      process against the plan's front ends, at 64 and 256 clients.
+# Prints requests/s, p99, server CPU per request, the mean batch and the ratios to the
+# baseline and to the ceiling.
 #
 # It installs nothing from the network: packages the machine lacks (starlette, uvicorn,
 # python-multipart) must be carried as wheels in .whl/ (see README, Performance).
@@ -20,5 +26,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 [ -f checkpoints/resnet50-1000.pt ] || python3 -m loadtest.make_checkpoint \
     --arch resnet50 --num-classes 1000 --out checkpoints/resnet50-1000.pt
-timeout 420 python3 -m loadtest.bench --workload resnet50-gpu --concurrency 1,32,128,256 \
-    --requests-per-client 4 --min-requests 200 --ceiling-seconds 3
+timeout 330 python3 -m loadtest.bench --workload resnet50-gpu --concurrency 1,32,256 \
+    --requests-per-client 4 --min-requests 200 --ceiling-seconds 3 --workers 1,0 \
+    --loadgen hey
+timeout 210 python3 -m loadtest.bench --workload resnet18-64 --device cpu \
+    --concurrency 64,256 --requests-per-client 4 --min-requests 400 --ceiling-seconds 2 \
+    --workers 1,0 --loadgen hey

@@ -32,7 +32,6 @@ def stage(message: str) -> None:
 
 
 def tiny_png() -> bytes:
-    from PIL import Image
 
     from batchd.digits import digit_images
 

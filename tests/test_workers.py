@@ -5,6 +5,7 @@ for a file the test creates), never by timing."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import io
 import json
@@ -19,10 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from batchd.config import load_config
+from batchd.model import ServedModel
 from loadtest.servers import free_port
 from tests.conftest import ROOT, png_bytes, scrape, wait_ready, write_config
 from tests.test_app import LOGIT_TOLERANCE, offline_logits
@@ -204,6 +208,35 @@ def test_a_batch_mixes_front_ends_and_answers_equal_the_offline_model(
         assert server.metric("batchd_batch_size_sum") == sent
         assert server.metric("batchd_requests_in_progress") == 0
         assert server.metric("batchd_in_flight_requests") == 0
+        # The Open Inference Protocol through the front ends: float32 tensors (inline in
+        # their messages, more than one batch's worth) and encoded images (in slots).
+        offline = ServedModel.from_config(
+            load_config(write_config(tmp_path / "offline.toml")).models[0])
+        tensors = offline.preprocessor.normalize(torch.stack(
+            [offline.preprocessor.load(image) for image in images])).numpy()
+        tensors = np.concatenate([tensors, tensors, tensors])  # 96 > max_batch_size
+        response = httpx.post(f"{server.url}/v2/models/digits/infer", json={
+            "inputs": [{"name": "input", "datatype": "FP32", "shape": list(tensors.shape),
+                        "data": tensors.reshape(-1).tolist()}],
+            "outputs": [{"name": "logits"}]}, timeout=60)
+        assert response.status_code == 200, response.text
+        logits = np.array(response.json()["outputs"][0]["data"]).reshape(96, 10)
+        want = torch.stack(expected).numpy()
+        np.testing.assert_allclose(logits, np.concatenate([want, want, want]),
+                                   atol=LOGIT_TOLERANCE)
+        response = httpx.post(f"{server.url}/v2/models/digits/infer", json={
+            "inputs": [{"name": "image", "datatype": "BYTES", "shape": [4],
+                        "data": [base64.b64encode(body).decode() for body in digit_pngs[:4]]}],
+            "outputs": [{"name": "logits"}]}, timeout=60)
+        assert response.status_code == 200, response.text
+        np.testing.assert_allclose(
+            np.array(response.json()["outputs"][0]["data"]).reshape(4, 10), want[:4],
+            atol=LOGIT_TOLERANCE)
+        listed = httpx.get(f"{server.url}/models").json()["models"]
+        assert [(model["name"], model["ready"], model["labels"][:2]) for model in listed] == \
+            [("digits", True, ["0", "1"])]
+        assert httpx.get(f"{server.url}/v2/models/digits").json()["inputs"][0]["shape"] == \
+            [-1, 1, 8, 8]
         # one family each, once: the front ends' and the engine's series do not clash
         text = httpx.get(f"{server.url}/metrics").text
         assert text.count("# TYPE batchd_requests_total counter") == 1
