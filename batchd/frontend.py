@@ -232,6 +232,10 @@ class FrontendRuntime(Serving[RemoteSlot]):
         with anyio.fail_after(FIRST_CATALOG_S):
             await self._first_catalog.wait()
 
+    def repository_manager(self) -> RemoteManager | None:
+        """The repository API's way to the engine, which loads (None: no repository)."""
+        return RemoteManager(self) if self.config.repository.path is not None else None
+
     async def metrics_exposition(self) -> bytes:
         """The front ends' request series (summed over every front end, living or not)
         and the engine's series (batches, queues, readiness)."""

@@ -31,6 +31,7 @@ import gc
 import logging
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import anyio
 import torch
@@ -48,6 +49,9 @@ from batchd.priority import PriorityGate
 from batchd.repository import Repository, RepositoryModel, read_repository
 from batchd.serving import Serving
 from batchd.slot import OOM_STREAK_NOT_READY, ModelSlot, ModelState, ModelStatus
+
+if TYPE_CHECKING:
+    from batchd.manager import ModelManager
 
 __all__ = ["OOM_STREAK_NOT_READY", "ModelSlot", "ModelState", "ModelStatus", "Runtime"]
 
@@ -115,6 +119,12 @@ class Runtime(Serving[ModelSlot]):
         """load() off the event loop, then start(): what the app's lifespan runs."""
         await anyio.to_thread.run_sync(self.load)
         await self.start()
+
+    def repository_manager(self) -> ModelManager | None:
+        """What loads, reloads and unloads the repository's models (None: no repository)."""
+        from batchd.manager import ModelManager
+
+        return ModelManager(self, self.repository) if self.repository is not None else None
 
     async def metrics_exposition(self) -> bytes:
         """Every series, in Prometheus' text format."""

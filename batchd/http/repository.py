@@ -22,18 +22,19 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from batchd.errors import BadInput, Unauthorized
+from batchd.frontend import RemoteManager
 from batchd.manager import ModelManager
 
 ADMIN_SCHEME = "Bearer"
 
 
-def manager_of(request: Request) -> ModelManager:
+def manager_of(request: Request) -> ModelManager | RemoteManager:
     """The app's model manager, once the caller proved it holds the admin token."""
     expected = f"{ADMIN_SCHEME} {request.app.state.admin_token}".encode()
     given = request.headers.get("authorization", "").encode()
     if not hmac.compare_digest(given, expected):
         raise Unauthorized("the repository API needs its admin bearer token")
-    manager: ModelManager = request.app.state.manager
+    manager: ModelManager | RemoteManager = request.app.state.manager
     return manager
 
 

@@ -16,13 +16,12 @@ from starlette.responses import JSONResponse, Response
 from batchd import __version__
 from batchd.config import Config
 from batchd.errors import BatchdError
-from batchd.frontend import FrontendRuntime, RemoteManager
+from batchd.frontend import FrontendRuntime
 from batchd.http import native, repository, ui, v2
 from batchd.http.auth import BearerAuthMiddleware, resolve_admin_token, resolve_token
 from batchd.http.frame import error_response
 from batchd.http.payload import BodyLimitMiddleware
 from batchd.http.protocol import guarded_protocol
-from batchd.manager import ModelManager
 from batchd.process import configure_process
 from batchd.runtime import Runtime
 
@@ -64,11 +63,7 @@ def create_app(config: Config, runtime: Runtime | FrontendRuntime | None = None)
     shut-down closes the runtime; draining before that is the server's job (batchd.cli).
     """
     runtime = runtime or Runtime(config, configure_process(config))
-    manager: ModelManager | RemoteManager | None = None
-    if isinstance(runtime, FrontendRuntime):
-        manager = RemoteManager(runtime) if config.repository.path is not None else None
-    elif runtime.repository is not None:
-        manager = ModelManager(runtime, runtime.repository)
+    manager = runtime.repository_manager()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
