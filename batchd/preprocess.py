@@ -101,7 +101,7 @@ class Preprocessor:
 
     def load_opened(self, image: Image.Image) -> torch.Tensor:
         """What `load` gives for the encoded image that `open_small` opened."""
-        return self._guarded(lambda: self._resize(self.decode(image)))
+        return self._guarded(lambda: self._load(self.decode(image)))
 
     @staticmethod
     def _guarded(step: Callable[[], T]) -> T:
