@@ -4,7 +4,7 @@
 # the in-process ceiling on the same GPU. Prints images/s, p99 and the ratio to the ceiling.
 #
 # It installs nothing from the network: packages the machine lacks (starlette, uvicorn,
-# python-multipart) must be carried as wheels in .whl/ (see README, Performance).
+# python-multipart) must be carried as wheels in .whl/ (see docs/performance.md, GPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD"

@@ -321,11 +321,11 @@ def test_rules_and_dashboard_use_only_real_metrics() -> None:
         assert topic in titles
 
 
-def test_the_image_check_runs_the_readmes_docker_run() -> None:
+def test_the_image_check_runs_the_documented_docker_run() -> None:
     from loadtest.image_check import IMAGE, STOP_TIMEOUT_S, run_command
 
-    readme = (ROOT / "README.md").read_text()
-    block = readme.split("docker run -d -p 8000:8000", 1)[1].split("```", 1)[0]
+    page = (ROOT / "docs" / "deployment.md").read_text()
+    block = page.split("docker run -d -p 8000:8000", 1)[1].split("```", 1)[0]
     readme_flags = block.replace("\\\n", " ").split()
     readme_flags = readme_flags[:-1]  # the image name
     check = run_command(8000, "tmpfs")

@@ -267,7 +267,7 @@ def test_the_page_predicts_a_dropped_digit_and_shows_batching_live(
                     if entry["level"] == "SEVERE"]  # no script error, no CSP violation
         browser.save_screenshot(str(tmp_path / "ui.png"))
         assert (tmp_path / "ui.png").stat().st_size > 10_000
-        if os.environ.get("BATCHD_UPDATE_SCREENSHOT"):  # the README's picture
+        if os.environ.get("BATCHD_UPDATE_SCREENSHOT"):  # the docs' picture (docs/http-api.md)
             shutil.copyfile(tmp_path / "ui.png", SCREENSHOT)
 
 
