@@ -1,4 +1,4 @@
-# batchd: CPU image by default (PyTorch's CPU wheels; see README, Deploy, for measured sizes).
+# batchd: CPU image by default (PyTorch's CPU wheels; see docs/deployment.md for measured sizes).
 #   docker build -t batchd .
 # CUDA image: the same base with PyTorch's CUDA wheels (they bundle the CUDA runtime; the
 # node needs only the NVIDIA driver and container toolkit):
@@ -80,6 +80,6 @@ HEALTHCHECK --interval=10s --timeout=3s --start-period=180s --retries=3 \
     CMD ["batchd", "health"]
 STOPSIGNAL SIGTERM
 # Exec form, no shell in between: batchd runs as PID 1 and receives SIGTERM itself, so it
-# drains the requests it accepted before exiting 0 (see README, Graceful shutdown).
+# drains the requests it accepted before exiting 0 (see docs/failures.md, Graceful shutdown).
 ENTRYPOINT ["batchd", "serve"]
 CMD ["--config", "config/default.toml", "--host", "0.0.0.0"]

@@ -10,7 +10,7 @@ CONFIG ?= config/default.toml
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: serve test lint install clean image-check
+.PHONY: serve test lint install clean image-check docs reference
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,10 +31,20 @@ lint: install
 test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# Build the image, run it as the README does and check it (skips where no container
-# engine can run); see loadtest/image_check.py.
+# The documentation site, served at http://127.0.0.1:8001 while you edit docs/ (the tests
+# build it with mkdocs build --strict).
+docs: install
+	$(BIN)/mkdocs serve -a 127.0.0.1:8001
+
+# Write the generated reference pages again (the tests fail when they are stale).
+reference: install
+	$(BIN)/python -m batchd.config_reference > docs/configuration.md
+	$(BIN)/python -m batchd.http.api_reference docs
+
+# Build the image, run it as docs/deployment.md does and check it (skips where no
+# container engine can run); see loadtest/image_check.py.
 image-check: install
 	$(BIN)/python -m loadtest.image_check
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache site

@@ -35,11 +35,26 @@ class SourceConfig:
     ExportedProgram, or ONNX) that carries its own weights."""
 
     arch: str | None = None
+    """A torchvision architecture by name (`resnet18`, `resnet50`, ...), built without
+    weights; its weights come from `checkpoint`. Set exactly one of arch, builder and
+    artifact."""
     builder: str | None = None
+    """An importable function that returns the untrained network,
+    `package.module:function` (e.g. `batchd.digits:build_model`); its weights come from
+    `checkpoint`."""
     artifact: Path | None = None
+    """An exported model that carries its own weights: TorchScript (`.ts`,
+    `.torchscript`), a `torch.export` program (`.pt2`) or ONNX (`.onnx`), relative to
+    the config file. In a repository model's config.toml, leave it out: the version
+    folder's `model.*` file is the artifact."""
     format: ArtifactFormat | None = None
+    """The artifact's format, where its file name's suffix does not tell it."""
     num_classes: int | None = None
+    """Passed to the architecture or builder as `num_classes`; when labels are given,
+    there must be as many.
+    Range: >= 1"""
     kwargs: dict[str, Any] = field(default_factory=dict)
+    """More keyword arguments for the architecture or builder."""
 
 
 @dataclass(frozen=True)
@@ -47,10 +62,22 @@ class PreprocessConfig:
     """The same resize, crop and normalisation that training used."""
 
     resize: int = 256
+    """The shorter side is resized to this many pixels (bilinear), keeping the aspect
+    ratio.
+    Range: >= 1"""
     crop: int = 224
+    """Then a square of this side is cut from the centre: the model's input is crop x
+    crop.
+    Range: 1 to resize"""
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    """Subtracted per channel after scaling pixels to [0, 1]; one value per channel (3
+    for RGB, 1 for L)."""
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    """Divides each channel after the mean is taken off; one value per channel, each
+    positive."""
     color_mode: ColorMode = "RGB"
+    """What every image is converted to before resizing: `RGB` (3 channels) or `L`
+    (grey, 1 channel)."""
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -64,7 +91,11 @@ class PriorityLevelConfig:
     batching.queue_timeout_ms)."""
 
     max_queue_size: int = 0
+    """Requests this level may queue; 0: the model's batching.max_queue_size.
+    Range: >= 0"""
     queue_timeout_ms: float = 0.0
+    """This level's queue deadline; 0: the model's batching.queue_timeout_ms.
+    Range: >= 0"""
 
 
 @dataclass(frozen=True)
@@ -72,27 +103,53 @@ class BatchingConfig:
     """How requests are gathered into batches and how long they may queue."""
 
     max_batch_size: int = 32
+    """The most requests (samples) computed in one batch.
+    Range: >= 1"""
     max_wait_ms: float = 5.0
+    """The most a batch waits for company, timed from its first request. The batcher
+    dispatches at once when no other request is being read or decoded, so this costs
+    latency only while more requests are on their way. Not used with slo_ms.
+    Range: >= 0"""
     buckets: tuple[int, ...] = ()
+    """The padded batch sizes, each compiled and warmed at start-up; a batch is padded to
+    the smallest that holds it. The largest must equal max_batch_size; at most 64.
+    Empty: the powers of two up to max_batch_size.
+    Range: 1 to max_batch_size"""
     max_queue_size: int = 1024
+    """Requests that may wait in the model's queue; past it a request is refused at once
+    (503 queue_full), before its body is read.
+    Range: >= 1"""
     queue_timeout_ms: float = 30_000.0
-    # Samples one request may bring (Open Inference Protocol); 0: 4 x max_batch_size.
+    """A request's queue deadline: still queued then, it is answered 503 queue_timeout,
+    never computed. A client may shorten it (X-Request-Timeout-Ms, parameters.timeout).
+    Range: > 0"""
     max_request_items: int = 0
-    # The latency objective; with one, dispatch follows deadlines (batchd.scheduler) and
-    # max_wait_ms is not used. 0: none.
+    """Samples one Open Inference Protocol request may bring (413 past it); 0: 4 x
+    max_batch_size.
+    Range: >= 0"""
     slo_ms: float = 0.0
-    # Priority levels, 1 the most urgent (Triton's meaning); a request names its level
-    # (X-Priority, parameters.priority) or gets default_priority (0: the least urgent).
+    """A latency objective: with one, dispatch follows deadlines (batchd.scheduler), a
+    request that could not be answered within it is refused before its body is read, and
+    max_wait_ms is not used. 0: none.
+    Range: >= 0"""
     priority_levels: int = 1
+    """Priority levels, 1 the most urgent (Triton's meaning); a request names its level
+    with X-Priority or parameters.priority.
+    Range: >= 1"""
     default_priority: int = 0
-    # While less urgent levels have requests waiting, they get at least this share of the
-    # seats in batches (batchd.priority), so that no level is starved.
+    """The level of a request that names none; 0: the least urgent level
+    (priority_levels).
+    Range: 0 to priority_levels"""
     priority_share: float = 0.1
-    # Per level, in order from level 1: its own queue size and timeout.
+    """While less urgent levels have requests waiting, they get at least this share of
+    the seats in batches (batchd.priority), so that no level is starved.
+    Range: [0, 1)"""
     levels: tuple[PriorityLevelConfig, ...] = ()
-    # Level 1 rides in batches cut to its own queue's size, not full ones: its latency
-    # for the less urgent levels' throughput.
+    """Per level, in order from level 1: its own queue size and timeout; at most
+    priority_levels entries."""
     expedite_level_1: bool = False
+    """Level 1 rides in batches cut to its own queue's size, not full ones: its latency
+    for the less urgent levels' throughput."""
 
     @property
     def request_item_limit(self) -> int:
@@ -129,14 +186,22 @@ class RuntimeConfig:
     """Where and how the model runs."""
 
     device: str = "auto"
+    """`auto` (the first GPU when CUDA is available, else the CPU), `cpu`, `cuda` or
+    `cuda:N`."""
     compile: bool = True
+    """`torch.compile` the network for static shapes and warm it on every bucket at
+    start-up, so that no request ever compiles. TorchScript and ONNX artifacts need
+    false."""
     compile_mode: CompileMode = "default"
-    # Time each bucket compiled and eager at warm-up and serve it with the faster.
+    """torch.compile's mode; `reduce-overhead` captures CUDA graphs per bucket."""
     pick_faster: bool = True
+    """Time each bucket compiled and eager at warm-up and serve it with the faster."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    # Largest allowed |low-precision - float32| on the softmax probabilities, checked at
-    # start-up on a seeded batch; a model outside it refuses to start.
+    """The precision the network runs in; a low precision only after a start-up check
+    against float32 (dtype_tolerance)."""
     dtype_tolerance: float = 0.01
+    """Largest allowed |low-precision - float32| on the softmax probabilities, checked at
+    start-up on a seeded batch; a model outside it refuses to start."""
 
 
 @dataclass(frozen=True)
@@ -144,12 +209,24 @@ class ModelConfig:
     """One served model."""
 
     name: str
+    """The model's name in URLs (/models/{name}/predict, /v2/models/{name}) and in every
+    metric's `model` label; no '/'."""
     source: SourceConfig
+    """Where the network comes from."""
     checkpoint: Path | None = None
+    """A state_dict file (.pt, .pth), or a training checkpoint holding one under `model`
+    or `state_dict`, relative to the config file; loaded with weights_only and matched
+    strictly. Required unless the source is an artifact; left out in a repository
+    model's config.toml."""
     labels: tuple[str, ...] = ()
+    """The class names, in the order of the network's outputs; empty: the checkpoint's
+    `classes`, else "0".."N-1"."""
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    """How an image becomes the network's input."""
     batching: BatchingConfig = field(default_factory=BatchingConfig)
+    """How requests are batched and queued."""
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    """Where and how the network runs."""
 
     def with_runtime(self, **changes: Any) -> ModelConfig:
         """The same model with some runtime settings changed (e.g. compile=False)."""
@@ -161,39 +238,88 @@ class ServerConfig:
     """The HTTP side: where to listen and what a request may carry."""
 
     host: str = "127.0.0.1"
+    """The address to listen on (`0.0.0.0` in a container); `batchd serve --host`
+    overrides it."""
     port: int = 8000
+    """The port to listen on; 0: any free port. `batchd serve --port` overrides it.
+    Range: [0, 65535]"""
     default_model: str = ""
+    """The model that answers /predict; empty: the first of `[[models]]`."""
     max_body_bytes: int = 8 * 1024 * 1024
+    """The largest request body: 413, from Content-Length before reading, or as soon as
+    a chunked body passes it.
+    Range: >= 1"""
     max_image_pixels: int = 40_000_000
-    # Longer side over shorter side; past it an image is refused before decoding, which
-    # bounds what the shorter-side resize can make of it (resize^2 x this many pixels).
+    """The most pixels (width x height, from the image's header) an image may declare:
+    413, before decoding. It bounds the memory one decode takes.
+    Range: >= 1"""
     max_aspect_ratio: float = 20.0
-    preprocess_threads: int = 0  # 0: the CPU plan decides (batchd.cpu_plan)
-    # Front-end processes that accept HTTP, read, check and decode requests, beside one
-    # engine process that batches and computes (batchd.supervisor); 1: everything in one
-    # process, as on a small host. 0: the CPU plan decides.
+    """Longer side over shorter side; past it an image is refused before decoding (413),
+    which bounds what the shorter-side resize can make of it (resize^2 x this many
+    pixels).
+    Range: >= 1"""
+    preprocess_threads: int = 0
+    """Threads that decode and preprocess images; 0: the CPU plan decides
+    (batchd.cpu_plan).
+    Range: >= 0"""
     workers: int = 0
+    """Front-end processes that accept HTTP, read, check and decode requests, beside one
+    engine process that batches and computes (batchd.supervisor); 1: everything in one
+    process. 0: the CPU plan decides: one process below 8 cores, else one front end per
+    4 cores beside a GPU, per 8 cores on a CPU device (see Architecture).
+    Range: [0, 64]"""
     drain_timeout_s: float = 30.0
+    """On shutdown (SIGTERM), how long accepted requests may run to completion; those
+    left then are answered 503 shutdown.
+    Range: >= 0"""
     watchdog_s: float = 60.0
-    torch_threads: int = 0  # 0: the CPU plan decides
-    # How long a Python thread may hold the GIL while another waits for it (CPython's own
-    # default: 5 ms). Decoding threads give it up in every Pillow call and win it back from
-    # the busy event loop each time; with many of them (a GPU host) a shorter interval
-    # served more (see README, Performance).
+    """A batch computing for longer than this (a hung model) turns readiness to 503.
+    Range: > 0"""
+    torch_threads: int = 0
+    """The model's intra-op threads; 0: the CPU plan decides.
+    Range: >= 0"""
     gil_switch_interval_ms: float = 5.0
+    """How long a Python thread may hold the GIL while another waits for it (CPython's
+    own default: 5 ms). Decoding threads give it up in every Pillow call and win it back
+    from the busy event loop each time; with many of them (a GPU host) a shorter interval
+    served more (see the performance page).
+    Range: [0.01, 100]"""
     auth_token_env: str = ""
+    """The name of an environment variable holding a bearer token; with one, every
+    endpoint but the probes, the scrape, the page and the schema needs
+    `Authorization: Bearer <token>`. Empty: no token."""
     auth_token_file: Path | None = None
+    """Or a file holding that token, relative to the config file; it must exist and not
+    be empty."""
     access_log: bool = False
-    ui: bool = True  # the page at / (the schema at /openapi.json is always served)
-    # What a connection may send and for how long (see batchd.http.protocol).
+    """One JSON line per prediction request on standard output."""
+    ui: bool = True
+    """The page at / (the schema at /openapi.json is always served)."""
     max_header_bytes: int = 65_536
+    """The largest header section: 431, counted as bytes arrive (see batchd.http.protocol,
+    which enforces this and the other connection limits).
+    Range: >= 1024"""
     max_headers: int = 100
+    """The most header fields in one request: 431.
+    Range: >= 8"""
     max_request_line_bytes: int = 8_192
+    """The longest request line (method, target and version): 414.
+    Range: >= 256"""
     header_timeout_s: float = 10.0
+    """From a request's first byte to its last header: 408 past it.
+    Range: > 0"""
     body_timeout_s: float = 60.0
+    """From the headers to the end of the body: 408 past it (counted as cancelled).
+    Range: > 0"""
     idle_timeout_s: float = 10.0
+    """How long a new connection may send nothing before it is closed without an answer.
+    Range: > 0"""
     max_connections: int = 1_000
+    """Open connections; past it a new one gets 503 overloaded at once. At start-up the
+    open-file limit is raised to hold them, or a warning says it cannot.
+    Range: >= 1"""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """The log's level."""
 
 
 @dataclass(frozen=True)
@@ -202,11 +328,16 @@ class RepositoryConfig:
     loaded, reloaded and unloaded while the server runs (batchd.repository)."""
 
     path: Path | None = None
-    # Seconds between looks for changed models, which are then reloaded; 0: never.
+    """The repository folder, relative to the config file; it must exist. Unset: no
+    repository."""
     poll_s: float = 0.0
-    # The environment variable holding the token of the management API
-    # (/v2/repository/...); unset, that API is off (404).
+    """Seconds between looks for changed models, which are then reloaded (a new folder
+    loaded, a removed one unloaded); 0: never.
+    Range: >= 0"""
     admin_token_env: str = ""
+    """The environment variable holding the token of the management API
+    (/v2/repository/...); it must differ from the inference token. Empty: that API is off
+    (404)."""
 
 
 @dataclass(frozen=True)
@@ -214,9 +345,14 @@ class Config:
     """The whole configuration file."""
 
     server: ServerConfig
+    """Where to listen and what a request may carry."""
     models: tuple[ModelConfig, ...]
+    """The models served from the file, one `[[models]]` table each; at least one
+    unless `[repository]` names a path."""
     path: Path | None = None
+    """Not a key: the file the configuration was read from."""
     repository: RepositoryConfig = field(default_factory=RepositoryConfig)
+    """A folder of models loadable while serving."""
 
     def model(self, name: str) -> ModelConfig:
         for model in self.models:

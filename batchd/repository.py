@@ -50,8 +50,13 @@ class VersionPolicy:
     newest ("latest", the default), every one ("all"), or those listed ("specific")."""
 
     kind: Literal["latest", "all", "specific"] = "latest"
+    """`latest`: the `count` newest versions; `all`: every version; `specific`: those
+    listed in `versions`."""
     count: int = 1
+    """How many of the newest versions `latest` serves.
+    Range: >= 1"""
     versions: tuple[int, ...] = ()
+    """The versions `specific` serves (required with it, refused without it)."""
 
     def select(self, on_disk: Sequence[int]) -> list[int]:
         ordered = sorted(on_disk)

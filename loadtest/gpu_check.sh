@@ -10,7 +10,7 @@
 # baseline and to the ceiling.
 #
 # It installs nothing from the network: packages the machine lacks (starlette, uvicorn,
-# python-multipart) must be carried as wheels in .whl/ (see README, Performance).
+# python-multipart) must be carried as wheels in .whl/ (see docs/performance.md, GPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD"

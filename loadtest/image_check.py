@@ -1,4 +1,4 @@
-"""`make image-check`: build the container image and check it the way the README runs it.
+"""`make image-check`: build the container image and check it the way the docs run it.
 
 Stages (each printed as it starts):
  1. a container engine: `docker info`, else (as root) start Debian's `dockerd`; with
@@ -10,7 +10,8 @@ Stages (each printed as it starts):
  3. the build: batchd's other dependencies come from this machine's own pip settings
     (index, CA), downloaded here and served to the build over 127.0.0.1, so that no
     credential or certificate goes into the build;
- 4. the README's `docker run` (read-only root, executable tmpfs cache, stop timeout):
+ 4. the `docker run` of docs/deployment.md (read-only root, executable tmpfs cache, stop
+    timeout):
     /ready, a held-out digit predicted and its label checked, /metrics, the engine's
     health status; then `docker stop` under load: every request sent before the stop is
     answered (200, or 503 `shutdown`), and the exit code is 0;
@@ -49,7 +50,7 @@ DEBIAN_PACKAGES = ["python3", "python3-dev", "python3-pip", "g++", "python3-torc
                    "libtorch-dev", "python3-torchvision", "python3-numpy", "python3-pil",
                    "ca-certificates"]
 CACHE_VOLUME = "batchd-check-inductor"
-STOP_TIMEOUT_S = 45  # drain_timeout_s (30) + exit + margin, as in the README and k8s
+STOP_TIMEOUT_S = 45  # drain_timeout_s (30) + exit + margin, as in docs/deployment.md and k8s
 
 
 def stage(message: str) -> None:
@@ -215,8 +216,8 @@ def build(base: str, torch_source: str, pip_args: str) -> float:
 
 
 def run_command(port: int, cache: str) -> list[str]:
-    """The README's `docker run`, detached, on `port`: a read-only root; the compile
-    cache on an executable tmpfs (cache="tmpfs") or a named volume."""
+    """The `docker run` of docs/deployment.md, detached, on `port`: a read-only root; the
+    compile cache on an executable tmpfs (cache="tmpfs") or a named volume."""
     mount = (["--tmpfs", "/home/batchd/.cache:rw,exec,uid=10001,gid=10001"]
              if cache == "tmpfs" else ["-v", f"{cache}:/home/batchd/.cache"])
     return ["run", "-d", "-p", f"127.0.0.1:{port}:8000", "--stop-timeout",
@@ -358,7 +359,7 @@ def main(argv: list[str] | None = None) -> None:
             build_s = build(base, torch_source, pip_args)
     size_mb = int(docker("image", "inspect", "-f", "{{.Size}}", IMAGE).stdout) / 1e6
     stage(f"built in {build_s:.0f} s; image {size_mb:.0f} MB")
-    stage("4/5 run as the README does (read-only root, tmpfs cache)")
+    stage("4/5 run as the docs do (read-only root, tmpfs cache)")
     container, url, cold_tmpfs_s = start("tmpfs")
     stage(f"ready after {cold_tmpfs_s:.1f} s (cold compile cache)")
     check_serving(container, url)

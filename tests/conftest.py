@@ -11,11 +11,14 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
 import uvicorn
+
+if TYPE_CHECKING:
+    from batchd.config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS_CHECKPOINT = ROOT / "batchd" / "assets" / "digits.pt"
@@ -200,12 +203,14 @@ def scrape(url: str, name: str, labels: dict[str, str] | None = None) -> float:
 
 
 @contextlib.contextmanager
-def run_server(config_path: Path, ready_timeout_s: float = 300) -> Iterator[RunningServer]:
-    """Serve a config with a real uvicorn on a free 127.0.0.1 port, in a thread."""
-    from batchd.config import load_config
+def run_server(config_path: Path | Config, ready_timeout_s: float = 300
+               ) -> Iterator[RunningServer]:
+    """Serve a config (a file, or one already loaded) with a real uvicorn on a free
+    127.0.0.1 port, in a thread."""
+    from batchd.config import Config, load_config
     from batchd.http import create_app
 
-    config = load_config(config_path)
+    config = config_path if isinstance(config_path, Config) else load_config(config_path)
     app = create_app(config)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

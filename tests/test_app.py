@@ -16,7 +16,7 @@ from batchd.config import load_config
 from batchd.model import ServedModel
 from tests.conftest import RunningServer, png_bytes, run_server, write_config
 
-# Compiled and eager logits agree to this (absolute); the tolerance the README states.
+# Compiled and eager logits agree to this (absolute); the tolerance the docs state.
 LOGIT_TOLERANCE = 1e-4
 
 

@@ -20,8 +20,21 @@ from batchd.metrics import Metrics
 from tests.conftest import ROOT
 
 K8S = ROOT / "config" / "k8s"
+KSERVE = K8S / "kserve"
+SCHEMAS = K8S / "schemas"
 PROMETHEUS = ROOT / "config" / "prometheus"
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
+# A release kubernetes-validate ships schemas for (and KServe supports); strict: unknown
+# fields are refused, as `kubectl apply` (strict field validation) refuses them.
+KUBERNETES_VERSION = "1.32"
+# KServe's kinds are custom resources: their schemas are config/k8s/schemas/, written for
+# batchd from KServe's CRDs (see docs/deployment.md).
+KSERVE_SCHEMAS = {
+    ("serving.kserve.io/v1alpha1", "ServingRuntime"):
+        "servingruntime-serving.kserve.io-v1alpha1.json",
+    ("serving.kserve.io/v1beta1", "InferenceService"):
+        "inferenceservice-serving.kserve.io-v1beta1.json",
+}
 
 
 def manifests() -> list[dict[str, Any]]:
@@ -33,6 +46,46 @@ def manifests() -> list[dict[str, Any]]:
 
 def of_kind(kind: str) -> list[dict[str, Any]]:
     return [doc for doc in manifests() if doc["kind"] == kind]
+
+
+def every_manifest() -> list[tuple[str, dict[str, Any]]]:
+    """(file, document) for every manifest under config/k8s, the KServe ones too."""
+    return [(str(path.relative_to(K8S)), doc) for path in sorted(K8S.rglob("*.yaml"))
+            for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def kserve(kind: str) -> dict[str, Any]:
+    (found,) = [doc for path, doc in every_manifest()
+                if path.startswith("kserve/") and doc["kind"] == kind]
+    return found
+
+
+def kubernetes_definitions() -> dict[str, Any]:
+    from importlib import resources
+
+    folder = resources.files("kubernetes_validate") / "kubernetes-json-schema"
+    text = (folder / f"v{KUBERNETES_VERSION}.0-local-strict" / "_definitions.json").read_text()
+    definitions: dict[str, Any] = json.loads(text)
+    return definitions
+
+
+def validate_manifest(doc: dict[str, Any]) -> None:
+    """Raise unless `doc` is valid: Kubernetes kinds against the API's own schemas,
+    KServe's against config/k8s/schemas (whose Kubernetes types are the API's too)."""
+    import jsonschema
+    import kubernetes_validate
+    from referencing import Registry, Resource
+
+    schema_file = KSERVE_SCHEMAS.get((doc["apiVersion"], doc["kind"]))
+    if schema_file is None:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+        return
+    definitions = kubernetes_definitions()
+    registry: Registry[Any] = Registry().with_resource(definitions["$id"],
+                                                       Resource.from_contents(definitions))
+    schema = json.loads((SCHEMAS / schema_file).read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    jsonschema.Draft202012Validator(schema, registry=registry).validate(doc)
 
 
 def image_config() -> Any:
@@ -137,6 +190,102 @@ def test_service_and_autoscaler_point_at_the_deployment() -> None:
     assert metric in adapter["data"]["config.yaml"]
 
 
+def test_every_manifest_validates_against_its_api_schema() -> None:
+    documents = every_manifest()
+    kinds = {doc["kind"] for _, doc in documents}
+    assert {"Deployment", "Service", "HorizontalPodAutoscaler", "ServingRuntime",
+            "InferenceService", "ConfigMap"} <= kinds
+    for path, doc in documents:
+        try:
+            validate_manifest(doc)
+        except Exception as exc:
+            raise AssertionError(f"{path}: {doc['kind']} {doc['metadata']['name']}: "
+                                 f"{getattr(exc, 'message', exc)}") from None
+
+
+@pytest.mark.parametrize(("kind", "spoil"), [
+    ("Deployment", lambda d: d["spec"]["template"]["spec"]["containers"][0].update(
+        readinesProbe={})),
+    ("Deployment", lambda d: d["spec"].update(replicas="2")),
+    ("ServingRuntime", lambda d: d["spec"].update(terminationGracePeriodSeconds=45)),
+    ("ServingRuntime", lambda d: d["spec"]["containers"][0]["readinessProbe"]["httpGet"]
+     .update(paht="/ready")),
+    ("ServingRuntime", lambda d: d["spec"].update(protocolVersions=["v3"])),
+    ("InferenceService", lambda d: d["spec"]["predictor"]["model"].update(storageURI="x")),
+    ("InferenceService", lambda d: d["spec"]["predictor"].update(minReplicas="2")),
+])
+def test_the_validation_is_strict(kind: str, spoil: Any) -> None:
+    """A misspelt field, a wrong type or an unknown value is refused, in batchd's own
+    fields and in the Kubernetes types inside KServe's."""
+    import copy
+
+    import jsonschema
+
+    doc = copy.deepcopy(kserve(kind) if kind in ("ServingRuntime", "InferenceService")
+                        else next(d for d in of_kind(kind) if d["metadata"]["name"] == "batchd"))
+    validate_manifest(doc)
+    spoil(doc)
+    with pytest.raises(jsonschema.ValidationError):
+        validate_manifest(doc)
+
+
+def kserve_config(tmp_path: Path) -> Any:
+    """The runtime's batchd.toml (its ConfigMap), read as batchd reads it, with the
+    repository folder KServe mounts put somewhere that exists here."""
+    import tomllib
+
+    from batchd.config import parse_config
+
+    (config_map,) = [doc for path, doc in every_manifest()
+                     if path.startswith("kserve/") and doc["kind"] == "ConfigMap"]
+    raw = tomllib.loads(config_map["data"]["batchd.toml"])
+    assert raw["repository"]["path"] == "/mnt/models"  # where KServe mounts storageUri
+    raw["repository"]["path"] = str(tmp_path)
+    return parse_config(raw, tmp_path / "batchd.toml"), config_map
+
+
+def test_the_kserve_runtime_serves_v2_on_its_port_with_batchds_probes(tmp_path: Path) -> None:
+    config, config_map = kserve_config(tmp_path)
+    runtime = kserve("ServingRuntime")
+    spec = runtime["spec"]
+    assert spec["protocolVersions"] == ["v2"]
+    (container,) = spec["containers"]
+    assert container["name"] == "kserve-container"  # the container KServe fills in
+    (port,) = container["ports"]
+    assert port["containerPort"] == config.server.port and port["name"] == "http1"
+    assert config.server.host == "0.0.0.0"
+    assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready",
+                                                      "port": config.server.port}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/health",
+                                                     "port": config.server.port}
+    assert container["startupProbe"]["httpGet"]["path"] == "/health"
+    assert spec["annotations"]["prometheus.io/port"] == str(config.server.port)
+    assert container["securityContext"]["runAsNonRoot"] is True
+    mounts = {mount["name"]: mount["mountPath"] for mount in container["volumeMounts"]}
+    config_file = container["args"][container["args"].index("--config") + 1]
+    assert Path(config_file).parent == Path(mounts["batchd-config"])
+    assert Path(config_file).name in config_map["data"]
+    volumes = {volume["name"]: volume for volume in spec["volumes"]}
+    assert volumes["batchd-config"]["configMap"]["name"] == config_map["metadata"]["name"]
+
+
+def test_the_inference_service_uses_the_runtime_and_outlasts_the_drain(tmp_path: Path) -> None:
+    config, _ = kserve_config(tmp_path)
+    runtime, service = kserve("ServingRuntime"), kserve("InferenceService")
+    predictor = service["spec"]["predictor"]
+    model = predictor["model"]
+    assert model["runtime"] == runtime["metadata"]["name"]
+    assert model["protocolVersion"] in runtime["spec"]["protocolVersions"]
+    formats = {item["name"] for item in runtime["spec"]["supportedModelFormats"]}
+    assert model["modelFormat"]["name"] in formats
+    (container,) = runtime["spec"]["containers"]
+    pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep"
+    pause = float(pre_stop[1])
+    assert predictor["terminationGracePeriodSeconds"] >= pause + config.server.drain_timeout_s + 5
+    assert predictor["deploymentStrategy"]["rollingUpdate"]["maxUnavailable"] == 0
+
+
 def promtool(*args: str) -> subprocess.CompletedProcess[str]:
     binary = shutil.which("promtool")
     if binary is None:
@@ -172,11 +321,11 @@ def test_rules_and_dashboard_use_only_real_metrics() -> None:
         assert topic in titles
 
 
-def test_the_image_check_runs_the_readmes_docker_run() -> None:
+def test_the_image_check_runs_the_documented_docker_run() -> None:
     from loadtest.image_check import IMAGE, STOP_TIMEOUT_S, run_command
 
-    readme = (ROOT / "README.md").read_text()
-    block = readme.split("docker run -d -p 8000:8000", 1)[1].split("```", 1)[0]
+    page = (ROOT / "docs" / "deployment.md").read_text()
+    block = page.split("docker run -d -p 8000:8000", 1)[1].split("```", 1)[0]
     readme_flags = block.replace("\\\n", " ").split()
     readme_flags = readme_flags[:-1]  # the image name
     check = run_command(8000, "tmpfs")

@@ -54,6 +54,30 @@ def test_openapi_names_bearer_auth_when_a_token_is_set(
     assert "401" in document["paths"]["/models"]["get"]["responses"]
 
 
+def test_openapi_describes_the_repository_api_only_where_it_is_on(
+        repository_server: RunningServer, digits_server: RunningServer) -> None:
+    from openapi_spec_validator import validate
+
+    document = httpx.get(f"{repository_server.url}/openapi.json", timeout=10).json()
+    validate(document)
+    repository_paths = {"/v2/repository/index", "/v2/repository/models/{name}/load",
+                        "/v2/repository/models/{name}/unload"}
+    assert repository_paths <= set(document["paths"])
+    assert document["components"]["securitySchemes"]["admin"]["scheme"] == "bearer"
+    for path in repository_paths:
+        operation = document["paths"][path]["post"]
+        assert operation["security"] == [{"admin": []}]
+        assert "repository.admin_token_env" in operation["description"]
+        assert {"200", "400", "401"} <= set(operation["responses"])
+    load = document["paths"]["/v2/repository/models/{name}/load"]["post"]["responses"]
+    assert set(load["400"]["content"]["application/json"]["examples"]) == {"bad_input",
+                                                                          "load_failed"}
+    assert "unknown_model" in load["404"]["content"]["application/json"]["examples"]
+    assert "shutdown" in load["503"]["content"]["application/json"]["examples"]
+    plain = httpx.get(f"{digits_server.url}/openapi.json", timeout=10).json()
+    assert not repository_paths & set(plain["paths"])  # off: the routes are 404, not listed
+
+
 def test_page_is_served_with_a_strict_policy_and_can_be_turned_off(
         digits_server: RunningServer, tmp_path: Path) -> None:
     page = httpx.get(f"{digits_server.url}/", timeout=10)
@@ -72,6 +96,27 @@ def test_page_is_served_with_a_strict_policy_and_can_be_turned_off(
 
 # -- the schema fuzzer ------------------------------------------------------------------
 
+ADMIN_TOKEN = "ui-admin-s3cret"
+
+
+@pytest.fixture(scope="module")
+def repository_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """The example repository (the digits model, eager) with the repository API on."""
+    from batchd.examples.repository import lay_out
+
+    root = tmp_path_factory.mktemp("repository")
+    lay_out(root / "models")
+    model_config = root / "models" / "digits" / "config.toml"
+    model_config.write_text(model_config.read_text().replace("compile = true",
+                                                             "compile = false"))
+    (root / "server.toml").write_text(
+        '[server]\nhost = "127.0.0.1"\nport = 0\n\n[repository]\npath = "models"\n'
+        'admin_token_env = "BATCHD_UI_ADMIN_TOKEN"\n')
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("BATCHD_UI_ADMIN_TOKEN", ADMIN_TOKEN)
+        with run_server(root / "server.toml") as server:
+            yield server
+
 
 @pytest.fixture(scope="module")
 def api_schema(digits_server: RunningServer) -> Any:
@@ -80,13 +125,9 @@ def api_schema(digits_server: RunningServer) -> Any:
     return schemathesis.openapi.from_url(f"{digits_server.url}/openapi.json")
 
 
-def test_schema_fuzzing_finds_no_500s_and_no_undeclared_answers(
-        api_schema: Any, digits_server: RunningServer) -> None:
-    """Every answer to generated requests, valid and invalid ones, is declared (status,
-    content type, headers, body schema), none is a server error, and invalid requests are
-    refused. (A schema-valid body need not be a decodable image, so the check that every
-    schema-valid request succeeds is left out; a generated deadline too short to make is
-    rightly a 503.)"""
+def fuzz_operations(operations: list[Any], headers: dict[str, str] | None = None) -> None:
+    """Valid and invalid requests from each operation's schema, every answer checked
+    against the document."""
     from hypothesis import given
     from hypothesis.errors import Unsatisfiable
     from schemathesis import GenerationMode
@@ -98,9 +139,6 @@ def test_schema_fuzzing_finds_no_500s_and_no_undeclared_answers(
         assert response.status_code != 500, response.text
         return True
 
-    predictions_before = digits_server.metric("batchd_requests_total")
-    operations = [result.ok() for result in api_schema.get_all_operations()]
-    assert len(operations) == 6
     for operation in operations:
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
 
@@ -109,6 +147,7 @@ def test_schema_fuzzing_finds_no_500s_and_no_undeclared_answers(
                       suppress_health_check=list(HealthCheck))
             def fuzz(case: Any) -> None:
                 case.call_and_validate(
+                    headers=headers,
                     excluded_checks=[positive_data_acceptance, not_a_server_error],
                     additional_checks=[no_internal_error])
 
@@ -116,9 +155,38 @@ def test_schema_fuzzing_finds_no_500s_and_no_undeclared_answers(
                 fuzz()
             except Unsatisfiable:
                 assert mode is GenerationMode.NEGATIVE  # nothing in it can be made invalid
+
+
+def test_schema_fuzzing_finds_no_500s_and_no_undeclared_answers(
+        api_schema: Any, digits_server: RunningServer) -> None:
+    """Every answer to generated requests, valid and invalid ones, is declared (status,
+    content type, headers, body schema), none is a server error, and invalid requests are
+    refused. (A schema-valid body need not be a decodable image, so the check that every
+    schema-valid request succeeds is left out; a generated deadline too short to make is
+    rightly a 503.)"""
+    predictions_before = digits_server.metric("batchd_requests_total")
+    operations = [result.ok() for result in api_schema.get_all_operations()]
+    assert len(operations) == 6
+    fuzz_operations(operations)
     # Most generated ?version= values name no loaded version: 404 before admission, not
     # counted. Those without one reached the handler.
     assert digits_server.metric("batchd_requests_total") - predictions_before >= 20
+
+
+def test_schema_fuzzing_of_the_repository_api(repository_server: RunningServer) -> None:
+    """The repository routes, fuzzed with the admin token: every answer declared, no 500.
+    A generated name is a folder of the repository only by chance (then it is loaded or
+    unloaded for real); any other is refused (400 or 404) before anything is read."""
+    import schemathesis
+
+    schema = schemathesis.openapi.from_url(f"{repository_server.url}/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()
+                  if result.ok().path.startswith("/v2/repository/")]
+    assert len(operations) == 3
+    fuzz_operations(operations, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    index = httpx.post(f"{repository_server.url}/v2/repository/index", timeout=10,
+                       headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert index.status_code == 200 and index.json()[0]["name"] == "digits"
 
 
 # -- the page in a real browser --------------------------------------------------------
@@ -199,7 +267,7 @@ def test_the_page_predicts_a_dropped_digit_and_shows_batching_live(
                     if entry["level"] == "SEVERE"]  # no script error, no CSP violation
         browser.save_screenshot(str(tmp_path / "ui.png"))
         assert (tmp_path / "ui.png").stat().st_size > 10_000
-        if os.environ.get("BATCHD_UPDATE_SCREENSHOT"):  # the README's picture
+        if os.environ.get("BATCHD_UPDATE_SCREENSHOT"):  # the docs' picture (docs/http-api.md)
             shutil.copyfile(tmp_path / "ui.png", SCREENSHOT)
 
 

@@ -1,9 +1,12 @@
-"""The OpenAPI 3.1 document of the native API, built from the code's own routes and tables.
+"""The OpenAPI 3.1 document of the native API and the repository API, built from the
+code's own routes and tables.
 
-Paths and methods come from `batchd.http.native.routes()`, summaries from the endpoints'
-docstrings, error statuses and their `reason` values from the frame's error-to-status
-table (`STATUS_FOR_ERROR`, walked over every error class), header names from the frame:
-a route, a status or a reason added there appears here without a second edit.
+Paths and methods come from `batchd.http.native.routes()` (and, where the server has
+the repository API on, `batchd.http.repository.routes()`), summaries from the
+endpoints' docstrings, error statuses and their `reason` values from the frame's
+error-to-status table (`STATUS_FOR_ERROR`, walked over every error class, or over the
+repository routes' `REFUSALS`), header names from the frame: a route, a status or a
+reason added there appears here without a second edit.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from starlette.routing import Route
 from batchd import __version__, errors
 from batchd.config import Config
 from batchd.http import native
-from batchd.http.auth import OPEN_PATHS
+from batchd.http import repository as repository_api
+from batchd.http.auth import ADMIN_PREFIX, OPEN_PATHS
 from batchd.http.frame import PRIORITY_HEADER, STATUS_FOR_ERROR, TIMEOUT_HEADER, status_for
 
 PREDICT_PATHS = ("/predict", "/models/{name}/predict")
@@ -123,8 +127,67 @@ def _read_operation(route: Route, auth: bool) -> dict[str, Any]:
     return {"summary": summary.splitlines()[0], "responses": responses}
 
 
+REPOSITORY_ONLY = ("Served only when `repository.admin_token_env` names a set environment "
+                   "variable (else 404), and only with that variable's token, the admin "
+                   "token, as `Authorization: Bearer <token>` (not the inference token). "
+                   "The Open Inference Protocol's model-repository extension, as Triton "
+                   "serves it.")
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+REPOSITORY_BODIES: dict[str, dict[str, Any]] = {
+    repository_api.INDEX: {"type": "object", "properties": {"ready": {
+        "type": "boolean", "description": "true: only the models whose state is READY"}}},
+    repository_api.LOAD: {"type": "object", "properties": {"parameters": {
+        "type": "object", "description": "Triton's load parameters; `config` and `file:...` "
+        "overrides are refused (400): batchd loads only what its repository folder holds"}}},
+    repository_api.UNLOAD: {"type": "object", "properties": {"parameters": {
+        "type": "object", "description": "accepted and ignored (`unload_dependents`: batchd "
+        "has no ensembles)"}}},
+}
+REPOSITORY_ANSWERS: dict[str, tuple[str, dict[str, Any]]] = {
+    repository_api.INDEX: ("every model of the folder, loaded or not: one entry per loaded "
+                           "version, or one without a version when none is loaded", {
+        "type": "array", "items": {"$ref": "#/components/schemas/RepositoryEntry"}}),
+    repository_api.LOAD: ("the new versions serve and the replaced ones are freed", {
+        "type": "object", "required": ["name", "state", "versions", "seconds"],
+        "properties": {"name": {"type": "string"}, "state": {"const": "READY"},
+                       "versions": {"type": "array", "items": {"type": "string"}},
+                       "seconds": {"type": "number", "minimum": 0}}}),
+    repository_api.UNLOAD: ("its admitted requests were answered and it is freed (a model "
+                            "that was not loaded: nothing to do)", {
+        "type": "object", "required": ["name", "state", "seconds"],
+        "properties": {"name": {"type": "string"}, "state": {"const": "UNAVAILABLE"},
+                       "seconds": {"type": "number", "minimum": 0}}}),
+}
+
+
+def _repository_operation(route: Route) -> dict[str, Any]:
+    summary = inspect.getdoc(route.endpoint) or route.path
+    parameters: list[dict[str, Any]] = []
+    if "{name}" in route.path:
+        parameters.append({"name": "name", "in": "path", "required": True,
+                           "description": "a model folder of the repository: letters, digits, "
+                                          "'_', '-' and '.', never '..' (else 400); one not "
+                                          "in the folder is 404",
+                           "schema": {"type": "string", "pattern": NAME_PATTERN}})
+    by_status: dict[int, set[str]] = {401: {errors.Unauthorized.reason},
+                                      413: {errors.PayloadTooLarge.reason}}
+    for cls in repository_api.REFUSALS[route.path]:
+        by_status.setdefault(status_for(cls("")), set()).add(cls.reason)
+    description, schema = REPOSITORY_ANSWERS[route.path]
+    responses: dict[str, Any] = {"200": json_response(description, schema)}
+    for status, reasons in sorted(by_status.items()):
+        responses[str(status)] = error_response(f"refused or failed: {', '.join(sorted(reasons))}",
+                                                sorted(reasons))
+    return {"summary": summary.splitlines()[0], "description": REPOSITORY_ONLY,
+            "parameters": parameters,
+            "requestBody": {"required": False, "content": {"application/json": {
+                "schema": REPOSITORY_BODIES[route.path]}}},
+            "responses": responses, "security": [{"admin": []}]}
+
+
 def openapi_document(config: Config, auth: bool) -> dict[str, Any]:
-    """The document for this server: its routes, and bearer auth when a token is set."""
+    """The document for this server: its routes, bearer auth when a token is set, and the
+    repository API when `repository.admin_token_env` turns it on."""
     paths: dict[str, dict[str, Any]] = {}
     for route in native.routes():
         for method in sorted((route.methods or set()) - {"HEAD"}):
@@ -134,6 +197,14 @@ def openapi_document(config: Config, auth: bool) -> dict[str, Any]:
                 operation["responses"].setdefault(str(status), error_response(
                     "no such route or method", reasons))
             paths.setdefault(route.path, {})[method.lower()] = operation
+    repository_on = bool(config.repository.admin_token_env)
+    if repository_on:
+        for route in repository_api.routes():
+            operation = _repository_operation(route)
+            for status, reasons in ROUTING_ERRORS.items():
+                operation["responses"].setdefault(str(status), error_response(
+                    "no such route or method", reasons))
+            paths[route.path] = {"post": operation}
     document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {"title": "batchd", "version": __version__,
@@ -158,11 +229,23 @@ def openapi_document(config: Config, auth: bool) -> dict[str, Any]:
                 "reasons": {"type": "object", "additionalProperties": {"type": "string"}}}},
         }},
     }
+    if repository_on:
+        document["components"]["schemas"]["RepositoryEntry"] = {
+            "type": "object", "required": ["name", "state", "reason"], "properties": {
+                "name": {"type": "string"},
+                "version": {"type": "string", "description": "absent when none is loaded"},
+                "state": {"enum": ["READY", "UNAVAILABLE", "LOADING", "UNLOADING"]},
+                "reason": {"type": "string",
+                           "description": "why it is not ready, or why its last load failed"}}}
+        document["components"].setdefault("securitySchemes", {})["admin"] = {
+            "type": "http", "scheme": "bearer",
+            "description": "the repository API's own token: the value of the environment "
+                           "variable that repository.admin_token_env names"}
     if auth:
-        document["components"]["securitySchemes"] = {"bearer": {"type": "http",
-                                                                 "scheme": "bearer"}}
+        document["components"].setdefault("securitySchemes", {})["bearer"] = {
+            "type": "http", "scheme": "bearer"}
         for path, operations in paths.items():
-            if path not in OPEN_PATHS:
+            if path not in OPEN_PATHS and not path.startswith(ADMIN_PREFIX):
                 for operation in operations.values():
                     operation["security"] = [{"bearer": []}]
     return document

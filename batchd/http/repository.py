@@ -21,11 +21,28 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from batchd.errors import BadInput, Unauthorized
+from batchd.errors import (
+    BadInput,
+    BatchdError,
+    LoadFailed,
+    ShuttingDown,
+    Unauthorized,
+    UnknownModel,
+)
 from batchd.frontend import RemoteManager
 from batchd.manager import ModelManager
 
 ADMIN_SCHEME = "Bearer"
+INDEX = "/v2/repository/index"
+LOAD = "/v2/repository/models/{name}/load"
+UNLOAD = "/v2/repository/models/{name}/unload"
+# What each route refuses or fails with, besides the admin token's 401 and a body over
+# server.max_body_bytes (413); batchd.http.openapi declares these.
+REFUSALS: dict[str, tuple[type[BatchdError], ...]] = {
+    INDEX: (BadInput,),
+    LOAD: (BadInput, LoadFailed, UnknownModel, ShuttingDown),
+    UNLOAD: (BadInput, UnknownModel),
+}
 
 
 def manager_of(request: Request) -> ModelManager | RemoteManager:
@@ -54,6 +71,7 @@ async def json_body(request: Request) -> dict[str, Any]:
 
 
 async def index(request: Request) -> Response:
+    """Every model of the repository, loaded or not, and its state."""
     manager = manager_of(request)
     ready = (await json_body(request)).get("ready", False)
     if not isinstance(ready, bool):
@@ -62,6 +80,7 @@ async def index(request: Request) -> Response:
 
 
 async def load(request: Request) -> Response:
+    """Load a model from the repository, or reload it if it is loaded."""
     manager = manager_of(request)
     parameters = (await json_body(request)).get("parameters") or {}
     if not isinstance(parameters, dict):
@@ -80,6 +99,7 @@ async def load(request: Request) -> Response:
 
 
 async def unload(request: Request) -> Response:
+    """Stop serving a model: its admitted requests are answered, then it is freed."""
     manager = manager_of(request)
     await json_body(request)  # unload_dependents: batchd has no ensembles to unload
     name = request.path_params["name"]
@@ -91,7 +111,7 @@ async def unload(request: Request) -> Response:
 
 def routes() -> list[Route]:
     return [
-        Route("/v2/repository/index", index, methods=["POST"]),
-        Route("/v2/repository/models/{name}/load", load, methods=["POST"]),
-        Route("/v2/repository/models/{name}/unload", unload, methods=["POST"]),
+        Route(INDEX, index, methods=["POST"]),
+        Route(LOAD, load, methods=["POST"]),
+        Route(UNLOAD, unload, methods=["POST"]),
     ]

@@ -1,0 +1,1 @@
+"""Runnable examples that the documentation uses (each one is run by tests/test_docs.py)."""
