@@ -62,3 +62,18 @@ def test_the_command_line_bounds_openmp_spinning_before_torch_loads(
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True, timeout=120, env={**env, **given})
     assert result.stdout.strip() == expected
+
+
+def test_the_plan_adds_front_ends_on_large_hosts_and_shares_the_decoding_threads() -> None:
+    small = plan(0, 0, on_gpu=False, cores=(4, "test"))
+    assert (small.workers, small.torch_threads, small.preprocess_threads) == (1, 4, 2)
+    gpu = plan(0, 0, on_gpu=True, cores=(16, "test"))
+    # one front end per 4 cores beside a GPU; every core decodes, shared out among them
+    assert (gpu.workers, gpu.torch_threads, gpu.preprocess_threads) == (4, 1, 4)
+    cpu = plan(0, 0, on_gpu=False, cores=(16, "test"))
+    # on a CPU device the model keeps every core; half decode, shared by 2 front ends
+    assert (cpu.workers, cpu.torch_threads, cpu.preprocess_threads) == (2, 16, 4)
+    assert "2 front-end processes" in cpu.describe()
+    forced = plan(0, 3, on_gpu=False, cores=(16, "test"), workers=1)
+    assert (forced.workers, forced.preprocess_threads) == (1, 3)
+    assert plan(0, 0, on_gpu=True, cores=(64, "test"), workers=3).preprocess_threads == 21
