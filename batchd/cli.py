@@ -248,13 +248,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2 if isinstance(error, ConfigError) else 1)
     logging.getLogger().setLevel(config.server.log_level.upper())
     code = serve(config, args.host, args.port)
-    # Every request is answered and every connection closed: the interpreter's teardown
-    # (torch's and inductor's modules, or a model thread that never returned) would only
-    # add seconds of CPU before the process could go.
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    from batchd.supervisor import exit_now
+
+    exit_now(code)
 
 
 if __name__ == "__main__":

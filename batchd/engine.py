@@ -365,7 +365,7 @@ async def _fatal(runtime: Runtime) -> None:
 
 def main() -> None:
     from batchd.cpu_plan import apply_openmp_waiting
-    from batchd.supervisor import die_with_parent, run_event_loop, setup_child_logging
+    from batchd.supervisor import die_with_parent, exit_now, run_event_loop, setup_child_logging
 
     run_dir, ready_fd = Path(sys.argv[1]), int(sys.argv[2])
     die_with_parent()
@@ -377,10 +377,7 @@ def main() -> None:
     except BatchdError as error:
         logger.error("%s", error)
         code = 2 if isinstance(error, errors.ConfigError) else 1
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exit_now(code)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import logging
 import os
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -39,6 +40,7 @@ from batchd.wire import MessageStream
 logger = logging.getLogger("batchd.frontend")
 
 ENGINE_GONE = "the engine process exited"
+A = TypeVar("A", Admitted, Results)
 
 
 class EngineClient:
@@ -116,14 +118,7 @@ class EngineClient:
         """(request number, the version admitted to); raises the engine's refusal."""
         request = next(self._numbers)
         future = self._send(Admit(request, model, version, count, priority), request)
-        try:
-            answer = await future
-        except asyncio.CancelledError:
-            self.forget(request)
-            raise
-        if isinstance(answer, Refused):
-            raise error_named(answer.error, answer.message)
-        assert isinstance(answer, Admitted)
+        answer = await self._answer(request, future, Admitted)
         return request, answer.version
 
     def submit(self, request: int, items: Sequence[torch.Tensor],
@@ -152,8 +147,10 @@ class EngineClient:
         self._reserved[request] = reserved
         return self._outputs(request, future)
 
-    async def _outputs(self, request: int, future: asyncio.Future[object]
-                       ) -> list[BatchResult[torch.Tensor]]:
+    async def _answer(self, request: int, future: asyncio.Future[object],
+                      expected: type[A]) -> A:
+        """The engine's answer of type `expected`; its refusal raised; cancelled, the
+        engine is told."""
         try:
             answer = await future
         except asyncio.CancelledError:
@@ -161,7 +158,14 @@ class EngineClient:
             raise
         if isinstance(answer, Refused):
             raise error_named(answer.error, answer.message)
-        assert isinstance(answer, Results)
+        if not isinstance(answer, expected):
+            raise WorkerDead(f"the engine answered {type(answer).__name__}, not "
+                             f"{expected.__name__}")
+        return answer
+
+    async def _outputs(self, request: int, future: asyncio.Future[object]
+                       ) -> list[BatchResult[torch.Tensor]]:
+        answer = await self._answer(request, future, Results)
         return [BatchResult(torch.from_numpy(np.frombuffer(output.logits, np.float32).copy()),
                             output.queue_wait_s, output.compute_s, output.batch_size)
                 for output in answer.outputs]

@@ -307,7 +307,7 @@ def main() -> None:
     from batchd.cli import run_uvicorn
     from batchd.cpu_plan import apply_openmp_waiting
     from batchd.engine import CONFIG_FILE
-    from batchd.supervisor import die_with_parent, setup_child_logging
+    from batchd.supervisor import die_with_parent, exit_now, setup_child_logging
 
     run_dir, worker, listen_fd = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     die_with_parent()
@@ -320,10 +320,7 @@ def main() -> None:
     runtime = FrontendRuntime(config, cpu_plan, run_dir, worker)
     listener = socket.socket(fileno=listen_fd)
     code = run_uvicorn(config, runtime, sockets=[listener])
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exit_now(code)
 
 
 if __name__ == "__main__":

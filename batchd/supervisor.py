@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import typing
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -76,6 +77,17 @@ def die_with_parent() -> None:
 def setup_child_logging(config: Config, role: str) -> None:
     logging.basicConfig(level=config.server.log_level.upper(), stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s [{role}] %(name)s: %(message)s")
+
+
+def exit_now(code: int) -> typing.NoReturn:
+    """Exit with `code` once the logs are flushed, without the interpreter's teardown:
+    every request is answered and every connection closed by then, and tearing down
+    torch's and inductor's modules (or waiting for a model thread that never returned)
+    would only add seconds before the process could go."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def run_event_loop(main: Coroutine[Any, Any, T]) -> T:
