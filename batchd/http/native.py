@@ -17,6 +17,7 @@ from batchd.http.frame import (
     TIMEOUT_HEADER,
     AnySlot,
     cancel_on_disconnect,
+    header,
     note_batch,
     runtime_of,
     serve_prediction,
@@ -103,7 +104,7 @@ def parse_top_k(request: Request, num_labels: int) -> int:
 def parse_priority(request: Request) -> int:
     """The request's priority level from X-Priority (Triton's meaning: 1 is the most
     urgent; 0 or absent, the model's default level)."""
-    raw = request.headers.get(PRIORITY_HEADER)
+    raw = header(request, PRIORITY_HEADER)
     if raw is None:
         return 0
     if not _INTEGER.fullmatch(raw):
@@ -113,7 +114,7 @@ def parse_priority(request: Request) -> int:
 
 def parse_timeout(request: Request) -> float | None:
     """The client's queue deadline in seconds, from the timeout header (may only shorten)."""
-    raw = request.headers.get(TIMEOUT_HEADER)
+    raw = header(request, TIMEOUT_HEADER)
     if raw is None:
         return None
     if not _DECIMAL.fullmatch(raw):

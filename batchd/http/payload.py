@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from batchd.errors import BadInput, PayloadTooLarge, UnsupportedMediaType
+from batchd.http.frame import header
 
 RAW_CONTENT_TYPES = ("image/", "application/octet-stream")
 MAX_MULTIPART_FIELDS = 16
@@ -61,7 +62,7 @@ def _content_length(scope: Scope) -> int | None:
 
 async def read_image_payload(request: Request, max_bytes: int) -> bytes:
     """The image bytes of a /predict request: multipart field `file`, or a raw image body."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    content_type = (header(request, "content-type") or "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
         return await _read_multipart(request, max_bytes)
     if not content_type.startswith(RAW_CONTENT_TYPES):
