@@ -61,7 +61,9 @@ def test_full_queue_is_503_at_once(slow_server: RunningServer,
 
     responses = asyncio.run(scenario())
     codes = sorted(response.status_code for response in responses)
-    assert codes.count(200) >= 3  # one computing, two queued
+    # the queue's two, and one more if the worker took the first before the third came
+    # (tiny images decode where they arrive, so a burst may queue before it runs)
+    assert 2 <= codes.count(200) <= 3
     rejected = [response for response in responses if response.status_code == 503]
     assert rejected
     for response in rejected:
