@@ -87,7 +87,11 @@ def serve_processes(tmp_path: Path, *, gate_open: bool = True,
     if config is None:
         config = write_config(
             tmp_path / "workers.toml", builder=GATED, builder_kwargs={"gate": str(gate)},
-            batching={"max_batch_size": 32, "max_wait_ms": 2, "queue_timeout_ms": 60_000},
+            # One bucket: every batch takes all that is queued. With more, the batcher may
+            # cut a batch at a bucket that warm-up timed cheaper per input, and on a busy
+            # machine warm-up's timings are noise.
+            batching={"max_batch_size": 32, "buckets": [32], "max_wait_ms": 2,
+                      "queue_timeout_ms": 60_000},
             server={"workers": 2, "access_log": True, "drain_timeout_s": 30})
     port = free_port()
     log = tmp_path / "server.log"
