@@ -166,7 +166,6 @@ class FrontendRuntime(Serving[RemoteSlot]):
         self.worker = worker
         self.default_model = config.server.default_model
         self.fatal_error: str | None = None
-        self.repository_index: tuple[dict[str, Any], ...] = ()
         self.preprocess_limiter = anyio.CapacityLimiter(cpu_plan.preprocess_threads)
         self.decode_gate = PriorityGate(cpu_plan.preprocess_threads)
         self.metrics = RequestMetrics(CollectorRegistry())
@@ -207,7 +206,6 @@ class FrontendRuntime(Serving[RemoteSlot]):
         self.versions = versions
         self.default_model = catalog.default_model
         self.loaded = catalog.loaded
-        self.repository_index = catalog.repository_index or ()
         self._first_catalog.set()
 
     def version_slot(self, name: str, version: int) -> RemoteSlot:
@@ -264,12 +262,9 @@ class FrontendRuntime(Serving[RemoteSlot]):
         """Answer every request in progress 503 now: each is cancelled where it is, and
         the engine is told."""
         self.begin_drain()
-        for scope in self._admitted.snapshot():
-            scope.cancel()
-        await self.wait_idle(2.0)
+        await self.cancel_admitted()
 
     async def close(self) -> None:
-        self.begin_drain()
         await self.abandon()
         self.client.close()
         self.arena.close()
@@ -281,9 +276,10 @@ class RemoteManager:
     def __init__(self, runtime: FrontendRuntime) -> None:
         self.runtime = runtime
 
-    def index(self, ready_only: bool = False) -> list[dict[str, Any]]:
-        return [dict(entry) for entry in self.runtime.repository_index
-                if entry["state"] == "READY" or not ready_only]
+    async def fetch_index(self, ready_only: bool = False) -> list[dict[str, Any]]:
+        """The engine's index of the repository (see ModelManager.index)."""
+        entries: list[dict[str, Any]] = (await self.runtime.client.call("index")).extra["index"]
+        return [entry for entry in entries if entry["state"] == "READY" or not ready_only]
 
     async def load(self, name: str) -> None:
         await self.runtime.client.call("load", name)

@@ -47,7 +47,7 @@ from batchd.metrics import Metrics
 from batchd.model import ServedModel, resolve_device
 from batchd.priority import PriorityGate
 from batchd.repository import Repository, RepositoryModel, read_repository
-from batchd.serving import Serving
+from batchd.serving import FLUSH_S, Serving
 from batchd.slot import OOM_STREAK_NOT_READY, ModelSlot, ModelState, ModelStatus
 
 if TYPE_CHECKING:
@@ -57,8 +57,6 @@ __all__ = ["OOM_STREAK_NOT_READY", "ModelSlot", "ModelState", "ModelStatus", "Ru
 
 logger = logging.getLogger("batchd.runtime")
 
-# After abandon(), how long drain() waits for the answers to be written.
-FLUSH_S = 2.0
 # How much lower the loader thread runs than the serving ones (nice): a reload builds and
 # warms beside a serving model and should take its spare CPU, not its turn.
 LOADER_NICENESS = 10
@@ -304,11 +302,7 @@ class Runtime(Serving[ModelSlot]):
         scope. Then wait (briefly) for the answers to be written."""
         self.begin_drain()
         await asyncio.gather(*(slot.batcher.abandon() for slot in self.all_slots()))
-        for scope in self._admitted.snapshot():
-            scope.cancel()
-        if not await self.wait_idle(FLUSH_S):
-            logger.error("%d requests still unanswered %.0fs after abandoning them",
-                         self.active_requests, FLUSH_S)
+        await self.cancel_admitted()
 
     async def close(self) -> None:
         """Stop warming and serving and release the device threads (without waiting for a

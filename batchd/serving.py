@@ -23,6 +23,9 @@ from batchd.slot import ModelState, ModelStatus
 
 logger = logging.getLogger("batchd.runtime")
 
+# After abandoning, how long to wait for the answers to be written.
+FLUSH_S = 2.0
+
 
 class Servable(Protocol):
     @property
@@ -49,6 +52,15 @@ class Serving(Generic[S]):
     async def abandon(self) -> None:
         """Answer every request still in progress with ShuttingDown, now."""
         raise NotImplementedError
+
+    async def cancel_admitted(self) -> None:
+        """Cancel every admitted request where it is (its frame then answers it
+        ShuttingDown), and wait, briefly, for the answers to be written."""
+        for scope in self._admitted.snapshot():
+            scope.cancel()
+        if not await self.wait_idle(FLUSH_S):
+            logger.error("%d requests still unanswered %.0fs after abandoning them",
+                         self.active_requests, FLUSH_S)
 
     @property
     def slots(self) -> dict[str, S]:
