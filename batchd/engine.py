@@ -96,7 +96,6 @@ class Engine:
         self.manager = manager
         self.run_dir = run_dir
         self.frontends: set[_Frontend] = set()
-        self._unmapped: list[SlotView] = []  # closed front ends' slots still referenced
         self._last_catalog: Catalog | None = None
         runtime.on_change.append(self.broadcast)
         Gauge("batchd_frontends_connected",
@@ -116,9 +115,8 @@ class Engine:
                     slot.config, version, slot.model.labels, slot.model.num_classes,
                     str(slot.model.device), tuple(sorted(slot.model.eager_buckets)),
                     status.state.value, status.reason))
-        index = tuple(self.manager.index()) if self.manager is not None else None
         return Catalog(tuple(versions), runtime.default_model, runtime.loaded,
-                       runtime.draining, index)
+                       runtime.draining)
 
     def broadcast(self) -> None:
         """Tell every front end what is served now, if it changed."""
@@ -135,17 +133,16 @@ class Engine:
             await asyncio.sleep(CATALOG_CHECK_S)
             try:
                 self.broadcast()
-                self._unmap_released()
             except Exception:  # a repository folder gone unreadable, say: try again
                 logger.exception("telling the front ends what is served failed")
 
     # -- connections ------------------------------------------------------------------
 
     def connect(self) -> MessageStream:
-        frontend = _Frontend(stream=MessageStream(lambda message: None, lambda exc: None))
+        frontend: _Frontend  # bound below, before the stream can call back
         stream = MessageStream(lambda message: self.on_message(frontend, message),
                                lambda exc: self.on_closed(frontend))
-        frontend.stream = stream
+        frontend = _Frontend(stream)
         self.frontends.add(frontend)
         return stream
 
@@ -176,32 +173,22 @@ class Engine:
             frontend.stream.close()
 
     def on_closed(self, frontend: _Frontend) -> None:
-        """The front end is gone: drop its requests; unmap its slots once none holds them."""
+        """The front end is gone: drop its requests (each input was copied out of its
+        slot at Submit, so nothing reads the slots any more) and unmap its slots."""
         self.frontends.discard(frontend)
-        tasks = []
-        for request, pending in list(frontend.pending.items()):
-            if pending.task is None:
-                self._finish(frontend, request)
-            else:
-                pending.task.cancel()
-                tasks.append(pending.task)
         hello = frontend.hello
         if hello is not None:
             level = logging.WARNING if frontend.pending else logging.INFO
             logger.log(level, "front end %d (pid %d) disconnected with %d requests in "
                        "progress", hello.worker, hello.pid, len(frontend.pending))
-
-        async def unmap_after() -> None:
-            await asyncio.gather(*tasks, return_exceptions=True)
-            if frontend.slots is not None:
-                self._unmapped.append(frontend.slots)
-                frontend.slots = None
-            self._unmap_released()
-
-        asyncio.get_running_loop().create_task(unmap_after())
-
-    def _unmap_released(self) -> None:
-        self._unmapped = [view for view in self._unmapped if not view.close()]
+        for request, pending in list(frontend.pending.items()):
+            if pending.task is None:
+                self._finish(frontend, request)
+            else:
+                pending.task.cancel()  # its answer goes nowhere; _computed finishes it
+        if frontend.slots is not None:
+            frontend.slots.close()
+            frontend.slots = None
 
     # -- one prediction ---------------------------------------------------------------
 
@@ -299,6 +286,9 @@ class Engine:
                 return
             if self.manager is None:
                 raise UnknownModel("this server has no model repository")
+            if message.action == "index":  # asked for, not polled: it lists the folder
+                frontend.send(Reply(message.call, extra={"index": self.manager.index()}))
+                return
             if message.action == "load":
                 await self.manager.load(message.name)
             else:
