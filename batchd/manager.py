@@ -73,6 +73,10 @@ class ModelManager:
                                 "reason": self._failures.get(name, "not loaded")})
         return [entry for entry in entries if entry["state"] == "READY" or not ready_only]
 
+    async def fetch_index(self, ready_only: bool = False) -> list[dict[str, Any]]:
+        """index(), as the repository API asks a front end's manager for it too."""
+        return self.index(ready_only)
+
     # -- load and unload --------------------------------------------------------------
 
     async def load(self, name: str) -> None:

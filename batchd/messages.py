@@ -17,7 +17,7 @@ One prediction is four messages:
 `Forget` gives a place back (the client left, the body was bad) or cancels a submitted
 request; the engine still answers a submitted one once, and only then are its slots
 reused. The engine sends a `Catalog` whenever what it serves or its readiness changes,
-and answers `Call`s (metrics, repository load and unload) with a `Reply`.
+and answers `Call`s (metrics, the repository's index, load and unload) with a `Reply`.
 """
 
 from __future__ import annotations
@@ -66,7 +66,6 @@ class Catalog:
     default_model: str
     loaded: bool
     draining: bool
-    repository_index: tuple[dict[str, Any], ...] | None = None
 
 
 # One prediction.
@@ -147,7 +146,7 @@ class Forget:
 @dataclass(frozen=True)
 class Call:
     call: int
-    action: Literal["metrics", "load", "unload"]
+    action: Literal["metrics", "index", "load", "unload"]
     name: str = ""
 
 

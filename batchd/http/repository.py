@@ -76,7 +76,7 @@ async def index(request: Request) -> Response:
     ready = (await json_body(request)).get("ready", False)
     if not isinstance(ready, bool):
         raise BadInput("'ready' must be true or false")
-    return JSONResponse(manager.index(ready_only=ready))
+    return JSONResponse(await manager.fetch_index(ready_only=ready))
 
 
 async def load(request: Request) -> Response:
