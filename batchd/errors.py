@@ -1,6 +1,10 @@
-"""batchd's exceptions. Only the HTTP layer maps them to status codes (batchd.http.frame)."""
+"""batchd's exceptions. Only the protocol layers map them to status codes, each in one
+table: HTTP's in batchd.http.frame, gRPC's in batchd.grpc.frame."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TypeVar
 
 
 class BatchdError(Exception):
@@ -117,3 +121,17 @@ def error_named(name: str, message: str) -> BatchdError:
     if isinstance(cls, type) and issubclass(cls, BatchdError):
         return cls(message)
     return ModelFailed(message)
+
+
+V = TypeVar("V")
+
+
+def lookup_by_class(table: Mapping[type[BatchdError], V], error: BatchdError, default: V) -> V:
+    """What `table` gives for `error`, looked up along its class hierarchy (the most
+    specific class listed wins, wherever it sits in the table): how each protocol finds
+    the status it answers an error with."""
+    for cls in type(error).__mro__:
+        found = table.get(cls)
+        if found is not None:
+            return found
+    return default

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Generic, Protocol, TypeVar
 
 import anyio
@@ -33,9 +33,11 @@ class Servable(Protocol):
     @property
     def version(self) -> int: ...
     def status(self, draining: bool, watchdog_s: float) -> ModelStatus: ...
+    def use(self) -> contextlib.AbstractContextManager[None]: ...
 
 
 S = TypeVar("S", bound=Servable)
+T = TypeVar("T")
 
 
 class Serving(Generic[S]):
@@ -136,6 +138,20 @@ class Serving(Generic[S]):
             raise ShuttingDown("the server is shutting down")
         with self._admitted.hold(anyio.CancelScope()) as scope:
             yield scope
+
+    async def serve_admitted(self, slot: Servable, work: Callable[[], Awaitable[T]]) -> T:
+        """Run one prediction on `slot` the way every protocol does: admitted (so a drain
+        waits for it, and at the drain limit answers it ShuttingDown wherever it is),
+        refused NotReady unless the slot serves now, and holding the version it resolved
+        until the answer (a reload that swaps it out frees it only then)."""
+        # No await between the caller's find_slot and here: admitted, it is the one to serve.
+        with self.admit() as scope:
+            self.check_serving(slot)
+            with slot.use(), scope:
+                result = await work()
+            if scope.cancelled_caught:
+                raise ShuttingDown("the server shut down before this request finished")
+        return result
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """Wait until no prediction is in progress; False if the limit passed first."""

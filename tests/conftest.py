@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -233,6 +235,17 @@ def run_server(config_path: Path | Config, ready_timeout_s: float = 300
         server.should_exit = True
         thread.join(timeout=60)
         sock.close()
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 60) -> None:
+    """SIGTERM a `batchd serve` still running, and SIGKILL it if its drain overruns."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=30)
 
 
 def wait_ready(url: str, timeout_s: float, thread: threading.Thread | None = None) -> None:

@@ -28,7 +28,7 @@ from PIL import Image
 from batchd.config import load_config
 from batchd.model import ServedModel
 from loadtest.servers import free_port
-from tests.conftest import ROOT, png_bytes, scrape, wait_ready, write_config
+from tests.conftest import ROOT, png_bytes, scrape, stop_process, wait_ready, write_config
 from tests.test_app import LOGIT_TOLERANCE, offline_logits
 from tests.test_repository import ADMIN, ADMIN_TOKEN, make_repository, write_version
 
@@ -107,13 +107,7 @@ def serve_processes(tmp_path: Path, *, gate_open: bool = True,
         yield Processes(process, url, log, gate)
     finally:
         gate.touch()
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=30)
+        stop_process(process)
 
 
 def wait_for(check: Callable[[], bool], timeout_s: float = 60) -> None:

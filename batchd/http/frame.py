@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import re
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -35,17 +32,12 @@ from batchd.errors import (
     UnknownModel,
     UnsupportedMediaType,
     WorkerDead,
+    lookup_by_class,
 )
-from batchd.frontend import FrontendRuntime, RemoteSlot
-from batchd.runtime import ModelSlot, Runtime
-
-# In one process, the runtime and its slots; in a front end, its view of the engine's.
-AnyRuntime = Runtime | FrontendRuntime
-AnySlot = ModelSlot | RemoteSlot
+from batchd.request_log import AccessLine, request_id_from
+from batchd.views import AnyRuntime, AnySlot
 
 T = TypeVar("T")
-# One JSON object a line, one line a prediction request (server.access_log = true).
-access_logger = logging.getLogger("batchd.access")
 logger = logging.getLogger("batchd.http")
 
 TIMEOUT_HEADER = "x-request-timeout-ms"
@@ -76,11 +68,7 @@ STATUS_FOR_ERROR: dict[type[BatchdError], int] = {
 
 
 def status_for(error: BatchdError) -> int:
-    for cls in type(error).__mro__:
-        status = STATUS_FOR_ERROR.get(cls)
-        if status is not None:
-            return status
-    return 500
+    return lookup_by_class(STATUS_FOR_ERROR, error, 500)
 
 
 def error_response(error: BatchdError, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -113,12 +101,8 @@ def header(request: Request, name: str) -> str | None:
     return None if value is None else value.decode("latin-1")
 
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-
-
 def request_id_of(request: Request) -> str:
-    given = header(request, "x-request-id") or ""
-    return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+    return request_id_from(header(request, "x-request-id"))
 
 
 async def cancel_on_disconnect(
@@ -174,13 +158,7 @@ async def serve_prediction(request: Request, name: str, handler: PredictionHandl
     except BatchdError as error:  # no such model or version: not counted, by design
         return error_response(error, headers)
     try:
-        # No await since the slot was found: admitted, it is still the one to serve.
-        with runtime.admit() as scope:
-            runtime.check_serving(slot)
-            with slot.use(), scope:
-                response = await handler(request, slot, headers)
-            if scope.cancelled_caught:
-                raise ShuttingDown("the server shut down before this request finished")
+        response = await runtime.serve_admitted(slot, lambda: handler(request, slot, headers))
     except BatchdError as error:
         response = error_response(error, headers)
         outcome = error.reason
@@ -213,12 +191,7 @@ def note_batch(request: Request, result: BatchResult[Any]) -> None:
 
 def log_access(request: Request, request_id: str, model: str, status: int, outcome: str,
                elapsed_s: float) -> None:
-    queue_wait = getattr(request.state, "queue_wait_s", None)
-    worker = getattr(runtime_of(request), "worker", None)  # a front end's number
-    access_logger.info(json.dumps({
-        "id": request_id, "model": model, "method": request.method, "path": request.url.path,
-        "status": status, "outcome": outcome, "latency_ms": round(elapsed_s * 1000, 3),
-        "queue_wait_ms": None if queue_wait is None else round(queue_wait * 1000, 3),
-        "batch_size": getattr(request.state, "batch_size", None),
-        **({} if worker is None else {"worker": worker}),
-    }, separators=(",", ":")))
+    AccessLine(request_id, model, request.method, request.url.path, status, outcome, elapsed_s,
+               getattr(request.state, "queue_wait_s", None),
+               getattr(request.state, "batch_size", None),
+               getattr(runtime_of(request), "worker", None)).write()

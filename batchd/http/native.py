@@ -15,7 +15,6 @@ from batchd.http.frame import (
     PRIORITY_HEADER,
     RETRY_AFTER_S,
     TIMEOUT_HEADER,
-    AnySlot,
     cancel_on_disconnect,
     header,
     note_batch,
@@ -24,6 +23,7 @@ from batchd.http.frame import (
 )
 from batchd.http.payload import read_image_payload
 from batchd.runtime import ModelStatus
+from batchd.views import AnySlot
 
 
 async def health(request: Request) -> Response:

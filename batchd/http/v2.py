@@ -11,15 +11,14 @@ go to the dynamic batcher as N items and come back in order.
 
 The event loop only moves bytes and futures: parsing the JSON header, decoding base64,
 building arrays from nested lists and encoding the answer (batchd.http.v2_codec) run in the
-decoding thread pool.
+decoding thread pool, except for messages of at most 16 KiB, which cost less than the
+hand-over (batchd.inference.run_codec).
 """
 
 from __future__ import annotations
 
-import asyncio
 import re
 
-import anyio.to_thread
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -27,23 +26,23 @@ from starlette.routing import Route
 from batchd import __version__
 from batchd.errors import UnknownModel
 from batchd.http.frame import (
-    AnySlot,
     cancel_on_disconnect,
+    header,
     note_batch,
     runtime_of,
     serve_prediction,
 )
 from batchd.http.v2_codec import (
+    EXTENSIONS,
     HEADER_LENGTH,
-    INPUT_IMAGES,
-    INPUT_TENSOR,
-    OUTPUTS,
+    config_body,
     encode_response,
+    metadata_body,
     parse_request,
 )
+from batchd.inference import answer_bytes, infer_parsed, run_codec
+from batchd.views import AnySlot
 
-PLATFORM = "pytorch"
-EXTENSIONS = ["binary_tensor_data", "classification"]
 NOT_READY = 400  # the protocol: "a 4xx status code indicates false"
 _VERSION = re.compile(r"[1-9][0-9]{0,8}")
 
@@ -89,58 +88,13 @@ async def model_ready(request: Request) -> Response:
 
 async def model_metadata(request: Request) -> Response:
     slot = model_slot(request)
-    channels, height, width = slot.model.input_shape
-    classes = slot.model.num_classes
-    return JSONResponse({
-        "name": slot.name,
-        "versions": loaded_versions(request, slot),
-        "platform": PLATFORM,
-        "inputs": [
-            {"name": INPUT_TENSOR, "datatype": "FP32", "shape": [-1, channels, height, width]},
-        ],
-        "outputs": [{"name": name, "datatype": "FP32", "shape": [-1, classes]}
-                    for name in OUTPUTS],
-        # A request sends `inputs` as listed, or this one in its place (never both).
-        "parameters": {"alternative_inputs": [
-            {"name": INPUT_IMAGES, "datatype": "BYTES", "shape": [-1]},
-        ]},
-    })
+    return JSONResponse(metadata_body(slot, loaded_versions(request, slot)))
 
 
 async def model_config(request: Request) -> Response:
-    """The model's configuration in Triton's shape (model_config.proto as JSON), for
-    clients and tools that read it (tritonclient's get_model_config, perf_analyzer):
-    dims leave out the batch dimension, as they do where max_batch_size > 0."""
+    """The model's configuration in Triton's shape (batchd.http.v2_codec.config_body)."""
     slot = model_slot(request)
-    batching = slot.config.batching
-    on_gpu = slot.model.device.type == "cuda"
-    queue_policy = {"timeout_action": "REJECT",
-                    "default_timeout_microseconds": int(batching.queue_timeout_ms * 1000),
-                    "allow_timeout_override": True,
-                    "max_queue_size": batching.max_queue_size}
-    return JSONResponse({
-        "name": slot.name,
-        "platform": "pytorch_libtorch",
-        "backend": PLATFORM,
-        "version_policy": {"specific": {"versions": [
-            int(version) for version in loaded_versions(request, slot)]}},
-        "max_batch_size": batching.max_batch_size,
-        "input": [{"name": INPUT_TENSOR, "data_type": "TYPE_FP32", "format": "FORMAT_NCHW",
-                   "dims": list(slot.model.input_shape)}],
-        "output": [{"name": name, "data_type": "TYPE_FP32",
-                    "dims": [slot.model.num_classes]} for name in OUTPUTS],
-        "dynamic_batching": {
-            "preferred_batch_size": list(batching.bucket_sizes),
-            "max_queue_delay_microseconds": int(batching.max_wait_ms * 1000),
-            "priority_levels": batching.priority_levels,
-            "default_priority_level": batching.default_level,
-            "default_queue_policy": queue_policy,
-        },
-        "instance_group": [{"name": slot.name, "count": 1,
-                            "kind": "KIND_GPU" if on_gpu else "KIND_CPU"}],
-        # the encoded-image input a request may send in the tensor's place
-        "parameters": {"alternative_input": {"string_value": f"{INPUT_IMAGES}:BYTES[-1]"}},
-    })
+    return JSONResponse(config_body(slot, loaded_versions(request, slot)))
 
 
 async def infer(request: Request) -> Response:
@@ -151,26 +105,17 @@ async def infer(request: Request) -> Response:
 async def _infer(request: Request, slot: AnySlot, headers: dict[str, str]) -> Response | None:
     body = await request.body()
     limiter = slot.preprocess_limiter
-    parsed = await anyio.to_thread.run_sync(
-        parse_request, body, request.headers.get(HEADER_LENGTH), slot.model.input_shape,
-        slot.model.num_classes, slot.config.batching.request_item_limit, limiter=limiter)
-    count = len(parsed.images if parsed.images is not None else parsed.tensors or [])
-    async with slot.admit(count, parsed.priority) as ticket:
-        served = ticket.slot  # the version the engine admitted it to (a reload may swap)
-        if parsed.images is not None:
-            items = list(await asyncio.gather(*(served.preprocess(image, parsed.priority)
-                                                for image in parsed.images)))
-        else:
-            assert parsed.tensors is not None
-            items = parsed.tensors
-        disconnected, results = await cancel_on_disconnect(
-            request, ticket.submit(items, parsed.timeout_s))
-    if disconnected or results is None:
+    parsed = await run_codec(
+        len(body), limiter, parse_request, body, header(request, HEADER_LENGTH),
+        slot.model.input_shape, slot.model.num_classes, slot.config.batching.request_item_limit)
+    served, results = await infer_parsed(slot, parsed, parsed.timeout_s,
+                                         lambda work: cancel_on_disconnect(request, work))
+    if results is None:
         return None
     note_batch(request, max(results, key=lambda result: result.queue_wait_s))
-    content, media_type, extra = await anyio.to_thread.run_sync(
-        encode_response, served.name, served.version, served.model.labels, parsed, results,
-        limiter=limiter)
+    content, media_type, extra = await run_codec(
+        answer_bytes(results), limiter, encode_response, served.name, served.version,
+        served.model.labels, parsed, results)
     return Response(content, media_type=media_type, headers={**headers, **extra})
 
 

@@ -21,11 +21,14 @@ import torch
 
 from batchd.batcher import BatchResult
 from batchd.errors import BadInput, PayloadTooLarge
+from batchd.views import AnySlot
 
 INPUT_TENSOR = "input"
 INPUT_IMAGES = "image"
 OUTPUTS = ("logits", "probabilities")
 HEADER_LENGTH = "inference-header-content-length"
+PLATFORM = "pytorch"
+EXTENSIONS = ["binary_tensor_data", "classification"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,14 @@ def parse_request(body: bytes, header_length: str | None, input_shape: tuple[int
                   num_classes: int, max_items: int) -> InferRequest:
     """Parse and check a whole inference request (runs off the event loop)."""
     payload, binary = split_body(body, header_length)
+    return parse_payload(payload, binary, input_shape, num_classes, max_items)
+
+
+def parse_payload(payload: dict[str, Any], binary: bytes, input_shape: tuple[int, ...],
+                  num_classes: int, max_items: int) -> InferRequest:
+    """Check an inference request given as the JSON header's object and the binary data
+    after it; the gRPC service hands its messages over in the same shape
+    (batchd.grpc.codec), so both protocols accept and refuse the same requests."""
     request_id = payload.get("id")
     if "id" in payload and not isinstance(request_id, str):
         raise BadInput("'id' must be a string")
@@ -193,13 +204,17 @@ def bytes_elements(spec: dict[str, Any], binary: bytes) -> list[bytes]:
         data = spec.get("data")
         if isinstance(data, list) and data and isinstance(data[0], list):
             data = [item for row in data for item in (row if isinstance(row, list) else [row])]
-        if not isinstance(data, list) or not all(isinstance(item, str) for item in data):
+        if isinstance(data, list) and all(isinstance(item, bytes) for item in data):
+            elements = data  # gRPC's bytes_contents: the images as they are (never JSON)
+        elif not isinstance(data, list) or not all(isinstance(item, str) for item in data):
             raise BadInput(f"input {INPUT_IMAGES!r}: JSON 'data' must be a list of "
                            "base64-encoded images")
-        try:
-            elements = [base64.b64decode(item, validate=True) for item in data]
-        except binascii.Error:
-            raise BadInput(f"input {INPUT_IMAGES!r}: an element is not valid base64") from None
+        else:
+            try:
+                elements = [base64.b64decode(item, validate=True) for item in data]
+            except binascii.Error:
+                raise BadInput(f"input {INPUT_IMAGES!r}: an element is not valid "
+                               "base64") from None
     if len(elements) != count:
         raise BadInput(f"shape {shape} declares {count} images but the data holds "
                        f"{len(elements)}")
@@ -241,32 +256,65 @@ def requested_timeout(parameters: dict[str, Any]) -> float | None:
     return timeout_us / 1e6 if timeout_us else None
 
 
+@dataclass(frozen=True)
+class OutputTensor:
+    """One output of an answer: FP32 values, or (classification) BYTES strings."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    values: np.ndarray | list[str]
+
+    def raw(self) -> bytes:
+        """The binary form: little-endian FP32, or each string behind its 4-byte length."""
+        if isinstance(self.values, np.ndarray):
+            return self.values.astype("<f4").tobytes()
+        encoded = [text.encode() for text in self.values]
+        return b"".join(struct.pack("<I", len(item)) + item for item in encoded)
+
+    def flat(self) -> list[Any]:
+        """The JSON form: the values flattened in row-major order."""
+        if isinstance(self.values, np.ndarray):
+            flat: list[Any] = self.values.reshape(-1).tolist()
+            return flat
+        return list(self.values)
+
+
+def output_tensors(labels: tuple[str, ...], outputs: list[RequestedOutput],
+                   results: list[BatchResult[torch.Tensor]]) -> list[OutputTensor]:
+    """The outputs asked for, from each sample's logits (in the request's order)."""
+    logits = np.stack([result.output.numpy() for result in results]).astype(np.float32)
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    values = {"logits": logits, "probabilities": shifted / shifted.sum(axis=1, keepdims=True)}
+    tensors = []
+    for output in outputs:
+        array = values[output.name]
+        if output.classification:
+            strings = classify(array, output.classification, labels)
+            tensors.append(OutputTensor(output.name, "BYTES",
+                                        [len(strings), output.classification],
+                                        [item for row in strings for item in row]))
+        else:
+            tensors.append(OutputTensor(output.name, "FP32", list(array.shape), array))
+    return tensors
+
+
 def encode_response(model: str, version: int, labels: tuple[str, ...], parsed: InferRequest,
                     results: list[BatchResult[torch.Tensor]]
                     ) -> tuple[bytes, str, dict[str, str]]:
     """The response body, its media type and extra headers (runs off the event loop)."""
-    logits = np.stack([result.output.numpy() for result in results]).astype(np.float32)
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    values = {"logits": logits, "probabilities": shifted / shifted.sum(axis=1, keepdims=True)}
     described: list[dict[str, Any]] = []
     chunks: list[bytes] = []
-    for output in parsed.outputs:
-        array = values[output.name]
-        if output.classification:
-            strings = classify(array, output.classification, labels)
-            shape, datatype = [len(strings), output.classification], "BYTES"
-            flat: list[Any] = [item for row in strings for item in row]
-            raw = b"".join(struct.pack("<I", len(s.encode())) + s.encode() for s in flat)
-        else:
-            shape, datatype = list(array.shape), "FP32"
-            flat = array.reshape(-1).tolist()
-            raw = array.astype("<f4").tobytes()
-        entry: dict[str, Any] = {"name": output.name, "datatype": datatype, "shape": shape}
+    tensors = output_tensors(labels, parsed.outputs, results)
+    for output, tensor in zip(parsed.outputs, tensors, strict=True):
+        entry: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype,
+                                 "shape": tensor.shape}
         if output.binary:
+            raw = tensor.raw()
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         else:
-            entry["data"] = flat
+            entry["data"] = tensor.flat()
         described.append(entry)
     body: dict[str, Any] = {"model_name": model, "model_version": str(version),
                             "outputs": described}
@@ -286,3 +334,58 @@ def classify(array: np.ndarray, count: int, labels: tuple[str, ...]) -> list[lis
         order = np.argsort(-row, kind="stable")[:count]
         rows.append([f"{row[i]:f}:{i}:{labels[i]}" for i in order])
     return rows
+
+
+def metadata_body(slot: AnySlot, versions: list[str]) -> dict[str, Any]:
+    """A model's metadata, as the protocol's REST and gRPC APIs both answer it."""
+    channels, height, width = slot.model.input_shape
+    classes = slot.model.num_classes
+    return {
+        "name": slot.name,
+        "versions": versions,
+        "platform": PLATFORM,
+        "inputs": [
+            {"name": INPUT_TENSOR, "datatype": "FP32", "shape": [-1, channels, height, width]},
+        ],
+        "outputs": [{"name": name, "datatype": "FP32", "shape": [-1, classes]}
+                    for name in OUTPUTS],
+        # A request sends `inputs` as listed, or this one in its place (never both).
+        "parameters": {"alternative_inputs": [
+            {"name": INPUT_IMAGES, "datatype": "BYTES", "shape": [-1]},
+        ]},
+    }
+
+
+def config_body(slot: AnySlot, versions: list[str]) -> dict[str, Any]:
+    """A model's configuration in Triton's shape (model_config.proto as JSON), for
+    clients and tools that read it (tritonclient's get_model_config, perf_analyzer):
+    dims leave out the batch dimension, as they do where max_batch_size > 0."""
+    batching = slot.config.batching
+    on_gpu = slot.model.device.type == "cuda"
+    queue_policy = {"timeout_action": "REJECT",
+                    "default_timeout_microseconds": int(batching.queue_timeout_ms * 1000),
+                    "allow_timeout_override": True,
+                    "max_queue_size": batching.max_queue_size}
+    return {
+        "name": slot.name,
+        "platform": "pytorch_libtorch",
+        "backend": PLATFORM,
+        "version_policy": {"specific": {"versions": [
+            int(version) for version in versions]}},
+        "max_batch_size": batching.max_batch_size,
+        "input": [{"name": INPUT_TENSOR, "data_type": "TYPE_FP32", "format": "FORMAT_NCHW",
+                   "dims": list(slot.model.input_shape)}],
+        "output": [{"name": name, "data_type": "TYPE_FP32",
+                    "dims": [slot.model.num_classes]} for name in OUTPUTS],
+        "dynamic_batching": {
+            "preferred_batch_size": list(batching.bucket_sizes),
+            "max_queue_delay_microseconds": int(batching.max_wait_ms * 1000),
+            "priority_levels": batching.priority_levels,
+            "default_priority_level": batching.default_level,
+            "default_queue_policy": queue_policy,
+        },
+        "instance_group": [{"name": slot.name, "count": 1,
+                            "kind": "KIND_GPU" if on_gpu else "KIND_CPU"}],
+        # the encoded-image input a request may send in the tensor's place
+        "parameters": {"alternative_input": {"string_value": f"{INPUT_IMAGES}:BYTES[-1]"}},
+    }
