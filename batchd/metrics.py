@@ -79,13 +79,15 @@ class RequestMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.request_duration = Histogram(
             "batchd_request_duration_seconds",
-            "Time from a request's arrival to its response, by model and HTTP status code.",
-            ["model", "code"], buckets=LATENCY_BUCKETS, registry=registry,
+            "Time from a request's arrival to its response, by model, status code (HTTP's "
+            "number, or gRPC's name) and protocol (http, grpc).",
+            ["model", "code", "protocol"], buckets=LATENCY_BUCKETS, registry=registry,
         )
         self.requests = Counter(
             "batchd_requests",
-            "Prediction requests by how they ended (success or the reason they failed).",
-            ["model", "outcome"], registry=registry,
+            "Prediction requests by how they ended (success or the reason they failed) and "
+            "protocol (http, grpc).",
+            ["model", "outcome", "protocol"], registry=registry,
         )
         # In multiprocess mode a gauge is a file per process, summed over the live ones.
         self.in_progress = Gauge(
@@ -97,11 +99,12 @@ class RequestMetrics:
     def expect_model(self, name: str) -> None:
         """Pre-create `name`'s series, so that a dashboard sees zeros, not gaps."""
         for outcome in OUTCOMES:
-            self.requests.labels(name, outcome)
+            self.requests.labels(name, outcome, "http")
 
-    def request_done(self, model: str, outcome: str, code: int, seconds: float) -> None:
-        self.requests.labels(model, outcome).inc()
-        self.request_duration.labels(model, str(code)).observe(seconds)
+    def request_done(self, model: str, outcome: str, code: int | str, seconds: float,
+                     protocol: str = "http") -> None:
+        self.requests.labels(model, outcome, protocol).inc()
+        self.request_duration.labels(model, str(code), protocol).observe(seconds)
 
 
 class Metrics:
@@ -185,9 +188,10 @@ class Metrics:
         """The BatchObserver to hand to the batcher of `model`'s `version`."""
         return _BatchObserver(self, model, str(version))
 
-    def request_done(self, model: str, outcome: str, code: int, seconds: float) -> None:
+    def request_done(self, model: str, outcome: str, code: int | str, seconds: float,
+                     protocol: str = "http") -> None:
         if self.request_metrics is not None:
-            self.request_metrics.request_done(model, outcome, code, seconds)
+            self.request_metrics.request_done(model, outcome, code, seconds, protocol)
 
 
 class _StateCollector(Collector):
