@@ -73,7 +73,9 @@ RUN if [ "${TORCH_SOURCE}" = pip ]; then \
     && rm -rf build ./*.egg-info
 
 USER 10001:10001
-EXPOSE 8000
+# 8000: HTTP; 8001: gRPC, where the config sets server.grpc_port (Triton's port for it)
+# 8000: HTTP; 8001: gRPC, where the config sets server.grpc_port (Triton's port)
+EXPOSE 8000 8001
 # `batchd health` reads the port from PID 1's own command line (--port, else the config's
 # server.port), so the check follows whatever port the container is run with.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=180s --retries=3 \

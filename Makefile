@@ -10,7 +10,7 @@ CONFIG ?= config/default.toml
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: serve test lint install clean image-check docs reference
+.PHONY: serve test lint install clean image-check docs reference proto
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,3 +48,9 @@ image-check: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache site
+
+# The gRPC service's Python modules, generated from batchd/grpc/inference.proto (committed;
+# tests/test_grpc.py fails when they are stale).
+proto: install
+	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. \
+		batchd/grpc/inference.proto

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import socket
@@ -94,6 +95,9 @@ class GracefulServer(uvicorn.Server):
 
 def serve(config: Config, host: str | None, port: int | None) -> int:
     apply_openmp_waiting()
+    if host:  # --host: every listener (HTTP and gRPC, every process) takes it
+        config = dataclasses.replace(config, server=dataclasses.replace(config.server,
+                                                                        host=host))
     from batchd.process import configure_process, server_plan
 
     cpu_plan = server_plan(config)
@@ -247,7 +251,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"batchd: {error}", file=sys.stderr)
         sys.exit(2 if isinstance(error, ConfigError) else 1)
     logging.getLogger().setLevel(config.server.log_level.upper())
-    code = serve(config, args.host, args.port)
+    try:
+        code = serve(config, args.host, args.port)
+    except ConfigError as error:  # found only at start-up: a port in use, say
+        print(f"batchd: {error}", file=sys.stderr)
+        code = 2
     from batchd.supervisor import exit_now
 
     exit_now(code)

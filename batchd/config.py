@@ -243,6 +243,13 @@ class ServerConfig:
     port: int = 8000
     """The port to listen on; 0: any free port. `batchd serve --port` overrides it.
     Range: [0, 65535]"""
+    grpc_port: int = 0
+    """The port of the Open Inference Protocol's gRPC service, for tritonclient.grpc,
+    KServe's gRPC clients and the standard gRPC health probe (Triton's own is 8001); it
+    listens on `host` in every front end. 0: no gRPC listener. Its limits are the HTTP
+    side's: `max_body_bytes` a message, `max_header_bytes` of metadata,
+    `max_connections` calls at once, `idle_timeout_s` for an idle connection.
+    Range: [0, 65535]"""
     default_model: str = ""
     """The model that answers /predict; empty: the first of `[[models]]`."""
     max_body_bytes: int = 8 * 1024 * 1024
@@ -552,6 +559,7 @@ def _is_cuda_index(device: str) -> bool:
 def _check_server(server: ServerConfig, path: Path) -> None:
     checks = {
         "port": 0 <= server.port <= 65535,
+        "grpc_port": 0 <= server.grpc_port <= 65535,
         "max_body_bytes": server.max_body_bytes >= 1,
         "max_image_pixels": server.max_image_pixels >= 1,
         "max_aspect_ratio": server.max_aspect_ratio >= 1,
@@ -573,6 +581,9 @@ def _check_server(server: ServerConfig, path: Path) -> None:
         if not ok:
             value = getattr(server, key)
             raise ConfigError(f"{path}: key 'server.{key}': value {value!r} is out of range")
+    if server.grpc_port and server.grpc_port == server.port:
+        raise ConfigError(f"{path}: key 'server.grpc_port': {server.grpc_port} is also "
+                          "server.port; HTTP and gRPC need a port each")
 
 
 def _dotted(key: str, subkey: str) -> str:

@@ -43,6 +43,7 @@ from typing import Any, TypeVar
 
 from batchd.config import Config
 from batchd.cpu_plan import CpuPlan
+from batchd.errors import ConfigError
 
 logger = logging.getLogger("batchd.supervisor")
 T = TypeVar("T")
@@ -118,6 +119,22 @@ def bind(host: str, port: int) -> socket.socket:
     return listener
 
 
+def reserve_shared_port(host: str, port: int) -> socket.socket:
+    """Hold `port` for the front ends' gRPC listeners, each of which binds it with
+    SO_REUSEPORT (gRPC cannot adopt an inherited socket): bound but never listening, this
+    socket takes no connections, and a port some other program holds fails here, at
+    start-up, with a message naming the key."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    reservation = socket.socket(family, socket.SOCK_STREAM)
+    reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        reservation.bind((host, port))
+    except OSError as exc:
+        reservation.close()
+        raise ConfigError(f"server.grpc_port: cannot listen on {host}:{port}: {exc}") from None
+    return reservation
+
+
 @dataclasses.dataclass(eq=False)
 class _Child:
     role: str
@@ -147,6 +164,7 @@ class Supervisor:
         self._signals = 0
         self._all_exited = asyncio.Event()
         self._listener: socket.socket | None = None
+        self._grpc_reservation: socket.socket | None = None
         self.port = 0
 
     def run(self) -> int:
@@ -162,6 +180,8 @@ class Supervisor:
         server = self.config.server
         listener = bind(server.host, server.port)
         self.port = listener.getsockname()[1]
+        if server.grpc_port:
+            self._grpc_reservation = reserve_shared_port(server.host, server.grpc_port)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
@@ -187,6 +207,9 @@ class Supervisor:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
+        if self._grpc_reservation is not None:
+            self._grpc_reservation.close()
+            self._grpc_reservation = None
 
     # -- starting ---------------------------------------------------------------------
 

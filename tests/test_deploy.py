@@ -123,7 +123,9 @@ def test_dockerfile_is_exec_form_non_root_and_healthy() -> None:
     config, command = image_config()
     assert re.search(r'^ENTRYPOINT \["batchd", "serve"\]$', DOCKERFILE, re.M)
     assert "--host" in command and command[command.index("--host") + 1] == "0.0.0.0"
-    assert re.search(rf"^EXPOSE {config.server.port}$", DOCKERFILE, re.M)
+    exposed = re.search(r"^EXPOSE ([0-9 ]+)$", DOCKERFILE, re.M)
+    # the config's HTTP port, and gRPC's usual one for a config that turns it on
+    assert exposed and exposed.group(1).split() == [str(config.server.port), "8001"]
     user = re.search(r"^USER (\S+)$", DOCKERFILE, re.M)
     assert user and user.group(1).split(":")[0] not in ("0", "root")
     assert 'CMD ["batchd", "health"]' in DOCKERFILE.split("HEALTHCHECK", 1)[1]

@@ -34,3 +34,29 @@ def test_every_request_error_has_a_status() -> None:
         if isinstance(cls, type) and issubclass(cls, errors.BatchdError) and cls not in (
                 errors.BatchdError, errors.ConfigError, errors.CheckpointError):
             assert any(issubclass(cls, listed) for listed in STATUS_FOR_ERROR), name
+
+
+def test_grpc_maps_each_request_error_as_its_http_status_means() -> None:
+    """gRPC's table (batchd.grpc.frame) covers every error HTTP's does, and agrees with it
+    where the two standards agree: 4xx is the caller's fault, 503 is retryable."""
+    import grpc
+
+    from batchd.grpc import frame as grpc_frame
+
+    code = grpc.StatusCode
+    caller = {code.INVALID_ARGUMENT, code.NOT_FOUND, code.UNAUTHENTICATED}
+    retryable = {code.UNAVAILABLE, code.RESOURCE_EXHAUSTED}
+    for cls in STATUS_FOR_ERROR:
+        error = cls("x")
+        http, mapped = status_for(error), grpc_frame.status_for(error)
+        assert cls in grpc_frame.STATUS_FOR_ERROR or any(
+            issubclass(cls, listed) for listed in grpc_frame.STATUS_FOR_ERROR), cls
+        if http in (400, 401, 404, 413, 415, 422):
+            assert mapped in caller, (cls, mapped)
+        elif http == 503:
+            assert mapped in retryable, (cls, mapped)
+    assert grpc_frame.status_for(errors.QueueFull("x")) == code.RESOURCE_EXHAUSTED
+    assert grpc_frame.status_for(errors.DeadlineExceeded("x")) == code.DEADLINE_EXCEEDED
+    assert grpc_frame.status_for(errors.ModelFailed("x")) == code.INTERNAL
+    assert grpc_frame.status_for(OddTooLarge("x")) == code.INVALID_ARGUMENT
+    assert grpc_frame.status_for(errors.ConfigError("x")) == code.INTERNAL

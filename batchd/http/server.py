@@ -25,6 +25,9 @@ from batchd.http.protocol import guarded_protocol
 from batchd.process import configure_process
 from batchd.runtime import Runtime
 
+# On shut-down, after the drain, how long gRPC calls still open may take to finish.
+GRPC_GRACE_S = 5.0
+
 
 async def batchd_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, BatchdError)  # registered for BatchdError only
@@ -65,23 +68,34 @@ def create_app(config: Config, runtime: Runtime | FrontendRuntime | None = None)
     runtime = runtime or Runtime(config, configure_process(config))
     manager = runtime.repository_manager()
 
+    token = resolve_token(config.server)
+    admin_token = resolve_admin_token(config, token)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await runtime.open()
         if manager is not None and config.repository.poll_s:
             manager.start_polling(config.repository.poll_s)
+        grpc_server = None
+        if config.server.grpc_port:
+            # imported only here: its generated messages must not meet tritonclient.grpc's
+            # in a process that serves no gRPC (batchd.grpc)
+            from batchd.grpc.server import start_grpc
+
+            grpc_server = await start_grpc(runtime, manager, token, admin_token)
         try:
             yield
         finally:
+            if grpc_server is not None:
+                # the drain came first (batchd.cli.GracefulServer): what is left is flushed
+                await grpc_server.stop(GRPC_GRACE_S)
             if manager is not None:
                 await manager.stop()
             await runtime.close()
 
     middleware = [Middleware(BodyLimitMiddleware, max_bytes=config.server.max_body_bytes)]
-    token = resolve_token(config.server)
     if token is not None:
         middleware.insert(0, Middleware(BearerAuthMiddleware, token=token))
-    admin_token = resolve_admin_token(config, token)
     admin_routes = repository.routes() if admin_token is not None else []
     app = Starlette(
         routes=[*native.routes(), *v2.routes(), *admin_routes,
