@@ -371,6 +371,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests-per-client", type=int, default=16)
     parser.add_argument("--min-requests", type=int, default=400)
     parser.add_argument("--ceiling-seconds", type=float, default=4.0)
+    parser.add_argument("--grpc", action="store_true",
+                        help="after the workloads, the gRPC point: raw FP32 through "
+                        "tritonclient.grpc against REST binary (loadtest.grpc_point)")
     parser.add_argument("--workers", default="0",
                         help="server.workers of each batchd to run side by side "
                              "(0: the CPU plan's), e.g. 1,0")
@@ -390,6 +393,11 @@ def main(argv: list[str] | None = None) -> None:
         run_workload(workload, levels, generators, args.body, args.requests_per_client,
                      args.min_requests, args.ceiling_seconds,
                      [int(value) for value in args.workers.split(",")], args.device)
+    if args.grpc:
+        from loadtest import grpc_point
+
+        for workload in [name for name in workloads if name in grpc_point.WORKLOADS]:
+            grpc_point.run(workload)
 
 
 if __name__ == "__main__":
