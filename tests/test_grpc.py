@@ -635,3 +635,42 @@ def test_a_grpc_port_in_use_stops_start_up_naming_the_key(tmp_path: Path,
              str(free_port())], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert finished.returncode != 0
     assert f"server.grpc_port: cannot listen on 127.0.0.1:{grpc_port}" in finished.stderr
+
+
+def test_calls_past_max_connections_are_refused_and_priority_is_checked(
+        tmp_path: Path, digits: Digits) -> None:
+    config, gate, grpc_port = gated_config(tmp_path, server={"max_connections": 2})
+    with serve(config, gate, grpc_port) as server:
+        one = fp32_input(digits.inputs[:1])
+
+        async def scenario() -> tuple[list[Any], grpc.StatusCode]:
+            async with triton_aio.InferenceServerClient(server.address) as client:
+                server.close_gate()
+                held = [asyncio.ensure_future(client.infer("digits", [one]))
+                        for _ in range(2)]
+                await _until(server, "batchd_batcher_accepted_total", 2)
+                try:
+                    await client.infer("digits", [one])
+                    third = grpc.StatusCode.OK
+                except InferenceServerException as error:
+                    third = getattr(grpc.StatusCode, str(error.status()).split(".")[-1])
+                server.open_gate()
+                return list(await asyncio.gather(*held)), third
+
+        answers, third = asyncio.run(scenario())
+        assert third == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert [answer.as_numpy("logits").shape for answer in answers] == [(1, 10)] * 2
+        client = server.client()
+        # Triton's priority parameter (1 the most urgent) is taken; not an integer, refused
+        assert client.infer("digits", [one], priority=1).as_numpy("logits").shape == (1, 10)
+        with grpc.insecure_channel(server.address) as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            request = service_pb2.ModelInferRequest(
+                model_name="digits", inputs=[service_pb2.ModelInferRequest.InferInputTensor(
+                    name="input", datatype="FP32", shape=[1, 1, 8, 8])],
+                raw_input_contents=[digits.inputs[:1].numpy().tobytes()])
+            request.parameters["priority"].bool_param = True
+            with pytest.raises(grpc.RpcError) as raised:
+                stub.ModelInfer(request, timeout=30)
+            assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "priority" in (raised.value.details() or "")
