@@ -196,3 +196,24 @@ def test_request_id_server_timing_and_access_log(tmp_path: Path, caplog: pytest.
     assert lines[0]["model"] == "digits" and lines[0]["queue_wait_ms"] >= 0
     assert lines[1]["status"] == 400 and lines[1]["outcome"] == "bad_input"
     assert lines[1]["batch_size"] is None
+
+
+def test_a_prediction_that_fails_unexpectedly_is_a_500_and_the_server_goes_on(
+        digits_server: RunningServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The prediction routes skip Starlette's error middleware (batchd.http.direct), so
+    that path answers a bug 500 JSON itself."""
+    from batchd.digits import digit_images
+    from batchd.http import native
+
+    async def broken(request: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    body = png_bytes(digit_images("held_out")[0][0])
+    with digits_server.client() as client:
+        monkeypatch.setattr(native, "predict", broken)
+        failed = client.post("/predict", content=body, headers={"Content-Type": "image/png"})
+        assert failed.status_code == 500
+        assert failed.json() == {"error": "internal error", "reason": "internal"}
+        monkeypatch.undo()
+        ok = client.post("/predict", content=body, headers={"Content-Type": "image/png"})
+        assert ok.status_code == 200

@@ -60,3 +60,23 @@ def test_grpc_maps_each_request_error_as_its_http_status_means() -> None:
     assert grpc_frame.status_for(errors.ModelFailed("x")) == code.INTERNAL
     assert grpc_frame.status_for(OddTooLarge("x")) == code.INVALID_ARGUMENT
     assert grpc_frame.status_for(errors.ConfigError("x")) == code.INTERNAL
+
+
+@pytest.mark.parametrize(("path", "endpoint", "params"), [
+    ("/predict", "native.predict", {}),
+    ("/models/digits/predict", "native.predict", {"name": "digits"}),
+    ("/v2/models/digits/infer", "v2.infer", {"name": "digits"}),
+    ("/v2/models/digits/versions/3/infer", "v2.infer", {"name": "digits", "version": "3"}),
+    ("/predict/", None, None), ("/models/a/b/predict", None, None),
+    ("/v2/models/digits/versions/infer", None, None), ("/v2/models//infer", None, None),
+    ("/v2/models/digits/ready", None, None), ("/health", None, None),
+])
+def test_the_direct_path_takes_exactly_the_prediction_routes(
+        path: str, endpoint: str | None, params: dict[str, str] | None) -> None:
+    from batchd.http import direct, native, v2
+
+    found = direct.prediction_route(path)
+    if endpoint is None:
+        assert found is None
+        return
+    assert found == ({"native.predict": native.predict, "v2.infer": v2.infer}[endpoint], params)

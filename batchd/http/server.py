@@ -19,6 +19,7 @@ from batchd.errors import BatchdError
 from batchd.frontend import FrontendRuntime
 from batchd.http import native, repository, ui, v2
 from batchd.http.auth import BearerAuthMiddleware, resolve_admin_token, resolve_token
+from batchd.http.direct import DirectPredictions
 from batchd.http.frame import error_response
 from batchd.http.payload import BodyLimitMiddleware
 from batchd.http.protocol import guarded_protocol
@@ -56,7 +57,8 @@ def uvicorn_options(config: Config) -> dict[str, Any]:
     }
 
 
-def create_app(config: Config, runtime: Runtime | FrontendRuntime | None = None) -> Starlette:
+def create_app(config: Config, runtime: Runtime | FrontendRuntime | None = None
+               ) -> DirectPredictions:
     """The batchd ASGI app for `config`.
 
     Without a `runtime`, building it makes the process-wide settings (batchd.process) and
@@ -108,4 +110,4 @@ def create_app(config: Config, runtime: Runtime | FrontendRuntime | None = None)
     app.state.manager = manager
     app.state.admin_token = admin_token
     app.state.version = __version__
-    return app
+    return DirectPredictions(app, config.server.max_body_bytes, token)
