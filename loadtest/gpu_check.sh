@@ -4,6 +4,9 @@
 #   1. ResNet-50, 1,000 classes, bf16, buckets up to 256: batchd in one process and with
 #      the CPU plan's front ends (server.workers = 0), side by side, against the
 #      per-request baseline and the in-process ceiling on the same GPU;
+#   0. decoding on 1-16 threads in one process (loadtest.decode_scaling): the served
+#      preprocessing, its decode and resize alone, and torchvision's decoder, with the
+#      pixel difference against Pillow's;
 #   2. the same host's cores alone: ResNet-18 at 64x64 on runtime.device = "cpu", one
 #      process against the plan's front ends, at 64 and 256 clients.
 # Prints requests/s, p99, server CPU per request, the mean batch and the ratios to the
@@ -24,6 +27,7 @@ fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+timeout 40 python3 -m loadtest.decode_scaling --threads 1,2,4,8,16 --seconds 1.2
 [ -f checkpoints/resnet50-1000.pt ] || python3 -m loadtest.make_checkpoint \
     --arch resnet50 --num-classes 1000 --out checkpoints/resnet50-1000.pt
 timeout 330 python3 -m loadtest.bench --workload resnet50-gpu --concurrency 1,32,256 \
