@@ -14,7 +14,7 @@ import grpc
 from google.protobuf import json_format
 
 from batchd import __version__
-from batchd.errors import BadInput, BatchdError, LoadFailed, Unauthorized
+from batchd.errors import BadInput, BatchdError, Unauthorized
 from batchd.frontend import RemoteManager
 from batchd.grpc import inference_pb2 as pb
 from batchd.grpc import inference_pb2_grpc as pb_grpc
@@ -218,7 +218,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def _call(self, context: grpc.aio.ServicerContext, work: Any) -> Any:
         try:
             return await work
-        except (BatchdError, LoadFailed) as error:
+        except BatchdError as error:
             await abort(context, error)
 
 
