@@ -20,6 +20,16 @@ class BatchResult(Generic[Out]):
     batch_size: int
 
 
+@dataclass(frozen=True)
+class Arrival:
+    """When a request arrived (monotonic clock; a latency objective counts from it), and
+    how many inputs were being uploaded or decoded ahead of it when it was admitted (the
+    controller relates its time to the queue to that backlog)."""
+
+    at: float
+    decoding_ahead: int = 0
+
+
 @dataclass
 class BatchStats:
     """Counts kept by one batcher. Once every request has settled, the books balance:
@@ -39,6 +49,14 @@ class BatchStats:
     rejected_full: int = 0
     rejected_shutdown: int = 0
     rejected_late: int = 0
+    # With a latency objective: refusals by the stage they happened at (rejected_late is
+    # the first two; the third were accepted and are in expired), and late answers (in
+    # deadline_exceeded: computed after the objective, answered 504; the controller's
+    # aim is that there are none).
+    refused_before_body: int = 0
+    refused_after_decode: int = 0
+    shed_at_dispatch: int = 0
+    late: int = 0
     computed_items: int = 0
     batches: int = 0
     retried_batches: int = 0

@@ -28,7 +28,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from batchd.batch_stats import BatchObserver, BatchResult, BatchStats
+from batchd.batch_stats import Arrival, BatchObserver, BatchResult, BatchStats
 from batchd.device_thread import DeviceThread
 from batchd.errors import (
     BatchdError,
@@ -41,7 +41,7 @@ from batchd.errors import (
     WorkerDead,
 )
 from batchd.priority import PriorityQueues
-from batchd.scheduler import ADMISSION_SHARE, DeadlinePolicy, smallest_bucket
+from batchd.scheduler import DeadlineController, smallest_bucket
 
 In = TypeVar("In")
 Out = TypeVar("Out")
@@ -73,7 +73,9 @@ class _Request(Generic[In, Out]):
     deadline: float
     group: Hashable
     level: int = 1
-    objective: float = math.inf  # enqueued_at + the latency objective, when one is set
+    objective: float = math.inf  # arrival + the latency objective, when one is set
+    predicted_wait: float = 0.0  # the controller's prediction of its queue wait
+    finished_at: float = 0.0  # when its batch ended
     state: _State = _State.QUEUED
 
 
@@ -149,8 +151,8 @@ class Batcher(Generic[In, Out]):
         self.stats = BatchStats()
         self._bucket_seconds: dict[int, float] = {}
         self.slo_s = slo_s
-        self._policy = DeadlinePolicy(slo_s, self.bucket_sizes, max_batch_size) if slo_s > 0 \
-            else None
+        self.controller = DeadlineController(slo_s, self.bucket_sizes, max_batch_size,
+                                             priority_levels) if slo_s > 0 else None
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -235,19 +237,39 @@ class Batcher(Generic[In, Out]):
         InvalidParameter for a level the model does not have."""
         return level_for(priority, self._queue.levels, self.default_level)
 
-    def check_admission(self, priority: int = 0, count: int = 1) -> None:
+    def check_admission(self, priority: int = 0, count: int = 1,
+                        arrived_at: float | None = None) -> Arrival:
         """Refuse, before its body is read or decoded, a request that submit() would refuse
         now: ShuttingDown, WorkerDead, QueueFull when its level's queue is full, and with a
-        latency objective QueueTimeout when the requests queued or being decoded ahead of
-        it already take longer than ADMISSION_SHARE of the objective. So overload is
-        answered at once, not after an upload and a decode that could never be used."""
+        latency objective QueueTimeout when, by the controller's measurements, it could not
+        be uploaded, decoded, queued behind what is queued or being decoded ahead of it and
+        computed before its objective (its arrival, `arrived_at` on the monotonic clock,
+        plus the objective). So overload is answered at once, not after an upload and a
+        decode that could never be used. Admitted, the request's Arrival, for submit()."""
         level = self.level_of(priority)
         self._refuse_if_closed()
         max_queue_size, _ = self.level_limits[level - 1]
         if self._queue.depth(level) + count > max_queue_size:
             self._refuse_full(level, max_queue_size)
-        ahead = self._queue.ahead_of(level) + sum(self._expected_by_level[:level])
-        self._refuse_if_late(ahead + count - 1, ADMISSION_SHARE)
+        now = time.monotonic()
+        decoding = sum(self._expected_by_level[:level])
+        arrival = Arrival(now if arrived_at is None else min(arrived_at, now), decoding)
+        controller = self.controller
+        if controller is None or self._idle():
+            return arrival
+        queued = self._queue.ahead_of(level) + count - 1
+        if not controller.admits_before_body(now, arrival.at + self.slo_s, level, queued,
+                                             decoding, self._busy_remaining(now)):
+            self.stats.refused_before_body += 1
+            self._refuse_late()
+        return arrival
+
+    def _idle(self) -> bool:
+        """Nothing queued, on its way or computing. An idle server admits a request
+        whatever the estimates say: they may be stale (nothing admitted, nothing measured),
+        and if the model really is slower than the objective, the answer is a 504 that is
+        counted as late, not a refusal for ever."""
+        return not self._queue and not self._expected and self.busy_since is None
 
     def _refuse_if_closed(self) -> None:
         if not self._accepting:
@@ -261,15 +283,14 @@ class Batcher(Generic[In, Out]):
         which = f"priority {level} queue" if self._queue.levels > 1 else "queue"
         raise QueueFull(f"the {which} of model {self.name!r} is full ({max_queue_size})")
 
-    def _refuse_if_late(self, ahead: int, share: float = 1.0) -> None:
-        if self._policy is not None and not self._policy.admits(
-                ahead, self._busy_remaining(time.monotonic()), share):
-            self.stats.rejected_late += 1
-            raise QueueTimeout(f"cannot be answered within the latency objective of "
-                               f"{self.slo_s * 1000:.0f} ms now; try again shortly")
+    def _refuse_late(self) -> typing.NoReturn:
+        self.stats.rejected_late += 1
+        raise QueueTimeout(f"cannot be answered within the latency objective of "
+                           f"{self.slo_s * 1000:.0f} ms now; try again shortly")
 
     async def submit(self, item: In, timeout_s: float | None = None,
-                     group: Hashable = None, priority: int = 0) -> BatchResult[Out]:
+                     group: Hashable = None, priority: int = 0,
+                     arrival: Arrival | None = None) -> BatchResult[Out]:
         """Queue one input at `priority` (0: the default level) and wait for its output.
 
         `timeout_s` may shorten the level's queue deadline, never lengthen it. Inputs of one
@@ -277,22 +298,36 @@ class Batcher(Generic[In, Out]):
         queue; without a group, each input is its own. Raises InvalidParameter for an
         unknown priority; QueueFull or ShuttingDown without queueing; QueueTimeout if the
         deadline passes while queued (never computed); DeadlineExceeded if it passes while
-        computing; ModelFailed or ModelOverloaded when the model raised on this input.
+        computing, or if with a latency objective the computation ended after the
+        objective (`arrival` as check_admission gave it, else now, plus the objective: a
+        late answer is never sent as a success); ModelFailed or ModelOverloaded when the
+        model raised on this input.
         """
         level = self.level_of(priority)
         self._refuse_if_closed()
         max_queue_size, queue_timeout_s = self.level_limits[level - 1]
         if self._queue.depth(level) >= max_queue_size:
             self._refuse_full(level, max_queue_size)
-        self._refuse_if_late(self._queue.ahead_of(level))
         now = time.monotonic()
+        arrival = arrival or Arrival(now)
+        objective = arrival.at + self.slo_s if self.slo_s else math.inf
+        predicted_wait = 0.0
+        controller = self.controller
+        if controller is not None:
+            controller.observe_queued(level, now - arrival.at, arrival.decoding_ahead)
+            ahead, busy = self._queue.ahead_of(level), self._busy_remaining(now)
+            if not self._idle() and not controller.admits_queued(now, objective, level,
+                                                                 ahead, busy):
+                self.stats.refused_after_decode += 1
+                self._refuse_late()
+            predicted_wait = controller.queue_wait(ahead, busy)
         timeout = queue_timeout_s
         if timeout_s is not None:
             timeout = min(timeout_s, queue_timeout_s)
         loop = asyncio.get_running_loop()
         request: _Request[In, Out] = _Request(item, loop.create_future(), now, now + timeout,
                                               object() if group is None else group, level,
-                                              now + self.slo_s if self.slo_s else math.inf)
+                                              objective, predicted_wait)
         self._queue.append(request)
         self.stats.accepted += 1
         self._in_flight += 1
@@ -305,6 +340,11 @@ class Batcher(Generic[In, Out]):
                 self.stats.expired += 1
                 raise QueueTimeout(f"not started within {timeout * 1000:.0f} ms") from None
             self.stats.deadline_exceeded += 1
+            if time.monotonic() > objective:  # computing past its objective too: late
+                self.stats.late += 1
+                logger.warning("%s: a batch still computing passed a request's latency "
+                               "objective of %.0f ms; answering 504", self.name,
+                               self.slo_s * 1000)
             raise DeadlineExceeded(f"not finished within {timeout * 1000:.0f} ms") from None
         except asyncio.CancelledError:
             if self._unqueue(request):
@@ -314,20 +354,25 @@ class Batcher(Generic[In, Out]):
         except QueueTimeout:  # shed at dispatch: it could no longer meet its objective
             self.stats.expired += 1
             raise
+        except DeadlineExceeded:  # computed, but after its objective
+            self.stats.deadline_exceeded += 1
+            raise
         except BaseException:
             self.stats.failed += 1
             raise
         else:
             self.stats.succeeded += 1
+            if controller is not None:
+                controller.observe_answer(time.monotonic() - request.finished_at)
             return result
         finally:
             self._in_flight -= 1
 
     def _busy_remaining(self, now: float) -> float:
         """Predicted seconds until the batch computing now is done (0 when idle)."""
-        if self.busy_since is None or self._policy is None:
+        if self.busy_since is None or self.controller is None:
             return 0.0
-        return max(0.0, self.busy_since + self._policy.predicted(len(self._running)) - now)
+        return max(0.0, self.busy_since + self.controller.predicted(len(self._running)) - now)
 
     def _unqueue(self, request: _Request[In, Out]) -> bool:
         """Take a still-queued request out of the queue; False if it already left it."""
@@ -375,6 +420,7 @@ class Batcher(Generic[In, Out]):
                 # the most urgent ride in a batch of their own size, not a full one
                 count = min(count, self.bucket_for(self._queue.depth(1)))
             now = time.monotonic()
+            controller = self.controller
             while self._queue and len(batch) < count:
                 request = self._queue.popleft()
                 # A future already done was cancelled or timed out, and its submit() has not
@@ -383,12 +429,19 @@ class Batcher(Generic[In, Out]):
                 # (QueueTimeout, never computed and then answered 504).
                 if request.future.done() or request.deadline <= now:
                     continue
-                if self._policy is not None and self._policy.doomed(request.objective, now,
-                                                                    count):
-                    request.future.set_exception(QueueTimeout(
-                        "could no longer be answered within the latency objective of "
-                        f"{self.slo_s * 1000:.0f} ms"))
-                    continue
+                if controller is not None:
+                    # the batch shrinks to what this request can still make; one that
+                    # cannot make even the batch as it stands is refused, never computed
+                    fits = controller.largest_batch_for(now, request.objective, count)
+                    if fits <= len(batch):
+                        self.stats.shed_at_dispatch += 1
+                        request.future.set_exception(QueueTimeout(
+                            "could no longer be answered within the latency objective of "
+                            f"{self.slo_s * 1000:.0f} ms"))
+                        continue
+                    count = fits
+                    controller.observe_wait(request.level, request.predicted_wait,
+                                            now - request.enqueued_at)
                 request.state = _State.RUNNING
                 batch.append(request)
             if batch:
@@ -396,13 +449,16 @@ class Batcher(Generic[In, Out]):
 
     def _window_end(self) -> float:
         """Until when the worker may wait for more requests to join the next batch: the
-        batching window, or with a latency objective, the latest dispatch at which the
-        next request in line still meets it in the larger batch."""
+        batching window, and with a latency objective no later than the latest dispatch
+        at which the next request in line still meets it in the larger batch. (Waiting
+        up to that latest moment would fill batches, but put every answer at the edge of
+        its objective, where any batch slower than its estimate makes it late.)"""
         first = self._queue.peek()
-        if self._policy is None:
-            return first.enqueued_at + self.max_wait_s
+        window_end = first.enqueued_at + self.max_wait_s
+        if self.controller is None:
+            return window_end
         size = min(len(self._queue) + self._expected, self.max_batch_size)
-        return self._policy.wait_until(first.objective, size)
+        return min(window_end, self.controller.wait_until(first.objective, size))
 
     def bucket_for(self, size: int) -> int:
         """The smallest configured bucket that holds `size` inputs."""
@@ -411,8 +467,8 @@ class Batcher(Generic[In, Out]):
     def set_bucket_costs(self, seconds: Mapping[int, float]) -> None:
         """Measured seconds per batch of each bucket size, to choose batches by cost."""
         self._bucket_seconds = dict(seconds)
-        if self._policy is not None:
-            self._policy.seed(seconds)
+        if self.controller is not None:
+            self.controller.seed(seconds)
 
     def batch_count(self, queued: int) -> int:
         """How many queued requests the next batch takes.
@@ -472,17 +528,37 @@ class Batcher(Generic[In, Out]):
             await self._recover(live, error)
             return
         assert outputs is not None
-        compute_s = time.monotonic() - started
-        if self._policy is not None:
-            self._policy.observe(bucket, compute_s)
+        finished = time.monotonic()
+        compute_s = finished - started
+        if self.controller is not None:
+            self.controller.observe_batch(bucket, compute_s)
         self.stats.batches += 1
         self.stats.computed_items += len(live)
         waits = [started - request.enqueued_at for request in live]
         for request, output, wait in zip(live, outputs, waits, strict=True):
-            if not request.future.done():
-                request.future.set_result(BatchResult(output, wait, compute_s, len(live)))
+            if request.future.done():
+                continue
+            if finished > request.objective:
+                self._answer_late(request, finished, len(live), compute_s)
+                continue
+            request.finished_at = finished
+            request.future.set_result(BatchResult(output, wait, compute_s, len(live)))
         if self._observer is not None:
             self._observer.batch_done(len(live), bucket, waits, compute_s)
+
+    def _answer_late(self, request: _Request[In, Out], finished: float, batch_size: int,
+                     compute_s: float) -> None:
+        """A computed answer past its objective is never sent as a success: the promise is
+        an answer within the objective or a refusal. The controller is there so that this
+        does not happen; each time it does is counted and logged."""
+        self.stats.late += 1
+        late_ms = (finished - request.objective) * 1000
+        logger.warning("%s: an answer was computed %.1f ms after its latency objective of "
+                       "%.0f ms (batch of %d computed in %.1f ms); answering 504", self.name,
+                       late_ms, self.slo_s * 1000, batch_size, compute_s * 1000)
+        request.future.set_exception(DeadlineExceeded(
+            f"computed {late_ms:.0f} ms after the latency objective of "
+            f"{self.slo_s * 1000:.0f} ms"))
 
     def _call_model(
         self, items: list[In], bucket: int

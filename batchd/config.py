@@ -108,7 +108,8 @@ class BatchingConfig:
     max_wait_ms: float = 5.0
     """The most a batch waits for company, timed from its first request. The batcher
     dispatches at once when no other request is being read or decoded, so this costs
-    latency only while more requests are on their way. Not used with slo_ms.
+    latency only while more requests are on their way. With slo_ms, also never past
+    the latest dispatch at which the oldest request still meets its objective.
     Range: >= 0"""
     buckets: tuple[int, ...] = ()
     """The padded batch sizes, each compiled and warmed at start-up; a batch is padded to

@@ -31,7 +31,7 @@ import torch
 from prometheus_client import Gauge
 
 from batchd import errors
-from batchd.batch_stats import BatchResult
+from batchd.batch_stats import Arrival, BatchResult
 from batchd.config import Config
 from batchd.errors import BatchdError, UnknownModel
 from batchd.manager import ModelManager
@@ -72,6 +72,7 @@ class _Pending:
     priority: int
     use: contextlib.ExitStack  # the slot's use, until the answer (a retired slot waits)
     places: contextlib.ExitStack  # the places admission held, until Submit
+    arrival: Arrival | None = None  # when the front end took it up, and the backlog then
     task: asyncio.Task[list[BatchResult[torch.Tensor]]] | None = None
 
 
@@ -199,12 +200,14 @@ class Engine:
             slot = self.runtime.find_slot(message.model, message.version or None)
             self.runtime.check_serving(slot)
             use.enter_context(slot.use())
-            places = slot.hold_places(message.count, message.priority)
+            places, arrival = slot.hold_places(message.count, message.priority,
+                                               message.arrived_at)
         except BatchdError as error:
             use.close()
             frontend.send(Refused(message.request, type(error).__name__, str(error)))
             return
-        frontend.pending[message.request] = _Pending(slot, message.priority, use, places)
+        frontend.pending[message.request] = _Pending(slot, message.priority, use, places,
+                                                     arrival)
         frontend.send(Admitted(message.request, slot.version))
 
     def submit(self, frontend: _Frontend, message: Submit) -> None:
@@ -242,7 +245,8 @@ class Engine:
         # The places go back as the inputs queue, in one step: the worker, woken by the
         # one, finds the other (see Batcher.expecting).
         pending.places.close()
-        return await submit_group(pending.slot.batcher, items, timeout_s, pending.priority)
+        return await submit_group(pending.slot.batcher, items, timeout_s, pending.priority,
+                                  pending.arrival)
 
     def _computed(self, frontend: _Frontend, request: int,
                   task: asyncio.Task[list[BatchResult[torch.Tensor]]]) -> None:

@@ -113,11 +113,12 @@ class EngineClient:
         if self._stream is not None and self.lost is None:
             self._stream.send(Forget(request))
 
-    async def admit(self, model: str, version: int, count: int, priority: int
-                    ) -> tuple[int, int]:
+    async def admit(self, model: str, version: int, count: int, priority: int,
+                    arrived_at: float | None = None) -> tuple[int, int]:
         """(request number, the version admitted to); raises the engine's refusal."""
         request = next(self._numbers)
-        future = self._send(Admit(request, model, version, count, priority), request)
+        future = self._send(Admit(request, model, version, count, priority, arrived_at),
+                            request)
         answer = await self._answer(request, future, Admitted)
         return request, answer.version
 

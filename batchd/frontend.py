@@ -119,13 +119,15 @@ class RemoteSlot:
         yield
 
     @contextlib.asynccontextmanager
-    async def admit(self, count: int = 1, priority: int = 0) -> AsyncIterator[RemoteTicket]:
+    async def admit(self, count: int = 1, priority: int = 0,
+                    arrived_at: float | None = None) -> AsyncIterator[RemoteTicket]:
         """Admission by the engine, before the body is read (see ModelSlot.admit)."""
         self.level_of(priority)  # an unknown level is the client's error: no round trip
         runtime = self._runtime
         pinned = self.version if self.pinned else 0
         client = runtime.client
-        request, version = await client.admit(self.name, pinned, count, priority)
+        request, version = await client.admit(self.name, pinned, count, priority,
+                                              arrived_at)
         ticket: RemoteTicket | None = None
         try:
             ticket = RemoteTicket(runtime.version_slot(self.name, version), request, client)

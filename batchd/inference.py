@@ -27,11 +27,13 @@ Guard = Callable[[Coroutine[Any, Any, Results]], Awaitable[tuple[bool, Results |
 
 
 async def infer_parsed(slot: AnySlot, parsed: InferRequest, timeout_s: float | None,
-                       guard: Guard | None = None) -> tuple[AnySlot, Results | None]:
-    """The version that served `parsed` (a reload may swap the one asked for) and the
-    results of its samples; None when `guard` saw the caller leave."""
+                       arrived_at: float, guard: Guard | None = None
+                       ) -> tuple[AnySlot, Results | None]:
+    """The version that served `parsed`, a request that arrived at `arrived_at` (a reload
+    may swap the version asked for) and the results of its samples; None when `guard` saw
+    the caller leave."""
     count = len(parsed.images if parsed.images is not None else parsed.tensors or [])
-    async with slot.admit(count, parsed.priority) as ticket:
+    async with slot.admit(count, parsed.priority, arrived_at) as ticket:
         served = ticket.slot
         if parsed.images is not None:
             items = list(await asyncio.gather(*(served.preprocess(image, parsed.priority)

@@ -81,6 +81,9 @@ class Admit:
     version: int
     count: int
     priority: int
+    # when the request arrived, on the monotonic clock (one clock for every process of a
+    # host): a latency objective counts from it
+    arrived_at: float | None = None
 
 
 @dataclass(frozen=True)

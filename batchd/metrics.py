@@ -17,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from batchd.batch_stats import BatchStats
+from batchd.scheduler import DeadlineController
 
 LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
@@ -33,6 +34,7 @@ OUTCOMES = (
 
 class WatchedBatcher(Protocol):
     max_queue_size: int
+    controller: DeadlineController | None
 
     @property
     def queue_depth(self) -> int: ...
@@ -252,3 +254,44 @@ class _StateCollector(Collector):
             for outcome in self._OUTCOMES:
                 settled.add_metric([*labels, outcome], getattr(one.batcher.stats, outcome))
         yield settled
+        yield from self._controller(watched)
+
+    _STAGES = (("before_body", "refused_before_body"), ("after_decode", "refused_after_decode"),
+               ("at_dispatch", "shed_at_dispatch"))
+
+    def _controller(self, watched: list[tuple[tuple[str, str], _Watched]]) -> Iterator[Metric]:
+        """The overload controller's state and decisions, for models with slo_ms."""
+        refusals = CounterMetricFamily(
+            "batchd_overload_refusals",
+            "Requests refused 503 queue_timeout because they could not be answered within "
+            "the latency objective, by the stage that refused them: before_body (headers "
+            "read), after_decode (about to queue) or at_dispatch (queued, never computed).",
+            labels=["model", "version", "stage"])
+        late = CounterMetricFamily(
+            "batchd_late_answers",
+            "Answers computed after their latency objective and so answered 504, not 200 "
+            "(the controller's aim: 0).", labels=["model", "version"])
+        limit = GaugeMetricFamily(
+            "batchd_admission_limit",
+            "How many requests may be queued or decoding ahead of a new one of this "
+            "priority level for it to be admitted before its body is read, as the "
+            "controller's measurements stand now.", labels=["model", "version", "level"])
+        estimate = GaugeMetricFamily(
+            "batchd_stage_estimate_seconds",
+            "The controller's bound (mean + 4 deviations) on each measured stage: "
+            "to_queue_level_N (arrival to queued) and compute_bucket_N.",
+            labels=["model", "version", "stage"])
+        for labels, one in watched:
+            controller = one.batcher.controller
+            if controller is None:
+                continue
+            stats = one.batcher.stats
+            for stage, field in self._STAGES:
+                refusals.add_metric([*labels, stage], getattr(stats, field))
+            late.add_metric(list(labels), stats.late)
+            for level in range(1, controller.levels + 1):
+                limit.add_metric([*labels, str(level)], controller.admission_limit(
+                    level, one.batcher.max_queue_size))
+            for stage, seconds in controller.estimates().items():
+                estimate.add_metric([*labels, stage], seconds)
+        yield from (refusals, late, limit, estimate)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import anyio
 import torch
 
-from batchd.batch_stats import BatchResult
+from batchd.batch_stats import Arrival, BatchResult
 from batchd.batcher import Batcher
 from batchd.config import ModelConfig
 from batchd.device_thread import DeviceThread
@@ -84,22 +84,27 @@ class ModelSlot:
         """Wait until no prediction holds the slot; False if the limit passed first."""
         return await self._holders.wait_empty(timeout_s)
 
-    def hold_places(self, count: int, priority: int) -> contextlib.ExitStack:
+    def hold_places(self, count: int, priority: int, arrived_at: float | None = None
+                    ) -> tuple[contextlib.ExitStack, Arrival]:
         """Admission, now: refuse (QueueFull, QueueTimeout, ShuttingDown, ...) before a
         body is read or decoded, else hold places for `count` inputs on their way, so the
         worker waits for them and admission counts them. Closing the stack gives the
-        places back."""
-        self.batcher.check_admission(priority, count)
+        places back. `arrived_at` (monotonic) anchors a latency objective; the Arrival
+        goes with the inputs to the queue."""
+        arrival = self.batcher.check_admission(priority, count, arrived_at)
         places = contextlib.ExitStack()
         places.enter_context(self.batcher.expecting(count, priority))
-        return places
+        return places, arrival
 
     @contextlib.asynccontextmanager
-    async def admit(self, count: int = 1, priority: int = 0) -> AsyncIterator[Ticket]:
-        """A ticket for `count` inputs at `priority` (see hold_places); its `slot` is the
-        version that serves them (here: this one)."""
-        with self.hold_places(count, priority) as places:
-            yield Ticket(self, priority, places)
+    async def admit(self, count: int = 1, priority: int = 0,
+                    arrived_at: float | None = None) -> AsyncIterator[Ticket]:
+        """A ticket for `count` inputs at `priority` of a request that arrived at
+        `arrived_at` (see hold_places); its `slot` is the version that serves them (here:
+        this one)."""
+        places, arrival = self.hold_places(count, priority, arrived_at)
+        with places:
+            yield Ticket(self, priority, places, arrival)
 
     async def preprocess(self, data: bytes, priority: int = 0) -> torch.Tensor:
         """Decode and preprocess one encoded image (see preprocess_image)."""
@@ -132,16 +137,19 @@ class ModelSlot:
 class Ticket:
     """Admitted places in one version's queue, for one request's inputs."""
 
-    def __init__(self, slot: ModelSlot, priority: int, places: contextlib.ExitStack) -> None:
+    def __init__(self, slot: ModelSlot, priority: int, places: contextlib.ExitStack,
+                 arrival: Arrival) -> None:
         self.slot = slot
         self._priority = priority
         self._places = places
+        self._arrival = arrival
 
     async def submit(self, items: Sequence[torch.Tensor],
                      timeout_s: float | None) -> list[BatchResult[torch.Tensor]]:
         """Queue the inputs (their places are then given back) and wait for every output."""
         self._places.close()
-        return await submit_group(self.slot.batcher, items, timeout_s, self._priority)
+        return await submit_group(self.slot.batcher, items, timeout_s, self._priority,
+                                  self._arrival)
 
 
 async def preprocess_image(preprocessor: Preprocessor, data: bytes, gate: PriorityGate,
@@ -158,14 +166,17 @@ async def preprocess_image(preprocessor: Preprocessor, data: bytes, gate: Priori
 
 async def submit_group(batcher: Batcher[torch.Tensor, torch.Tensor],
                        items: Sequence[torch.Tensor], timeout_s: float | None,
-                       priority: int = 0) -> list[BatchResult[torch.Tensor]]:
-    """Queue every input of one request as one group of the fair queue (so that a large
-    request takes one place in each round); if one fails, cancel the rest and raise."""
+                       priority: int = 0, arrival: Arrival | None = None
+                       ) -> list[BatchResult[torch.Tensor]]:
+    """Queue every input of one request (admitted as `arrival`) as one group of the fair
+    queue (so that a large request takes one place in each round); if one fails, cancel
+    the rest and raise."""
     if len(items) == 1:  # the common case, without a task of its own
-        return [await batcher.submit(items[0], timeout_s, priority=priority)]
+        return [await batcher.submit(items[0], timeout_s, priority=priority,
+                                     arrival=arrival)]
     group: Hashable = object()
-    tasks = [asyncio.ensure_future(batcher.submit(item, timeout_s, group, priority))
-             for item in items]
+    tasks = [asyncio.ensure_future(batcher.submit(item, timeout_s, group, priority,
+                                                  arrival)) for item in items]
     try:
         return list(await asyncio.gather(*tasks))
     except BaseException:

@@ -99,6 +99,7 @@ def metric_names() -> set[str]:
     class Batcher:
         queue_depth = in_flight = 0
         max_queue_size = 8
+        controller = None
 
         class stats:
             accepted = succeeded = failed = cancelled = expired = deadline_exceeded = 0

@@ -1,55 +1,148 @@
-"""Deadline-aware dispatch, decided from predicted costs and a fake clock."""
+"""Overload control with a latency objective: the controller's estimates and decisions,
+and the batcher's refusals at each stage, decided from measured costs and a fake clock."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, Future
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import batchd.batcher as batcher_module
+from batchd.batch_stats import Arrival
 from batchd.batcher import Batcher
-from batchd.errors import QueueTimeout
-from batchd.scheduler import DeadlinePolicy
+from batchd.errors import DeadlineExceeded, QueueTimeout
+from batchd.scheduler import SPREAD, DeadlineController, SojournEstimate
 from tests.conftest import BlockingModel
 
 pytestmark = pytest.mark.anyio
 
+COSTS = {1: 0.10, 2: 0.15, 4: 0.20}
 
-def policy() -> DeadlinePolicy:
-    rules = DeadlinePolicy(0.3, (1, 2, 4), max_batch_size=4)
-    rules.seed({1: 0.10, 2: 0.15, 4: 0.20})
+
+def settle(rules: DeadlineController) -> DeadlineController:
+    """Serve each bucket at its seeded cost until the estimates have no spread left."""
+    for bucket, cost in COSTS.items():
+        for _ in range(80):
+            rules.observe_batch(bucket, cost)
     return rules
 
 
-def test_admission_counts_the_batches_ahead() -> None:
-    rules = policy()
-    assert rules.completion_if_queued(0, 0.0) == pytest.approx(0.10)
-    assert rules.completion_if_queued(3, 0.0) == pytest.approx(0.20)  # one full batch
-    assert rules.admits(3, 0.05)
-    assert not rules.admits(7, 0.0)  # two full batches: 0.4 s > 0.3 s
-    assert not rules.admits(0, 0.25)  # the batch computing now ends too late
+def controller(slo_s: float = 0.3, levels: int = 1) -> DeadlineController:
+    rules = DeadlineController(slo_s, (1, 2, 4), max_batch_size=4, levels=levels)
+    rules.seed(COSTS)
+    return settle(rules)
 
 
-def test_waiting_and_doom_follow_the_predicted_cost() -> None:
-    rules = policy()
+def test_a_warm_up_cost_is_trusted_under_load_only_once_serving_confirms_it() -> None:
+    rules = DeadlineController(0.3, (1, 2, 4), max_batch_size=4)
+    rules.seed(COSTS)
+    assert rules.compute_bound(4) == pytest.approx(0.2 + SPREAD * 0.1)  # half as deviation
+    # a batch of four is expected to take 0.2 s, but might take 0.6 s; one, 0.3 s at most
+    assert rules.predicted(4) == pytest.approx(0.2)
+    assert rules.largest_batch_for(10.0, 10.3, 4) == 1
+    settle(rules)
+    assert rules.largest_batch_for(10.0, 10.3, 4) == 4
+
+
+# -- the estimates -------------------------------------------------------------------------
+
+
+def test_an_estimate_starts_from_its_first_sample_and_bounds_the_spread() -> None:
+    estimate = SojournEstimate()
+    estimate.observe(0.1)
+    assert (estimate.mean, estimate.deviation) == pytest.approx((0.1, 0.05))
+    for _ in range(200):
+        estimate.observe(0.1)
+    assert estimate.mean == pytest.approx(0.1)
+    assert estimate.bound == pytest.approx(0.1, abs=1e-6)  # no spread left
+    for value in (0.05, 0.15) * 100:
+        estimate.observe(value)
+    # alternating +-0.05 around the mean: the deviation is about 0.05
+    assert estimate.bound == pytest.approx(0.1 + SPREAD * 0.05, rel=0.2)
+
+
+def test_the_compute_bound_follows_a_3x_slowdown_within_a_few_batches_and_recovers() -> None:
+    """Contention makes every batch 3x slower: within 3 batches the bound covers the new
+    cost, so dispatch stops promising what it cannot keep; once it recovers, the bound
+    comes back down, so the controller does not stay over-cautious."""
+    rules = controller()
+    for _ in range(50):
+        rules.observe_batch(4, 0.20)
+    assert rules.compute_bound(4) == pytest.approx(0.20, rel=0.01)
+    slow = []
+    for _ in range(12):
+        rules.observe_batch(4, 0.60)
+        slow.append(rules.compute_bound(4))
+    assert slow[2] >= 0.60  # the third slow batch is covered
+    assert rules.predicted(4) == pytest.approx(0.60, rel=0.25)
+    for _ in range(60):
+        rules.observe_batch(4, 0.20)
+    assert rules.compute_bound(4) == pytest.approx(0.20, rel=0.05)
+
+
+def test_admission_counts_arrival_to_queue_the_batches_ahead_and_its_own() -> None:
+    rules = controller(slo_s=0.5)
+    now, objective = 10.0, 10.5
+    # behind 3 (one batch in the making with it): its own batch, at most 0.2 s
+    assert rules.admits_before_body(now, objective, 1, 3, 0, 0.0)
+    # behind 4: a full batch ahead (0.2 s) and its own batch of one (0.1 s)
+    assert rules.admits_before_body(now, objective, 1, 4, 0, 0.0)
+    assert not rules.admits_before_body(now, objective, 1, 9, 0, 0.0)  # 0.4 + 0.15 > 0.5
+    assert not rules.admits_before_body(now, objective, 1, 4, 0, 0.25)  # behind a busy worker
+    for _ in range(50):  # uploads and decodes now take 0.25 s before a request queues
+        rules.observe_queued(1, 0.25, 0)
+    assert not rules.admits_before_body(now, objective, 1, 4, 0, 0.0)  # 0.25 + 0.3 > 0.5
+    assert rules.admits_queued(now, objective, 1, 4, 0.0)  # once decoded, 0.3 s fits
+
+
+def test_arrival_to_queue_scales_with_the_backlog_it_was_measured_behind() -> None:
+    rules = controller()
+    for _ in range(50):  # 0.2 s to the queue, behind 3 others uploading or decoding
+        rules.observe_queued(1, 0.2, 3)
+    assert rules.to_queue_bound(1, 0) == pytest.approx(0.05, rel=0.01)
+    assert rules.to_queue_bound(1, 3) == pytest.approx(0.2, rel=0.01)
+    # so with the backlog gone, the estimate is one upload and decode again
+    assert rules.admits_before_body(10.0, 10.3, 1, 0, 0, 0.0)
+    assert not rules.admits_before_body(10.0, 10.3, 1, 0, 4, 0.0)  # 0.25 + 0.2 > 0.3
+
+
+def test_admission_is_corrected_by_the_waits_it_mispredicted() -> None:
+    rules = controller(slo_s=0.5, levels=2)
+    assert rules.admits_queued(10.0, 10.5, 1, 4, 0.0)  # predicted 0.2 + 0.1
+    for _ in range(30):  # each request of level 1 waited 0.3 s longer than predicted
+        rules.observe_wait(1, 0.2, 0.5)
+    assert not rules.admits_queued(10.0, 10.5, 1, 4, 0.0)
+    assert rules.admits_queued(10.0, 10.5, 2, 4, 0.0)  # level 2's waits were not seen
+
+
+def test_the_batch_is_cut_to_what_the_oldest_request_can_make() -> None:
+    rules = controller()
+    assert rules.largest_batch_for(10.0, 10.25, 4) == 4
+    assert rules.largest_batch_for(10.0, 10.17, 4) == 2
+    assert rules.largest_batch_for(10.0, 10.12, 4) == 1
+    assert rules.largest_batch_for(10.0, 10.05, 4) == 0
+    assert rules.largest_batch_for(10.0, math.inf, 3) == 3
     assert rules.wait_until(10.3, 4) == pytest.approx(10.1)
-    assert not rules.doomed(10.3, 10.0, 4)
-    assert rules.doomed(10.3, 10.15, 4)
-    assert not rules.doomed(float("inf"), 10.0, 4)
 
 
-def test_estimates_move_towards_what_serving_measures() -> None:
-    rules = policy()
+def test_the_admission_limit_gauge_shrinks_as_the_costs_grow() -> None:
+    rules = controller(slo_s=0.45)
+    before = rules.admission_limit(1, 100)
+    assert before == 8  # 0-7 ahead fit (at most 0.2 + 0.2 s); 8 ahead take 0.4 + 0.1 s
     for _ in range(30):
-        rules.observe(4, 0.40)  # under load, twice the warm-up cost
-    assert rules.predicted(4) == pytest.approx(0.40, rel=0.01)
-    assert rules.predicted(3) == rules.predicted(4)  # a 3-batch runs in bucket 4
-    fresh = DeadlinePolicy(0.3, (1, 2, 4), 4)
-    assert fresh.predicted(2) == 0.0
-    fresh.seed({4: 0.2})
-    assert fresh.predicted(2) == 0.2  # a larger bucket's cost bounds a smaller one's
+        rules.observe_batch(4, 0.40)
+        rules.observe_batch(1, 0.40)
+    assert rules.admission_limit(1, 100) < before
+    assert rules.estimates()["compute_bucket_4"] >= 0.40
+
+
+# -- the batcher, with a fake clock --------------------------------------------------------
 
 
 class FakeClock:
@@ -67,31 +160,45 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     return fake
 
 
-def make(model: Any) -> Batcher[int, int]:
-    batcher: Batcher[int, int] = Batcher(model, max_batch_size=4, bucket_sizes=(1, 2, 4),
-                                         max_wait_s=0.0, max_queue_size=100,
-                                         queue_timeout_s=60.0, slo_s=0.32)
-    batcher.set_bucket_costs({1: 0.10, 2: 0.15, 4: 0.20})
+def make(model: Any, slo_s: float = 0.32, **overrides: Any) -> Batcher[int, int]:
+    options: dict[str, Any] = {"max_batch_size": 4, "bucket_sizes": (1, 2, 4),
+                               "max_wait_s": 0.0, "max_queue_size": 100,
+                               "queue_timeout_s": 60.0, "slo_s": slo_s, **overrides}
+    batcher: Batcher[int, int] = Batcher(model, **options)
+    batcher.set_bucket_costs(COSTS)
+    assert batcher.controller is not None
+    settle(batcher.controller)
     return batcher
 
 
-async def test_a_request_that_cannot_make_its_objective_is_refused_at_once(
+async def test_refused_before_the_body_when_arrival_to_queue_leaves_too_little(
         clock: FakeClock) -> None:
-    model = BlockingModel()
-    batcher = make(model)
-    # Five fit: the fifth is answered after a full batch (0.2 s) and a batch of one (0.1 s).
-    queued = [asyncio.ensure_future(batcher.submit(i)) for i in range(5)]
+    batcher = make(BlockingModel())
+    queued = [asyncio.ensure_future(batcher.submit(i)) for i in range(4)]
     await asyncio.sleep(0)
+    batcher.check_admission()  # behind 4: a full batch and its own, 0.3 s <= 0.32 s
     with pytest.raises(QueueTimeout, match="latency objective"):
-        await batcher.submit(99)  # a sixth would wait for 0.2 + 0.15 s > 0.32 s
-    assert (batcher.stats.rejected_late, batcher.stats.accepted) == (1, 5)
-    model.release.set()
-    batcher.start()
-    assert [result.output for result in await asyncio.gather(*queued)] == [0, 2, 4, 6, 8]
-    await batcher.drain(1)
+        # the same request, but it arrived 0.05 s ago (its headers took that long)
+        batcher.check_admission(arrived_at=clock.now - 0.05)
+    assert (batcher.stats.refused_before_body, batcher.stats.rejected_late) == (1, 1)
+    await batcher.abandon()
+    await asyncio.gather(*queued, return_exceptions=True)
 
 
-async def test_a_queued_request_past_saving_is_shed_before_it_is_computed(
+async def test_refused_once_decoded_when_the_upload_and_decode_took_its_time(
+        clock: FakeClock) -> None:
+    batcher = make(BlockingModel())
+    queued = [asyncio.ensure_future(batcher.submit(i)) for i in range(4)]
+    await asyncio.sleep(0)
+    with pytest.raises(QueueTimeout):
+        await batcher.submit(99, arrival=Arrival(clock.now - 0.1))  # 0.1 + 0.3 > 0.32
+    stats = batcher.stats
+    assert (stats.refused_after_decode, stats.rejected_late, stats.accepted) == (1, 1, 4)
+    await batcher.abandon()
+    await asyncio.gather(*queued, return_exceptions=True)
+
+
+async def test_a_queued_request_past_saving_is_shed_and_the_batch_cut_for_the_next(
         clock: FakeClock) -> None:
     seen: list[list[int]] = []
 
@@ -102,40 +209,127 @@ async def test_a_queued_request_past_saving_is_shed_before_it_is_computed(
     batcher = make(model)
     old = asyncio.ensure_future(batcher.submit(1))
     await asyncio.sleep(0)
-    clock.now += 0.25  # the old one now has 0.07 s left, less than any batch takes
-    new = asyncio.ensure_future(batcher.submit(2))
+    clock.now += 0.25  # 0.07 s left: less than any batch takes
+    middle = asyncio.ensure_future(batcher.submit(2))
+    await asyncio.sleep(0)
+    clock.now += 0.16  # 0.16 s left: a batch of two (0.15 s), not of four (0.2 s)
+    young = [asyncio.ensure_future(batcher.submit(i)) for i in (3, 4, 5)]
     await asyncio.sleep(0)
     batcher.start()
-    assert (await new).output == 4
     with pytest.raises(QueueTimeout, match="no longer"):
         await old
-    assert seen == [[2]]
+    assert (await middle).output == 4
+    assert [(await task).output for task in young] == [6, 8, 10]
+    assert seen[0] == [2, 3]  # cut to two for the middle one
     stats = batcher.stats
-    assert stats.expired == 1 and stats.computed_items == 1
+    assert (stats.shed_at_dispatch, stats.expired, stats.late) == (1, 1, 0)
     assert stats.accepted == stats.succeeded + stats.failed + stats.expired
     await batcher.drain(1)
 
 
-async def test_before_decoding_a_request_must_fit_the_admission_share(
+async def test_an_answer_computed_after_its_objective_is_a_504_never_a_200(
         clock: FakeClock) -> None:
-    from batchd.scheduler import ADMISSION_SHARE
+    def slow_model(items: Sequence[int], bucket: int) -> list[int]:
+        clock.now += 0.5  # far slower than any estimate
+        return list(items)
 
+    batcher = make(slow_model)
+    batcher.start()
+    with pytest.raises(DeadlineExceeded, match="after the latency objective"):
+        await batcher.submit(7)
+    stats = batcher.stats
+    assert (stats.late, stats.deadline_exceeded, stats.succeeded) == (1, 1, 0)
+    assert stats.computed_items == 1
+    assert batcher.controller is not None
+    assert batcher.controller.compute_bound(1) > 0.32  # what it saw: beyond the objective
+    # ...yet an idle server admits: its estimates may be stale, and refusing would keep
+    # them so (nothing admitted, nothing measured)
+    batcher.check_admission()
+    await batcher.drain(1)
+
+
+async def test_priority_1_is_admitted_and_served_in_time_behind_a_level_2_flood(
+        clock: FakeClock) -> None:
     model = BlockingModel()
-    batcher = make(model)  # objective 0.32 s; before decoding, 0.7 of it: 0.224 s
-    assert pytest.approx(0.7) == ADMISSION_SHARE
-    queued = [asyncio.ensure_future(batcher.submit(i)) for i in range(2)]
+    batcher = make(model, slo_s=0.5, priority_levels=2, default_priority=2)
+    flood = [asyncio.ensure_future(batcher.submit(i, priority=2)) for i in range(9)]
     await asyncio.sleep(0)
-    batcher.check_admission()  # third in line: one batch of 4, 0.2 s
-    with batcher.expecting(2):  # two more being decoded ahead: a batch and one, 0.3 s
-        with pytest.raises(QueueTimeout):
-            batcher.check_admission()
-        queued += [asyncio.ensure_future(batcher.submit(i)) for i in (2, 3)]
-        await asyncio.sleep(0)
-    # once decoded, the same 0.3 s fits the whole objective: queueing admits it
-    queued.append(asyncio.ensure_future(batcher.submit(4)))
+    with pytest.raises(QueueTimeout):
+        batcher.check_admission(priority=2)  # 2 batches ahead and its own: 0.55 s > 0.5 s
+    batcher.check_admission(priority=1)  # nothing of level 1 ahead of it
+    urgent = asyncio.ensure_future(batcher.submit(100, priority=1))
     await asyncio.sleep(0)
-    assert (batcher.stats.rejected_late, batcher.stats.accepted) == (1, 5)
     model.release.set()
     batcher.start()
-    await asyncio.gather(*queued)
+    assert (await urgent).output == 200
+    await asyncio.gather(*flood, return_exceptions=True)
     await batcher.drain(1)
+
+
+# -- no late 200 under any schedule ----------------------------------------------------------
+
+
+class InlineExecutor(Executor):
+    """Runs the model on the event loop's thread, at once: with a fake clock, the whole
+    schedule is deterministic."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        future.set_result(fn(*args, **kwargs))
+        return future
+
+
+arrivals = st.lists(st.tuples(st.floats(0.0, 0.2), st.floats(0.0, 0.4), st.integers(1, 2)),
+                    min_size=1, max_size=40)
+slowdowns = st.lists(st.floats(0.3, 4.0), min_size=1, max_size=40)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(arrivals=arrivals, slowdowns=slowdowns, slo_s=st.sampled_from([0.25, 0.5, 1.0]))
+def test_no_answer_is_a_success_after_its_objective(
+        arrivals: list[tuple[float, float, int]], slowdowns: list[float], slo_s: float
+        ) -> None:
+    """Requests arrive (gap since the last, how long before it queued, priority) while
+    each batch takes its warm-up cost times a random slowdown. Every request is answered
+    exactly once: a success computed within its objective, or a refusal (503) or a late
+    answer (504), never a late success; and the books balance."""
+    fake = FakeClock()
+    original = batcher_module.time
+    batcher_module.time = fake  # type: ignore[assignment]
+    try:
+        asyncio.run(_schedule(fake, arrivals, slowdowns, slo_s))
+    finally:
+        batcher_module.time = original
+
+
+async def _schedule(clock: FakeClock, arrivals: list[tuple[float, float, int]],
+                    slowdowns: list[float], slo_s: float) -> None:
+    batch_ends: list[float] = []
+
+    def model(items: Sequence[int], bucket: int) -> list[int]:
+        clock.now += COSTS[bucket] * slowdowns[len(batch_ends) % len(slowdowns)]
+        batch_ends.append(clock.now)
+        return [len(batch_ends) - 1] * len(items)  # which batch computed it
+
+    batcher = make(model, slo_s=slo_s, priority_levels=2, executor=InlineExecutor())
+    batcher.start()
+    tasks: list[tuple[float, asyncio.Future[Any]]] = []
+    for gap, before_queue, priority in arrivals:
+        clock.now += gap
+        arrived = clock.now - before_queue
+        tasks.append((arrived, asyncio.ensure_future(
+            batcher.submit(0, priority=priority, arrival=Arrival(arrived)))))
+        for _ in range(3):
+            await asyncio.sleep(0)
+    await batcher.drain(30)
+    outcomes = await asyncio.gather(*(task for _, task in tasks), return_exceptions=True)
+    for (arrived, _), outcome in zip(tasks, outcomes, strict=True):
+        if isinstance(outcome, BaseException):
+            assert isinstance(outcome, QueueTimeout | DeadlineExceeded), outcome
+        else:
+            assert batch_ends[outcome.output] <= arrived + slo_s + 1e-9
+    stats = batcher.stats
+    assert stats.accepted + stats.rejected_late == len(tasks)
+    assert stats.accepted == (stats.succeeded + stats.failed + stats.cancelled + stats.expired
+                              + stats.deadline_exceeded)
+    assert stats.late == stats.deadline_exceeded

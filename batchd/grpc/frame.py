@@ -10,7 +10,7 @@ import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NoReturn, TypeAlias, TypeVar
 
 import grpc
@@ -106,6 +106,8 @@ class Served:
 
     queue_wait_s: float | None = None
     batch_size: int | None = None
+    # when the call was taken up, on the monotonic clock: a latency objective counts from it
+    arrived_at: float = field(default_factory=time.monotonic)
 
 
 @dataclass

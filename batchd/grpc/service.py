@@ -141,7 +141,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         remaining = context.time_remaining()
         if remaining is not None:
             timeout_s = remaining if timeout_s is None else min(timeout_s, remaining)
-        version, results = await infer_parsed(slot, parsed, timeout_s)
+        version, results = await infer_parsed(slot, parsed, timeout_s, served.arrived_at)
         assert results is not None  # no guard: a cancelled call is cancelled here
         slowest = max(results, key=lambda result: result.queue_wait_s)
         served.queue_wait_s, served.batch_size = slowest.queue_wait_s, slowest.batch_size

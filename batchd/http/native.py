@@ -15,6 +15,7 @@ from batchd.http.frame import (
     PRIORITY_HEADER,
     RETRY_AFTER_S,
     TIMEOUT_HEADER,
+    arrival_of,
     cancel_on_disconnect,
     header,
     note_batch,
@@ -145,7 +146,7 @@ async def _predict(request: Request, slot: AnySlot, headers: dict[str, str]) -> 
     top_k = parse_top_k(request, len(slot.model.labels))
     timeout_s = parse_timeout(request)
     priority = parse_priority(request)
-    async with slot.admit(1, priority) as ticket:
+    async with slot.admit(1, priority, arrival_of(request)) as ticket:
         served = ticket.slot  # the version the engine admitted it to (a reload may swap)
         data = await read_image_payload(request, runtime_of(request).config.server.max_body_bytes)
         item = await served.preprocess(data, priority)

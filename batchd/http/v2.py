@@ -26,6 +26,7 @@ from starlette.routing import Route
 from batchd import __version__
 from batchd.errors import UnknownModel
 from batchd.http.frame import (
+    arrival_of,
     cancel_on_disconnect,
     header,
     note_batch,
@@ -108,7 +109,7 @@ async def _infer(request: Request, slot: AnySlot, headers: dict[str, str]) -> Re
     parsed = await run_codec(
         len(body), limiter, parse_request, body, header(request, HEADER_LENGTH),
         slot.model.input_shape, slot.model.num_classes, slot.config.batching.request_item_limit)
-    served, results = await infer_parsed(slot, parsed, parsed.timeout_s,
+    served, results = await infer_parsed(slot, parsed, parsed.timeout_s, arrival_of(request),
                                          lambda work: cancel_on_disconnect(request, work))
     if results is None:
         return None
