@@ -1,0 +1,277 @@
+"""Overload against a latency objective: does batchd keep its promise on this machine?
+
+In one run, on ResNet-18 at 64x64 with raw JPEG bodies:
+
+1. the capacity of batchd without an objective, closed-loop at 4, 8, 16 and 32 clients,
+   every answer checked 200. C32 is the throughput at 32 clients (the issue's C); C, for
+   an objective, is the highest throughput whose p99 is within that objective (at
+   250 ms on a small machine, 32 clients queue past it: no client population gets C32
+   within the objective, so goodput is held against what one can get);
+2. for each objective (`--slo-ms`, default 250 and 1000 ms), a batchd with
+   `batching.slo_ms` set, `queue_timeout_ms` equal to it and two priority levels, under
+   open-loop load (loadtest/openloop.py's generator, latency from the scheduled send
+   time) at 1.5 C and 3 C, Poisson and bursty: goodput (200s within the objective per
+   second) against C, the p99 of the 200s, the 504s, the p99 of the 503s, the generator's
+   lateness, and the server's books against the client's counts;
+3. priorities: level 1 at 0.1 C while level 2 floods at 1.5 C.
+
+Server CPU per 503 and per answered request come from the two points of each arrival
+process: the server's CPU at 1.5 C and at 3 C, solved for (answered x a + refused x b).
+
+    python -m loadtest.overload
+    python -m loadtest.overload --slo-ms 250 --seconds 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import time
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from loadtest import cpu
+from loadtest.bench import RESULTS, WORKLOADS, ensure_checkpoint, server, stage
+from loadtest.images import photo_jpeg
+from loadtest.loadgen import aiohttp_load
+from loadtest.openloop import arrival_offsets, run_schedule, with_batching
+
+Result = tuple[float, float, int]  # (generator lateness s, latency s, status)
+
+
+def served_counts(url: str) -> Counter[str]:
+    """batchd_requests_total by outcome, summed over models and protocols."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    counts: Counter[str] = Counter()
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text):
+        for sample in family.samples:
+            if sample.name == "batchd_requests_total":
+                counts[sample.labels["outcome"]] += int(sample.value)
+    return counts
+
+
+def controller_series(url: str) -> dict[str, float]:
+    """batchd's overload series (refusals by stage, late answers), summed over models."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    found: dict[str, float] = {}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text):
+        for sample in family.samples:
+            if sample.name in ("batchd_overload_refusals_total", "batchd_late_answers_total"):
+                key = sample.name + "".join(f"/{sample.labels[label]}" for label in
+                                            ("stage",) if label in sample.labels)
+                found[key] = found.get(key, 0.0) + sample.value
+    return found
+
+
+def percentile_ms(values: list[float], q: float) -> float | None:
+    return float(np.percentile(np.array(values) * 1000, q)) if values else None
+
+
+def summary(results: list[Result], window_s: float, slo_s: float, capacity: float
+            ) -> dict[str, Any]:
+    statuses = Counter(status for _, _, status in results)
+    ok = [latency for _, latency, status in results if status == 200]
+    refused = [latency for _, latency, status in results if status == 503]
+    good = sum(1 for latency in ok if latency <= slo_s)
+    return {
+        "requests": len(results), "statuses": {str(k): v for k, v in sorted(statuses.items())},
+        "goodput": good / window_s, "goodput_of_c": good / window_s / capacity,
+        "late_200s": len(ok) - good,
+        "p50_200_ms": percentile_ms(ok, 50), "p99_200_ms": percentile_ms(ok, 99),
+        "p99_503_ms": percentile_ms(refused, 99),
+        "generator_late_p99_ms": percentile_ms([late for late, _, _ in results], 99),
+    }
+
+
+def describe(point: dict[str, Any]) -> str:
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value:.0f}"
+
+    return (f"goodput {point['goodput']:6.1f}/s ({point['goodput_of_c']:.2f} C)  p99 200s "
+            f"{ms(point['p99_200_ms'])} ms  late 200s {point['late_200s']}  504s "
+            f"{point['statuses'].get('504', 0)}  p99 503s {ms(point['p99_503_ms'])} ms  "
+            f"statuses {point['statuses']}  generator late p99 "
+            f"{ms(point['generator_late_p99_ms'])} ms")
+
+
+def measure(url: str, pid: int, body: bytes, rate: float, seconds: float, arrivals: str,
+            seed: int, slo_s: float, capacity: float, urgent_share: float = 0.0
+            ) -> dict[str, Any]:
+    """One open-loop point at `rate`; with `urgent_share`, that share of the requests
+    (at random) is sent at priority 1 and the rest at 2."""
+    count = max(200, int(rate * seconds))
+    warmup = max(50, count // 10)
+    offsets = arrival_offsets(rate, count + warmup, arrivals, seed)
+    levels = None if not urgent_share else np.where(
+        np.random.default_rng(seed + 1).random(len(offsets)) < urgent_share, 1, 2)
+    books_before, series_before = served_counts(url), controller_series(url)
+    cpu_before = cpu.cpu_seconds(pid)
+    results = asyncio.run(run_schedule(url, body, "image/jpeg", offsets, 0, levels))
+    server_cpu_s = cpu.cpu_seconds(pid) - cpu_before
+    books = served_counts(url) - books_before
+    series = {key: value - series_before.get(key, 0.0)
+              for key, value in controller_series(url).items()}
+    window_s = float(offsets[-1] - offsets[warmup])
+    point = summary(results[warmup:], window_s, slo_s, capacity)
+    client = Counter(status for _, _, status in results)
+    point.update(rate=rate, arrivals=arrivals, server_cpu_s=server_cpu_s,
+                 server_answered=sum(books.values()), client_answered=sum(client.values()),
+                 books_by_outcome=dict(books), controller=series)
+    if levels is not None:
+        for level in (1, 2):
+            own = [result for result, at in zip(results[warmup:], levels[warmup:],
+                                                strict=True) if at == level]
+            point[f"level_{level}"] = summary(own, window_s, slo_s, capacity)
+    return point
+
+
+CLIENTS = (4, 8, 16, 32)
+
+
+def closed_loop(url: str, pid: int, body: bytes, clients: int, seconds: float
+                ) -> dict[str, Any]:
+    probe = aiohttp_load(url, body, "image/jpeg", clients, 10 * clients)
+    count = max(300, int(probe["rps"] * seconds))
+    cpu_before = cpu.cpu_seconds(pid)
+    result = aiohttp_load(url, body, "image/jpeg", clients, count)
+    result["server_cpu_ms"] = (cpu.cpu_seconds(pid) - cpu_before) / result["requests"] * 1000
+    if result["failures"]:
+        raise SystemExit(f"closed-loop capacity run had failures: {result['first_failures']}")
+    stage(f"  {clients:3d} clients: {result['rps']:6.1f} req/s, p99 {result['p99_ms']:.0f} ms, "
+          f"server CPU {result['server_cpu_ms']:.1f} ms/req")
+    return result
+
+
+def measure_capacity(body: bytes, seconds: float) -> dict[int, dict[str, Any]]:
+    """batchd as configured by default (no objective), closed-loop at CLIENTS."""
+    stage("capacity: batchd without an objective, closed-loop")
+    with server("batchd", WORKLOADS["resnet18-64"], RESULTS / "overload-capacity.log") as served:
+        aiohttp_load(served.url, body, "image/jpeg", 32, 300)  # warm connections and model
+        return {clients: closed_loop(served.url, served.pid, body, clients, seconds / 2)
+                for clients in CLIENTS}
+
+
+def capacity_within(closed: dict[int, dict[str, Any]], slo_ms: float) -> float:
+    """The highest closed-loop throughput whose p99 is within `slo_ms`."""
+    within = [run["rps"] for run in closed.values() if run["p99_ms"] <= slo_ms]
+    return max(within) if within else closed[min(closed)]["rps"]
+
+
+def run_objective(slo_ms: float, args: argparse.Namespace, body: bytes,
+                  closed: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    config = with_batching(WORKLOADS["resnet18-64"], f"overload-{slo_ms:g}", slo_ms=slo_ms,
+                           queue_timeout_ms=slo_ms, priority_levels=2)
+    slo_s = slo_ms / 1000
+    capacity = capacity_within(closed, slo_ms)
+    report: dict[str, Any] = {"slo_ms": slo_ms, "capacity": capacity,
+                              "c32": closed[32]["rps"]}
+    try:
+        with server("batchd", config, RESULTS / f"overload-{slo_ms:g}.log") as served:
+            aiohttp_load(served.url, body, "image/jpeg", 8, 200)  # warm, within capacity
+            stage(f"objective {slo_ms:g} ms: C = {capacity:.1f} req/s (C32 "
+                  f"{closed[32]['rps']:.1f})")
+            for arrivals in args.arrivals.split(","):
+                for multiple in (1.5, 3.0):
+                    point = measure(served.url, served.pid, body, multiple * capacity,
+                                    args.seconds, arrivals, args.seed, slo_s, capacity)
+                    report[f"{arrivals} {multiple:g}C"] = point
+                    stage(f"  {arrivals} {multiple:g} C: {describe(point)}")
+                    stage(f"    books: server {point['server_answered']}, client "
+                          f"{point['client_answered']}; controller {point['controller']}")
+            # level 1 at 0.1 C and level 2 at 1.5 C: one Poisson stream at 1.6 C, each
+            # arrival urgent with probability 0.1 / 1.6
+            point = measure(served.url, served.pid, body, 1.6 * capacity, args.seconds,
+                            "poisson", args.seed, slo_s, capacity, urgent_share=0.1 / 1.6)
+            report["priorities"] = point
+            for level in (1, 2):
+                stage(f"  priorities, level {level}: {describe(point[f'level_{level}'])}")
+            stage(f"    books: {point['books_by_outcome']}; controller {point['controller']}")
+    finally:
+        config.unlink()
+    for arrivals in args.arrivals.split(","):
+        report[f"{arrivals} 3C"].update(split_cpu(report[f"{arrivals} 1.5C"],
+                                                  report[f"{arrivals} 3C"]))
+    return report
+
+
+def split_cpu(low: dict[str, Any], high: dict[str, Any]) -> dict[str, float]:
+    """Server CPU ms per answered request (a) and per 503 (b), from two points' CPU:
+    cpu = answered x a + refused x b."""
+    def counts(point: dict[str, Any]) -> tuple[float, float, float]:
+        refused = point["books_by_outcome"].get("queue_timeout", 0) + point[
+            "books_by_outcome"].get("queue_full", 0)
+        return point["server_answered"] - refused, refused, point["server_cpu_s"] * 1000
+
+    (s1, r1, c1), (s2, r2, c2) = counts(low), counts(high)
+    determinant = s1 * r2 - s2 * r1
+    if abs(determinant) < 1e-9:
+        return {}
+    return {"cpu_per_answer_ms": (c1 * r2 - c2 * r1) / determinant,
+            "cpu_per_503_ms": (s1 * c2 - s2 * c1) / determinant}
+
+
+def table(report: dict[str, Any]) -> str:
+    slo = report["slo_ms"]
+    lines = [f"\n### Objective {slo:g} ms: C = {report['capacity']:.1f} req/s (C32 = "
+             f"{report['c32']:.1f})\n",
+             "| load | goodput /s | of C | p99 of the 200s ms | late 200s | 504s | 503s "
+             "| p99 of the 503s ms | generator late p99 ms | server CPU ms per 503 "
+             "(per answer) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def ms(value: float | None) -> str:
+        return "" if value is None else f"{value:,.0f}"
+
+    def row(label: str, point: dict[str, Any], cpu_503: str = "") -> str:
+        return (f"| {label} | {point['goodput']:.1f} | {point['goodput_of_c']:.2f} | "
+                f"{ms(point['p99_200_ms'])} | {point['late_200s']} | "
+                f"{point['statuses'].get('504', 0)} | {point['statuses'].get('503', 0)} | "
+                f"{ms(point['p99_503_ms'])} | {ms(point['generator_late_p99_ms'])} | "
+                f"{cpu_503} |")
+
+    for key, point in report.items():
+        if isinstance(point, dict) and "statuses" in point and key != "priorities":
+            cpu_503 = "" if "cpu_per_503_ms" not in point else \
+                f"{point['cpu_per_503_ms']:.2f} ({point['cpu_per_answer_ms']:.1f})"
+            lines.append(row(key, point, cpu_503))
+    for level in (1, 2):
+        lines.append(row(f"priorities: level {level}", report["priorities"][f"level_{level}"]))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slo-ms", default="250,1000", help="objectives, comma-separated")
+    parser.add_argument("--arrivals", default="poisson,bursty")
+    parser.add_argument("--seconds", type=float, default=15.0, help="per point")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    ensure_checkpoint(WORKLOADS["resnet18-64"])
+    body = photo_jpeg()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stage(f"{os.cpu_count()} cores; raw {len(body):,}-byte JPEG bodies; {args.seconds:g} s "
+          "a point")
+    started = time.perf_counter()
+    closed = measure_capacity(body, args.seconds)
+    reports = [run_objective(float(slo), args, body, closed) for slo in args.slo_ms.split(",")]
+    print("\n## Overload against the objective (resnet18-64)\n\nCapacity without an objective, "
+          "closed-loop: " + ", ".join(f"{clients} clients {run['rps']:.1f} req/s (p99 "
+                                      f"{run['p99_ms']:.0f} ms)"
+                                      for clients, run in closed.items()))
+    for report in reports:
+        print(table(report))
+    (RESULTS / "overload.json").write_text(json.dumps({"closed_loop": closed,
+                                                       "objectives": reports}, indent=2))
+    stage(f"wrote {RESULTS / 'overload.json'} in {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""loadtest/overload.py's arithmetic: what it reports must follow from what it measured."""
+
+from __future__ import annotations
+
+import pytest
+
+from loadtest.overload import capacity_within, split_cpu, summary
+
+
+def test_summary_counts_goodput_late_successes_and_refusals() -> None:
+    results = [(0.0, 0.10, 200), (0.0, 0.30, 200), (0.001, 0.02, 503), (0.0, 0.40, 504)]
+    point = summary(results, window_s=2.0, slo_s=0.25, capacity=1.0)
+    assert point["goodput"] == pytest.approx(0.5)  # one 200 within 250 ms, over 2 s
+    assert point["late_200s"] == 1
+    assert point["statuses"] == {"200": 2, "503": 1, "504": 1}
+    assert point["p99_503_ms"] == pytest.approx(20.0)
+
+
+def test_server_cpu_is_split_between_answers_and_refusals() -> None:
+    # 100 answers and 50 refusals, then 100 and 250: 8 ms an answer, 0.5 ms a refusal
+    low = {"books_by_outcome": {"success": 100, "queue_timeout": 50},
+           "server_answered": 150, "server_cpu_s": (100 * 8 + 50 * 0.5) / 1000}
+    high = {"books_by_outcome": {"success": 100, "queue_timeout": 250},
+            "server_answered": 350, "server_cpu_s": (100 * 8 + 250 * 0.5) / 1000}
+    split = split_cpu(low, high)
+    assert split["cpu_per_answer_ms"] == pytest.approx(8.0)
+    assert split["cpu_per_503_ms"] == pytest.approx(0.5)
+
+
+def test_capacity_within_an_objective_is_the_best_closed_loop_run_that_meets_it() -> None:
+    closed = {4: {"rps": 90.0, "p99_ms": 50.0}, 8: {"rps": 130.0, "p99_ms": 240.0},
+              32: {"rps": 200.0, "p99_ms": 400.0}}
+    assert capacity_within(closed, 250) == 130.0
+    assert capacity_within(closed, 1000) == 200.0
+    assert capacity_within(closed, 10) == 90.0  # none meets it: the fewest clients
