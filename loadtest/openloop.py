@@ -23,6 +23,7 @@ import json
 import os
 import time
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -148,19 +149,27 @@ def find_lambda_star(url: str, body: tuple[bytes, str], slo_s: float, arrivals: 
     return low, points
 
 
-def batcher_outcomes(url: str) -> dict[str, float]:
-    """batchd's settled requests by outcome (batchd_batcher_requests_total), all models."""
+def metric_sums(url: str, by: Mapping[str, str | None]) -> dict[tuple[str, str], float]:
+    """One scrape of batchd's /metrics: the samples named in `by`, summed over models by
+    (sample name, the value of the label `by` gives it; "" for None)."""
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
-    totals: dict[str, float] = {}
+    totals: dict[tuple[str, str], float] = {}
     text = httpx.get(f"{url}/metrics", timeout=10).text
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name == "batchd_batcher_requests_total":
-                outcome = sample.labels["outcome"]
-                totals[outcome] = totals.get(outcome, 0.0) + sample.value
+            if sample.name in by:
+                label = by[sample.name]
+                key = (sample.name, "" if label is None else sample.labels[label])
+                totals[key] = totals.get(key, 0.0) + sample.value
     return totals
+
+
+def batcher_outcomes(url: str) -> dict[str, float]:
+    """batchd's settled requests by outcome (batchd_batcher_requests_total), all models."""
+    return {outcome: value for (_, outcome), value in
+            metric_sums(url, {"batchd_batcher_requests_total": "outcome"}).items()}
 
 
 def with_batching(config_path: Path, tag: str, **settings: Any) -> Path:

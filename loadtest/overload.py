@@ -38,37 +38,28 @@ from loadtest import cpu
 from loadtest.bench import RESULTS, WORKLOADS, ensure_checkpoint, server, stage
 from loadtest.images import photo_jpeg
 from loadtest.loadgen import aiohttp_load
-from loadtest.openloop import arrival_offsets, run_schedule, with_batching
+from loadtest.openloop import arrival_offsets, metric_sums, run_schedule, with_batching
 
 Result = tuple[float, float, int]  # (generator lateness s, latency s, status)
 
 
-def served_counts(url: str) -> Counter[str]:
-    """batchd_requests_total by outcome, summed over models and protocols."""
-    import httpx
-    from prometheus_client.parser import text_string_to_metric_families
-
-    counts: Counter[str] = Counter()
-    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text):
-        for sample in family.samples:
-            if sample.name == "batchd_requests_total":
-                counts[sample.labels["outcome"]] += int(sample.value)
-    return counts
+# what the server's books say at a point: requests by outcome, and the controller's
+# refusals by stage and late answers
+SERVER_SERIES = {"batchd_requests_total": "outcome", "batchd_overload_refusals_total": "stage",
+                 "batchd_late_answers_total": None}
 
 
-def controller_series(url: str) -> dict[str, float]:
-    """batchd's overload series (refusals by stage, late answers), summed over models."""
-    import httpx
-    from prometheus_client.parser import text_string_to_metric_families
-
-    found: dict[str, float] = {}
-    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text):
-        for sample in family.samples:
-            if sample.name in ("batchd_overload_refusals_total", "batchd_late_answers_total"):
-                key = sample.name + "".join(f"/{sample.labels[label]}" for label in
-                                            ("stage",) if label in sample.labels)
-                found[key] = found.get(key, 0.0) + sample.value
-    return found
+def server_books(url: str) -> tuple[Counter[str], dict[str, float]]:
+    """(batchd_requests_total by outcome, the controller's series by name[/stage]), summed
+    over models and protocols, from one scrape."""
+    books: Counter[str] = Counter()
+    series: dict[str, float] = {}
+    for (name, label), value in metric_sums(url, SERVER_SERIES).items():
+        if name == "batchd_requests_total":
+            books[label] += int(value)
+        else:
+            series[name + (f"/{label}" if label else "")] = value
+    return books, series
 
 
 def percentile_ms(values: list[float], q: float) -> float | None:
@@ -112,13 +103,13 @@ def measure(url: str, pid: int, body: bytes, rate: float, seconds: float, arriva
     offsets = arrival_offsets(rate, count + warmup, arrivals, seed)
     levels = None if not urgent_share else np.where(
         np.random.default_rng(seed + 1).random(len(offsets)) < urgent_share, 1, 2)
-    books_before, series_before = served_counts(url), controller_series(url)
+    books_before, series_before = server_books(url)
     cpu_before = cpu.cpu_seconds(pid)
     results = asyncio.run(run_schedule(url, body, "image/jpeg", offsets, 0, levels))
     server_cpu_s = cpu.cpu_seconds(pid) - cpu_before
-    books = served_counts(url) - books_before
-    series = {key: value - series_before.get(key, 0.0)
-              for key, value in controller_series(url).items()}
+    books_after, series_after = server_books(url)
+    books = books_after - books_before
+    series = {key: value - series_before.get(key, 0.0) for key, value in series_after.items()}
     window_s = float(offsets[-1] - offsets[warmup])
     point = summary(results[warmup:], window_s, slo_s, capacity)
     client = Counter(status for _, _, status in results)

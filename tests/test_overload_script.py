@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from loadtest.overload import capacity_within, split_cpu, summary
+from tests.conftest import RunningServer, png_bytes
 
 
 def test_summary_counts_goodput_late_successes_and_refusals() -> None:
@@ -33,3 +36,18 @@ def test_capacity_within_an_objective_is_the_best_closed_loop_run_that_meets_it(
     assert capacity_within(closed, 250) == 130.0
     assert capacity_within(closed, 1000) == 200.0
     assert capacity_within(closed, 10) == 90.0  # none meets it: the fewest clients
+
+
+def test_the_server_books_are_read_in_one_scrape(digits_server: RunningServer,
+                                                 held_out: tuple[list[Any], list[int]]
+                                                 ) -> None:
+    from loadtest.overload import server_books
+
+    before, _ = server_books(digits_server.url)
+    with digits_server.client() as client:
+        for _ in range(3):
+            assert client.post("/predict", content=png_bytes(held_out[0][0]),
+                               headers={"Content-Type": "image/png"}).status_code == 200
+    after, series = server_books(digits_server.url)
+    assert (after - before)["success"] == 3
+    assert series == {}  # the digits model has no objective: no controller series
