@@ -20,9 +20,10 @@ measures the time each takes while it serves:
   every decision keeps free before the objective.
 
 Each is an estimate of its mean and its mean deviation, updated with every sample
-(Jacobson and Karels's estimator, TCP's retransmission timer: RFC 6298), and the
-decisions use mean + 4 deviations, so they follow a machine that slows down (contention, a
-smaller host) within a few samples and need no tuning per machine. From these, a request
+(Jacobson and Karels's estimator, TCP's retransmission timer: RFC 6298). A decision adds
+the stages' means, and allows 4 of their deviations added in quadrature, so it follows a
+machine that slows down (contention, a smaller host) within a few samples and needs no
+tuning per machine. From these, a request
 is refused 503 `queue_timeout` at the first stage where it could no longer be answered in
 time:
 

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The GPU host's benchmark, for a machine with an NVIDIA GPU and no network (under 10
 # minutes), in one run:
-#   1. ResNet-50, 1,000 classes, bf16, buckets up to 256: batchd in one process and with
-#      the CPU plan's front ends (server.workers = 0), side by side, against the
-#      per-request baseline and the in-process ceiling on the same GPU;
 #   0. decoding on 1-16 threads in one process (loadtest.decode_scaling): the served
 #      preprocessing, its decode and resize alone, and torchvision's decoder, with the
 #      pixel difference against Pillow's;
+#   1. ResNet-50, 1,000 classes, bf16, buckets up to 256: batchd in one process and with
+#      the CPU plan's front ends (server.workers = 0), side by side, against the
+#      per-request baseline and the in-process ceiling on the same GPU;
 #   2. the same host's cores alone: ResNet-18 at 64x64 on runtime.device = "cpu", one
 #      process against the plan's front ends, at 64 and 256 clients.
 # Prints requests/s, p99, server CPU per request, the mean batch and the ratios to the
