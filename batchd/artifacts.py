@@ -20,7 +20,7 @@ from batchd.errors import CheckpointError, ConfigError
 class OnnxNetwork(nn.Module):
     """An onnxruntime session behind the nn.Module interface (first input, first output)."""
 
-    def __init__(self, path: Path, device: torch.device) -> None:
+    def __init__(self, path: Path, device: torch.device, threads: int = 0) -> None:
         super().__init__()
         try:
             import onnxruntime
@@ -30,8 +30,17 @@ class OnnxNetwork(nn.Module):
         providers = ["CPUExecutionProvider"]
         if device.type == "cuda":
             providers.insert(0, "CUDAExecutionProvider")
+        if device.type == "cuda" and \
+                "TensorrtExecutionProvider" in onnxruntime.get_available_providers():
+            providers.insert(0, "TensorrtExecutionProvider")
+        options = onnxruntime.SessionOptions()
+        if threads:  # as many as torch's, and asleep when idle (see batchd.bucket_runtimes)
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            self.session = onnxruntime.InferenceSession(str(path), providers=providers)
+            self.session = onnxruntime.InferenceSession(str(path), options,
+                                                        providers=providers)
         except Exception as exc:  # onnxruntime raises its own, unexported, exception types
             raise CheckpointError(f"{path}: not a loadable ONNX model: {exc}") from None
         self.input_name = self.session.get_inputs()[0].name

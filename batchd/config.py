@@ -26,6 +26,9 @@ ARTIFACT_SUFFIXES: dict[str, ArtifactFormat] = {
 # compiler's recompile limit is set from this (batchd.process).
 MAX_BUCKETS = 64
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+# What may serve a bucket (batchd.bucket_runtimes); in the order a tie is broken in.
+RuntimeName = Literal["eager", "channels_last", "compiled", "cuda_graphs", "onnx"]
+COMPILING_RUNTIMES = frozenset({"compiled", "cuda_graphs"})  # need runtime.compile
 
 
 @dataclass(frozen=True)
@@ -196,7 +199,17 @@ class RuntimeConfig:
     compile_mode: CompileMode = "default"
     """torch.compile's mode; `reduce-overhead` captures CUDA graphs per bucket."""
     pick_faster: bool = True
-    """Time each bucket compiled and eager at warm-up and serve it with the faster."""
+    """Time every candidate runtime on each bucket at warm-up, under a decoding load like
+    serving's, and serve the bucket with the fastest; false: serve every bucket with the
+    first candidate (after eager) that passes its parity check."""
+    candidates: tuple[RuntimeName, ...] = ()
+    """The runtimes that may serve a bucket: `eager`, `channels_last` (weights and batches
+    in channels-last order), `compiled` (torch.compile with compile_mode), `cuda_graphs`
+    (torch.compile capturing CUDA graphs; CUDA only) and `onnx` (exported and run by ONNX
+    Runtime: its CPU, CUDA or TensorRT provider; float32 only). Each must match eager on
+    seeded inputs (1e-4 on the logits; dtype_tolerance on the probabilities in a low
+    precision) or it is refused. Empty: every one that can run here; one listed that
+    cannot is a start-up error. Eager is always built, as the reference."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """The precision the network runs in; a low precision only after a start-up check
     against float32 (dtype_tolerance)."""
@@ -286,6 +299,12 @@ class ServerConfig:
     torch_threads: int = 0
     """The model's intra-op threads; 0: the CPU plan decides.
     Range: >= 0"""
+    cache_dir: str = ""
+    """Where ONNX exports and warm-up's runtime choices are kept between restarts, keyed
+    by the checkpoint's fingerprint, the model's settings, the machine and the CPU plan
+    (batchd.runtime_cache), relative to the config file; empty: `$XDG_CACHE_HOME/batchd`,
+    else `~/.cache/batchd`; `off`: keep nothing. A cache that cannot be written is
+    warned of and done without."""
     gil_switch_interval_ms: float = 5.0
     """How long a Python thread may hold the GIL while another waits for it (CPython's
     own default: 5 ms). Decoding threads give it up in every Pillow call and win it back
@@ -550,6 +569,11 @@ def _check_model(model: ModelConfig, key: str, path: Path) -> None:
     device = model.runtime.device
     if not (device in ("auto", "cpu", "cuda") or _is_cuda_index(device)):
         fail("runtime.device", f"{device!r} is not 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    compiling = COMPILING_RUNTIMES & set(model.runtime.candidates)
+    if compiling and not model.runtime.compile:
+        fail("runtime.candidates", f"lists {sorted(compiling)} but runtime.compile is false")
+    if len(set(model.runtime.candidates)) != len(model.runtime.candidates):
+        fail("runtime.candidates", "names a runtime twice")
 
 
 def _is_cuda_index(device: str) -> bool:

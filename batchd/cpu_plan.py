@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,3 +133,54 @@ def plan(torch_threads: int, preprocess_threads: int, on_gpu: bool,
         workers=workers,
     )
 
+
+def decoding_share(cores: int, decode_cpu_s: float, model_cpu_s: float) -> float:
+    """The cores decoding should have: its part of the CPU an image costs, of `cores`.
+
+    A decode-bound model (the digits model with 640x480 JPEGs: decode 5.6 ms, model under
+    1 ms) needs nearly every core decoding, or its batches stay at 1; a model-bound one
+    (ResNet-18: several ms of CPU an image) keeps them for the model."""
+    total = decode_cpu_s + model_cpu_s
+    return cores * decode_cpu_s / total if total > 0 else 1.0
+
+
+class DecodingPlanner:
+    """Keeps the decoding threads at decoding's share of the cores, as the stage costs are
+    measured: the model's CPU an image from warm-up (its largest bucket, at its intra-op
+    threads), decoding's from every image decoded (a moving average, starting from
+    warm-up's probe). A change is made only when the share is past the next whole thread
+    by HYSTERESIS, so that it does not flap, and each is logged with its figures."""
+
+    SMOOTHING = 0.05  # the moving average's weight of one decode
+    HYSTERESIS = 0.25
+
+    def __init__(self, cores: int, threads: int, model_cpu_s: float,
+                 decode_cpu_s: float | None, apply: Callable[[int], None]) -> None:
+        self.cores = cores
+        self.threads = threads
+        self.model_cpu_s = model_cpu_s
+        self.decode_cpu_s = decode_cpu_s
+        self._apply = apply
+        if decode_cpu_s is not None:
+            self._replan("warm-up's probe image")
+
+    def observe_decode(self, cpu_s: float) -> None:
+        """One image decoded in `cpu_s` of its thread's CPU (event loop only)."""
+        if self.decode_cpu_s is None:
+            self.decode_cpu_s = cpu_s
+        else:
+            self.decode_cpu_s += self.SMOOTHING * (cpu_s - self.decode_cpu_s)
+        self._replan("the images served")
+
+    def _replan(self, source: str) -> None:
+        assert self.decode_cpu_s is not None
+        share = decoding_share(self.cores, self.decode_cpu_s, self.model_cpu_s)
+        wanted = min(self.cores, max(1, round(share)))
+        if wanted == self.threads or abs(share - self.threads) < 0.5 + self.HYSTERESIS:
+            return
+        logger.info("CPU plan: decoding threads %d -> %d: decoding %.2f ms of CPU an image "
+                    "(%s), the model %.2f ms: decoding's share %.2f of %d cores",
+                    self.threads, wanted, self.decode_cpu_s * 1000, source,
+                    self.model_cpu_s * 1000, share, self.cores)
+        self.threads = wanted
+        self._apply(wanted)

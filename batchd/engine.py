@@ -114,7 +114,7 @@ class Engine:
                 status = runtime.slot_status(slot)
                 versions.append(VersionInfo(
                     slot.config, version, slot.model.labels, slot.model.num_classes,
-                    str(slot.model.device), tuple(sorted(slot.model.eager_buckets)),
+                    str(slot.model.device), tuple(sorted(slot.model.bucket_runtime.items())),
                     status.state.value, status.reason))
         return Catalog(tuple(versions), runtime.default_model, runtime.loaded,
                        runtime.draining)

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from batchd.artifacts import load_file
+from batchd.checkpoint import load_network
 from batchd.config import ArtifactFormat, ModelConfig
 from batchd.errors import BatchdError
-from batchd.model import load_network
 
 DEFAULT_TOLERANCE = 1e-4
 MAX_EXPORTED_BATCH = 4096

@@ -64,7 +64,7 @@ class ModelView:
         self.labels = info.labels
         self.num_classes = info.num_classes
         self.device = torch.device(info.device)
-        self.eager_buckets = set(info.eager_buckets)
+        self.bucket_runtime = dict(info.bucket_runtimes)
 
     def top_k(self, logits: torch.Tensor, k: int) -> list[tuple[str, float]]:
         return top_k_labels(self.labels, logits, k)

@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
+from batchd.checkpoint import build_network, describe_mismatch, extract_state_dict, read_checkpoint
 from batchd.config import ModelConfig
-from batchd.model import build_network, describe_mismatch, extract_state_dict, read_checkpoint
 
 
 def describe_value(value: Any) -> str:

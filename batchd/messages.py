@@ -53,7 +53,7 @@ class VersionInfo:
     labels: tuple[str, ...]
     num_classes: int
     device: str
-    eager_buckets: tuple[int, ...]
+    bucket_runtimes: tuple[tuple[int, str], ...]  # (bucket, runtime), by bucket
     state: str  # a batchd.slot.ModelState value
     reason: str = ""
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from batchd.batch_stats import BatchStats
+from batchd.config import RuntimeName
 from batchd.scheduler import DeadlineController
 
 LATENCY_BUCKETS = (
@@ -57,19 +58,34 @@ class _Watched:
 
 
 class _BatchObserver:
-    def __init__(self, metrics: Metrics, model: str, version: str) -> None:
+    """Observes each batch; the compute time and size under the runtime of its bucket
+    (`runtime_of`, as warm-up chose: batchd.bucket_runtimes)."""
+
+    def __init__(self, metrics: Metrics, model: str, version: str,
+                 runtime_of: Callable[[int], str]) -> None:
         self._queue_wait = metrics.queue_wait.labels(model, version)
-        self._compute = metrics.batch_compute.labels(model, version)
-        self._size = metrics.batch_size.labels(model, version)
         self._padding = metrics.padding.labels(model, version)
+        self._metrics = metrics
+        self._model = model
+        self._version = version
+        self._runtime_of = runtime_of
+        self._by_bucket: dict[int, tuple[Any, Any]] = {}
 
     def batch_done(
         self, size: int, bucket: int, queue_waits: Sequence[float], compute_s: float
     ) -> None:
         for wait in queue_waits:
             self._queue_wait.observe(wait)
-        self._compute.observe(compute_s)
-        self._size.observe(size)
+        series = self._by_bucket.get(bucket)
+        if series is None:  # looked up once a bucket: labels() costs a lock and a dict
+            runtime = self._runtime_of(bucket)
+            labels = (self._model, self._version, runtime)
+            series = (self._metrics.batch_compute.labels(*labels),
+                      self._metrics.batch_size.labels(*labels))
+            self._by_bucket[bucket] = series
+        compute, sizes = series
+        compute.observe(compute_s)
+        sizes.observe(size)
         self._padding.inc(bucket - size)
 
 
@@ -123,14 +139,16 @@ class Metrics:
             ["model", "version"], buckets=LATENCY_BUCKETS, registry=self.registry,
         )
         self.batch_compute = Histogram(
-            "batchd_batch_compute_seconds", "Time the model took to compute one batch.",
-            ["model", "version"], buckets=LATENCY_BUCKETS, registry=self.registry,
+            "batchd_batch_compute_seconds", "Time the model took to compute one batch, by the "
+            "runtime that served its bucket.",
+            ["model", "version", "runtime"], buckets=LATENCY_BUCKETS, registry=self.registry,
         )
         size_buckets = sorted({2**i for i in range(max_batch_size.bit_length())}
                               | {max_batch_size})
         self.batch_size = Histogram(
-            "batchd_batch_size", "Requests in each batch computed (before padding).",
-            ["model", "version"], buckets=size_buckets, registry=self.registry,
+            "batchd_batch_size", "Requests in each batch computed (before padding), by the "
+            "runtime that served its bucket.",
+            ["model", "version", "runtime"], buckets=size_buckets, registry=self.registry,
         )
         self.padding = Counter(
             "batchd_padding_slots", "Padded (wasted) batch slots added to reach a bucket size.",
@@ -169,9 +187,13 @@ class Metrics:
     def unwatch(self, name: str, version: int) -> None:
         """Drop a retired version's series."""
         self._watched.pop((name, str(version)), None)
-        for family in (self.queue_wait, self.batch_compute, self.batch_size, self.padding):
+        for family in (self.queue_wait, self.padding):
             with contextlib.suppress(KeyError):
                 family.remove(name, str(version))
+        for family in (self.batch_compute, self.batch_size):
+            for runtime in get_args(RuntimeName):
+                with contextlib.suppress(KeyError):
+                    family.remove(name, str(version), runtime)
 
     def set_serving(self, name: str, version: int | None) -> None:
         """Which version answers `name`'s requests that name none (None: unloaded)."""
@@ -186,9 +208,11 @@ class Metrics:
         if self.request_metrics is not None:
             self.request_metrics.in_progress.set_function(in_progress)
 
-    def observer(self, model: str, version: int = 1) -> _BatchObserver:
-        """The BatchObserver to hand to the batcher of `model`'s `version`."""
-        return _BatchObserver(self, model, str(version))
+    def observer(self, model: str, version: int = 1,
+                 runtime_of: Callable[[int], str] = lambda bucket: "eager") -> _BatchObserver:
+        """The BatchObserver to hand to the batcher of `model`'s `version`, whose buckets
+        are served by `runtime_of(bucket)`."""
+        return _BatchObserver(self, model, str(version), runtime_of)
 
     def request_done(self, model: str, outcome: str, code: int | str, seconds: float,
                      protocol: str = "http") -> None:

@@ -1,35 +1,61 @@
-"""Building, loading, compiling and running one served model.
+"""One served model: its network (loaded by batchd.checkpoint), the runtime each bucket
+is served by (chosen at warm-up, batchd.bucket_runtimes), and running a padded batch.
 
-Checkpoints are state_dict files, loaded on the CPU with weights_only=True and matched
-strictly; a mismatch stops start-up with the keys and shapes that differ. The served
-module always runs in eval() and under torch.inference_mode(). With compile on, it is
-compiled for static shapes and warmed on every bucket size before serving, and every
-graph compilation is counted so that a recompile while serving is visible.
+The served module always runs in eval() and under torch.inference_mode(). Every bucket is
+warmed before serving, and every graph compilation is counted so that a recompile while
+serving is visible.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import itertools
 import logging
-import pickle
+import re
+import threading
 import time
 import types
 import weakref
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from batchd.bucket_runtimes import (
+    FLOAT32_TOLERANCE,
+    RUNTIME_NAMES,
+    BucketChoice,
+    Choices,
+    DecodingLoad,
+    Forward,
+    applicable_runtimes,
+    channels_last,
+    choose_runtimes,
+    logit_difference,
+    onnx_runtime,
+    probability_difference,
+    probe_jpeg,
+    seeded_images,
+    time_candidates,
+)
+from batchd.checkpoint import load_network, resolve_device
 from batchd.config import ModelConfig
 from batchd.errors import CheckpointError, ConfigError, ModelOverloaded
 from batchd.preprocess import Preprocessor
+from batchd.runtime_cache import RuntimeCache, cpu_model, file_fingerprint, key_of, package_version
 
 logger = logging.getLogger("batchd.model")
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")  # torch.onnx colours its messages
+_warming = threading.local()
+
+
+def warming_up() -> bool:
+    """True while warm-up runs the network, on the thread that runs it: a network with
+    side effects (a log line a batch, say) may leave them out of warm-up's seeded
+    batches."""
+    return getattr(_warming, "active", False)
 # numbers each compiled forward's code object, which holds its own compile cache
 _compiled_forwards = itertools.count()
 
@@ -48,127 +74,13 @@ def _guard_finalizers() -> set[weakref.finalize[Any, Any]]:
     return found
 
 
-def build_network(config: ModelConfig) -> nn.Module:
-    """The untrained network the config's source names."""
-    source = config.source
-    kwargs = dict(source.kwargs)
-    if source.num_classes is not None:
-        kwargs["num_classes"] = source.num_classes
-    if source.arch is not None:
-        import torchvision.models
-
-        try:
-            return torchvision.models.get_model(source.arch, weights=None, **kwargs)
-        except ValueError as exc:
-            raise ConfigError(f"model {config.name!r}: source.arch: {exc}") from None
-    assert source.builder is not None  # validated by config: exactly one is set
-    module_name, _, function_name = source.builder.partition(":")
+@contextlib.contextmanager
+def _warming_up() -> Iterator[None]:
+    _warming.active = True
     try:
-        builder: Callable[..., nn.Module] = getattr(
-            importlib.import_module(module_name), function_name
-        )
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(
-            f"model {config.name!r}: source.builder {source.builder!r} cannot be imported: {exc}"
-        ) from None
-    return builder(**kwargs)
-
-
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint safely (weights_only) and return the whole object it holds."""
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"{path}: refused to load: it holds pickled Python objects, not only tensors. "
-            "batchd loads state_dict files with weights_only=True; save "
-            "model.state_dict() instead of the model object. "
-            f"(torch said: {str(exc).splitlines()[0]})"
-        ) from None
-    except (RuntimeError, OSError, EOFError) as exc:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint: {exc}") from None
-    if not isinstance(loaded, dict):
-        raise CheckpointError(f"{path}: holds a {type(loaded).__name__}, not a state_dict")
-    return loaded
-
-
-def extract_state_dict(checkpoint: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
-    """A bare state_dict, or the one a training checkpoint keeps under 'model'/'state_dict'."""
-    state = checkpoint
-    for key in ("model", "state_dict"):
-        if isinstance(checkpoint.get(key), dict):
-            state = checkpoint[key]
-            break
-    if not state or not all(isinstance(value, torch.Tensor) for value in state.values()):
-        raise CheckpointError(f"{path}: no state_dict of tensors found (looked at the top level, "
-                              "'model' and 'state_dict')")
-    for prefix in ("_orig_mod.", "module."):  # torch.compile / DataParallel wrappers
-        if all(key.startswith(prefix) for key in state):
-            state = {key[len(prefix):]: value for key, value in state.items()}
-    return state
-
-
-def describe_mismatch(network: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
-    """Plain-words differences between a network's parameters and a state_dict."""
-    expected = {key: tuple(value.shape) for key, value in network.state_dict().items()}
-    found = {key: tuple(value.shape) for key, value in state.items()}
-    problems = []
-    missing = [key for key in expected if key not in found]
-    unexpected = [key for key in found if key not in expected]
-    if missing:
-        problems.append("missing keys: " + ", ".join(f"{k} {list(expected[k])}" for k in missing))
-    if unexpected:
-        problems.append(
-            "unexpected keys: " + ", ".join(f"{k} {list(found[k])}" for k in unexpected)
-        )
-    for key in expected:
-        if key in found and expected[key] != found[key]:
-            problems.append(
-                f"shape of {key}: checkpoint has {list(found[key])}, model expects "
-                f"{list(expected[key])}"
-            )
-    return problems
-
-
-def checkpoint_classes(checkpoint: dict[str, Any]) -> tuple[str, ...]:
-    """Class names a training checkpoint carries under 'classes' (empty when none)."""
-    classes = checkpoint.get("classes")
-    if isinstance(classes, (list, tuple)) and all(isinstance(c, str) for c in classes):
-        return tuple(classes)
-    return ()
-
-
-def load_network(config: ModelConfig) -> tuple[nn.Module, tuple[str, ...]]:
-    """The network in eval mode on the CPU, and the class names its checkpoint carries.
-
-    From a state_dict: build, then load strictly. From an artifact: load it as its
-    consumers would (see batchd.artifacts).
-    """
-    if config.source.artifact is not None:
-        from batchd.artifacts import load_artifact
-
-        return load_artifact(config, resolve_device(config.runtime.device)), ()
-    assert config.checkpoint is not None  # validated by config
-    network = build_network(config)
-    checkpoint = read_checkpoint(config.checkpoint)
-    state = extract_state_dict(checkpoint, config.checkpoint)
-    problems = describe_mismatch(network, state)
-    if problems:
-        raise CheckpointError(
-            f"model {config.name!r}: checkpoint {config.checkpoint} does not match the "
-            "configured network:\n  " + "\n  ".join(problems)
-        )
-    network.load_state_dict(state, strict=True)
-    return network.eval(), checkpoint_classes(checkpoint)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} requested but CUDA is not available")
-    return device
+        yield
+    finally:
+        _warming.active = False
 
 
 class ServedModel:
@@ -194,13 +106,14 @@ class ServedModel:
         self.ready = False
         self.consecutive_oom = 0
         self.last_oom_at = 0.0
-        self._forward: Callable[[torch.Tensor], torch.Tensor] = self.network
-        self.eager_buckets: set[int] = set()  # buckets served eager (see warm_up)
-        self.bucket_seconds: dict[int, float] = {}  # measured at warm-up
-        self._compiled_code: types.CodeType | None = None  # see release()
+        # Every runtime built (eager always), and the one each bucket is served by: chosen,
+        # with the seconds a batch it took, at warm-up.
+        self._forwards: dict[str, Forward] = {"eager": self.network}
+        self.bucket_runtime: dict[int, str] = {}
+        self.bucket_seconds: dict[int, float] = {}
+        self.decode_cpu_seconds: float | None = None  # a probe JPEG's, at warm-up
+        self._compiled_codes: list[types.CodeType] = []  # see release()
         self._guard_finalizers: set[weakref.finalize[Any, Any]] = set()
-        if config.runtime.compile:
-            self._forward = self._compiled()
         self.num_classes = self._probe_num_classes()
         self.labels = labels or tuple(str(i) for i in range(self.num_classes))
         if len(self.labels) != self.num_classes:
@@ -237,7 +150,7 @@ class ServedModel:
                 f"model {self.name!r}: {self.config.runtime.dtype} probabilities differ from fp32 "
                 f"by {self.low_precision_error:.3e} > runtime.dtype_tolerance {tolerance}")
 
-    def _compiled(self) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _compiled(self, mode: str) -> Forward:
         """The network compiled for static shapes, with a compile cache of its own.
 
         Compiling the module itself would put every model's graphs on torch's one shared
@@ -250,7 +163,7 @@ class ServedModel:
         from torch._inductor import list_mode_options
         from torch._inductor.compile_fx import compile_fx
 
-        patches = list_mode_options(self.config.runtime.compile_mode)
+        patches = list_mode_options(mode)
         owner = weakref.ref(self)
 
         def counting_backend(graph: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
@@ -266,7 +179,7 @@ class ServedModel:
 
         forward.__code__ = forward.__code__.replace(
             co_name=f"batchd_forward_{next(_compiled_forwards)}")
-        self._compiled_code = forward.__code__
+        self._compiled_codes.append(forward.__code__)
         return torch.compile(forward, backend=counting_backend, dynamic=False)
 
     def release(self) -> None:
@@ -282,19 +195,18 @@ class ServedModel:
         compiled reload of ResNet-18: 16.3 MB with neither step, 7.5 MB without the detach,
         1.0 MB with both.
         These are torch internals, so each step is skipped where this torch lacks it."""
-        code = self._compiled_code
-        if code is None:
-            return
         failures = getattr(getattr(torch._dynamo, "utils", None), "guard_failures", None)
-        if isinstance(failures, dict):
-            failures.pop(code, None)
         reset_code = getattr(torch._dynamo.eval_frame, "reset_code", None)
-        if reset_code is not None:
-            reset_code(code)  # drops the cache entries now, not at the next collection
+        for code in self._compiled_codes:
+            if isinstance(failures, dict):
+                failures.pop(code, None)
+            if reset_code is not None:
+                reset_code(code)  # drops the cache entries now, not at the next collection
         for finalizer in self._guard_finalizers:
             finalizer.detach()
         self._guard_finalizers = set()
-        self._compiled_code = None
+        self._compiled_codes = []
+        self._forwards = {"eager": self.network}
 
     def _probe_num_classes(self) -> int:
         with torch.inference_mode():
@@ -310,56 +222,167 @@ class ServedModel:
         """Graphs compiled after warm-up finished; 0 while serving is the goal."""
         return self.compile_count - self.warm_compile_count if self.ready else 0
 
-    def warm_up(self, progress: Callable[[str], None] | None = None) -> None:
-        """Run every bucket size once so that serving never compiles.
+    def warm_up(self, progress: Callable[[str], None] | None = None,
+                decoding_threads: int = 0, cache: RuntimeCache | None = None) -> None:
+        """Choose each bucket's runtime and run every bucket, so that serving never compiles.
 
-        With runtime.pick_faster, each bucket is then timed compiled and eager, and served
-        by the faster: on a small CPU, inductor's code can lose to eager at small batches.
+        Each candidate (batchd.bucket_runtimes) is checked against eager on seeded inputs
+        and, with runtime.pick_faster, timed on every bucket while `decoding_threads`
+        decode as under load; the fastest serves the bucket. A choice kept in `cache` for
+        this model, machine and plan skips the timing, not the parity check.
         """
-        buckets = self.config.batching.bucket_sizes
         report = progress or logger.info
-        item = [torch.zeros(self.input_shape, dtype=torch.uint8)]
+        cache = cache or RuntimeCache(None)
+        buckets = self.config.batching.bucket_sizes
+        names = self.candidate_names()
+        key = self.choice_key(names, decoding_threads)
         finalizers_before = _guard_finalizers()
+        batches = {size: self.assemble(seeded_images(self.input_shape, size, seed=size), size)
+                   for size in buckets}
+        load = DecodingLoad(self.preprocessor.load, probe_jpeg(), decoding_threads)
+        started = time.monotonic()
+        with load.running(), _warming_up():
+            choices = self._cached_choices(cache.load_choices(key), names, batches, report,
+                                           cache)
+            if choices is None:
+                forwards = self._build_runtimes(names, report, cache)
+                choices = choose_runtimes(forwards, batches, self._difference,
+                                          self._tolerance, self.config.runtime.pick_faster,
+                                          report)
+                cache.save_choices(key, {"buckets": {
+                    str(size): {"runtime": choice.runtime, "seconds": choice.seconds}
+                    for size, choice in choices.buckets.items()}, "refused": choices.refused})
+            else:
+                report(f"model {self.name}: runtimes per bucket from the cache ({key})")
+        self.decode_cpu_seconds = load.median_cpu_seconds()
         for index, size in enumerate(buckets, start=1):
-            started = time.monotonic()
-            self.run_batch(item, size)
-            choose = self.config.runtime.compile and self.config.runtime.pick_faster
-            # One timed run feeds the batcher's cost model; choosing a path takes three each.
-            seconds = self._time_bucket(item, size, runs=3 if choose else 1, warm=choose)
-            note = f"; {seconds * 1000:.1f} ms a batch"
-            if choose:
-                self.eager_buckets.add(size)
-                eager_s = self._time_bucket(item, size, runs=3, warm=True)
-                if seconds <= eager_s:
-                    self.eager_buckets.discard(size)
-                note = (f"; compiled {seconds * 1000:.1f} ms, eager {eager_s * 1000:.1f} ms: "
-                        f"serving {'eager' if size in self.eager_buckets else 'compiled'}")
-                seconds = min(seconds, eager_s)
-            self.bucket_seconds[size] = seconds
-            report(f"model {self.name}: warmed bucket {index}/{len(buckets)} (batch {size}) in "
-                   f"{time.monotonic() - started:.2f}s{note}")
+            choice = choices.buckets[size]
+            self.bucket_runtime[size] = choice.runtime
+            self.bucket_seconds[size] = choice.seconds[choice.runtime]
+            report(f"model {self.name}: warmed bucket {index}/{len(buckets)} (batch {size}): "
+                   f"{choice.describe()}")
+        report(f"model {self.name}: runtimes chosen in {time.monotonic() - started:.1f}s")
+        serving = {"eager", *self.bucket_runtime.values()}
+        self._forwards = {name: forward for name, forward in self._forwards.items()
+                          if name in serving}
         self.warm_compile_count = self.compile_count
         self._guard_finalizers = _guard_finalizers() - finalizers_before
         self.ready = True
 
-    def _time_bucket(self, items: list[torch.Tensor], bucket: int, runs: int,
-                     warm: bool) -> float:
-        """Median seconds of one batch of `bucket` on the path it is routed to now."""
-        if warm:
-            self.run_batch(items, bucket)
-        times = []
-        for _ in range(runs):
-            started = time.perf_counter()
-            self.run_batch(items, bucket)
-            times.append(time.perf_counter() - started)
-        return sorted(times)[len(times) // 2]
+    def candidate_names(self) -> list[str]:
+        """The runtimes to try, in RUNTIME_NAMES' order, eager first; ConfigError if
+        runtime.candidates lists one that cannot run here."""
+        runtime = self.config.runtime
+        reasons = applicable_runtimes(self.device, self.dtype, runtime.compile,
+                                      self.config.source.artifact is not None)
+        for name in runtime.candidates:
+            if reasons[name]:
+                raise ConfigError(f"model {self.name!r}: key 'runtime.candidates' lists "
+                                  f"{name!r}, which cannot run here: {reasons[name]}")
+        wanted: set[str] = set(runtime.candidates) or {name for name in RUNTIME_NAMES
+                                                       if not reasons[name]}
+        return ["eager", *(name for name in RUNTIME_NAMES if name in wanted and name != "eager")]
+
+    def choice_key(self, names: Sequence[str], decoding_threads: int) -> str:
+        """What a cached choice of runtimes must have been measured with."""
+        device = str(self.device)
+        if self.device.type == "cuda":
+            device += f" {torch.cuda.get_device_name(self.device)}"
+        return key_of({"network": self.network_key(), "device": device, "cpu": cpu_model(),
+                       "torch_threads": torch.get_num_threads(), "decoding": decoding_threads,
+                       "buckets": self.config.batching.bucket_sizes, "dtype": str(self.dtype),
+                       "candidates": list(names), "mode": self.config.runtime.compile_mode,
+                       "pick_faster": self.config.runtime.pick_faster})
+
+    def network_key(self) -> str:
+        """The network's weights and shape, and the versions an export depends on."""
+        weights = self.config.checkpoint or self.config.source.artifact
+        source = self.config.source
+        return key_of({"weights": file_fingerprint(weights) if weights else None,
+                       "arch": source.arch, "builder": source.builder, "kwargs": source.kwargs,
+                       "classes": source.num_classes, "input": self.input_shape,
+                       "torch": torch.__version__,
+                       "onnx": [package_version(name) for name in ("onnxscript", "onnx")]})
+
+    def _build_runtimes(self, names: Sequence[str], report: Callable[[str], None],
+                        cache: RuntimeCache) -> dict[str, Forward]:
+        """Each runtime named, built once; one that cannot be built (a network that does
+        not export, say) is left out, with a line saying why."""
+        for name in names:
+            if name in self._forwards:
+                continue
+            try:
+                self._build_runtime(name, report, cache)
+            except Exception as exc:  # torch.onnx and onnxruntime raise their own types
+                first_line = ANSI_ESCAPE.sub("", str(exc)).strip().split("\n")[0][:300]
+                report(f"model {self.name}: runtime {name} left out: it cannot be built: "
+                       f"{first_line or repr(exc)}")
+        return {name: self._forwards[name] for name in names if name in self._forwards}
+
+    def _build_runtime(self, name: str, report: Callable[[str], None],
+                       cache: RuntimeCache) -> None:
+        if name == "channels_last":
+            self._forwards[name] = channels_last(self.network)
+        elif name == "compiled":
+            self._forwards[name] = self._compiled(self.config.runtime.compile_mode)
+        elif name == "cuda_graphs":
+            self._forwards[name] = self._compiled("reduce-overhead")
+        elif name == "onnx":
+            example = self.assemble(seeded_images(self.input_shape, 2), 2)
+            with cache.onnx_file(self.network_key()) as path:
+                self._forwards[name] = onnx_runtime(
+                    self.network, example, path, torch.get_num_threads(),
+                    lambda line: report(f"model {self.name}: {line}"))
+
+    def _cached_choices(self, saved: dict[str, Any] | None, names: Sequence[str],
+                        batches: dict[int, torch.Tensor], report: Callable[[str], None],
+                        cache: RuntimeCache) -> Choices | None:
+        """The saved choice, confirmed: each bucket's runtime built, checked against eager
+        and timed once (the batcher's cost model); None if there is none, or it fails."""
+        try:
+            chosen = {int(size): str(entry["runtime"])
+                      for size, entry in (saved or {})["buckets"].items()}
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return None
+        if set(chosen) != set(batches) or not set(chosen.values()) <= set(names):
+            return None
+        forwards = self._build_runtimes(["eager", *sorted(set(chosen.values()) - {"eager"})],
+                                        report, cache)
+        if not set(chosen.values()) <= set(forwards):
+            return None
+        choices = Choices()
+        with torch.inference_mode():
+            for size, batch in batches.items():
+                name = chosen[size]
+                gap = self._difference(forwards[name](batch).float().cpu(),
+                                       forwards["eager"](batch).float().cpu())
+                if not gap <= self._tolerance:
+                    report(f"model {self.name}: the cached choice {name} for batch {size} "
+                           f"differs from eager by {gap:.3e}; choosing again")
+                    return None
+                seconds = time_candidates({name: forwards[name]}, batch)
+                choices.buckets[size] = BucketChoice(name, seconds)
+        return choices
+
+    @property
+    def _tolerance(self) -> float:
+        return FLOAT32_TOLERANCE if self.dtype == torch.float32 \
+            else self.config.runtime.dtype_tolerance
+
+    @property
+    def _difference(self) -> Callable[[torch.Tensor, torch.Tensor], float]:
+        return logit_difference if self.dtype == torch.float32 else probability_difference
+
+    def runtime_of(self, bucket: int) -> str:
+        """The runtime that serves `bucket` (eager until warm-up chose)."""
+        return self.bucket_runtime.get(bucket, "eager")
 
     def run_batch(self, items: Sequence[torch.Tensor], bucket: int) -> list[torch.Tensor]:
         """Run inputs (uint8 images, or float32 already normalised), zero-padded to `bucket`;
         return one logits row each."""
         try:
             with torch.inference_mode():
-                forward = self.network if bucket in self.eager_buckets else self._forward
+                forward = self._forwards[self.bucket_runtime.get(bucket, "eager")]
                 output = forward(self.assemble(items, bucket))
                 rows = output[:len(items)].float().cpu()
         except torch.cuda.OutOfMemoryError as exc:

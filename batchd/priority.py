@@ -121,9 +121,26 @@ class PriorityGate:
     def __init__(self, tokens: int) -> None:
         if tokens < 1:
             raise ValueError("tokens must be at least 1")
-        self._free = tokens
+        self._tokens = tokens
+        self._held = 0
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._arrivals = itertools.count()
+
+    @property
+    def tokens(self) -> int:
+        return self._tokens
+
+    @property
+    def held(self) -> int:
+        return self._held
+
+    def resize(self, tokens: int) -> None:
+        """Hold at most `tokens` from now on: more let waiters in at once; fewer take
+        effect as holders leave (none is taken back)."""
+        if tokens < 1:
+            raise ValueError("tokens must be at least 1")
+        self._tokens = tokens
+        self._grant()
 
     @property
     def waiting(self) -> int:
@@ -138,8 +155,8 @@ class PriorityGate:
             self._release()
 
     async def _acquire(self, level: int) -> None:
-        if self._free > 0 and not self._waiters:
-            self._free -= 1
+        if self._held < self._tokens and not self._waiters:
+            self._held += 1
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._waiters, (level, next(self._arrivals), future))
@@ -151,9 +168,12 @@ class PriorityGate:
             raise
 
     def _release(self) -> None:
-        while self._waiters:
+        self._held -= 1
+        self._grant()
+
+    def _grant(self) -> None:
+        while self._waiters and self._held < self._tokens:
             _, _, future = heapq.heappop(self._waiters)
             if not future.done():
-                future.set_result(None)  # the token passes straight to this waiter
-                return
-        self._free += 1
+                self._held += 1
+                future.set_result(None)

@@ -14,9 +14,9 @@ from typing import Literal
 import prometheus_client
 import torch
 
+from batchd.checkpoint import resolve_device
 from batchd.config import MAX_BUCKETS, Config
 from batchd.cpu_plan import CpuPlan, plan
-from batchd.model import resolve_device
 from batchd.repository import read_repository
 
 logger = logging.getLogger("batchd.process")

@@ -38,15 +38,17 @@ import torch
 from prometheus_client import generate_latest
 
 from batchd.batcher import Batcher
+from batchd.checkpoint import resolve_device
 from batchd.config import Config, ModelConfig
-from batchd.cpu_plan import CpuPlan, plan
+from batchd.cpu_plan import CpuPlan, DecodingPlanner, plan
 from batchd.device_thread import DeviceThread
 from batchd.errors import ConfigError
 from batchd.export import check_served_artifact
 from batchd.metrics import Metrics
-from batchd.model import ServedModel, resolve_device
+from batchd.model import ServedModel
 from batchd.priority import PriorityGate
 from batchd.repository import Repository, RepositoryModel, read_repository
+from batchd.runtime_cache import RuntimeCache, cache_root
 from batchd.serving import FLUSH_S, Serving
 from batchd.slot import OOM_STREAK_NOT_READY, ModelSlot, ModelState, ModelStatus
 
@@ -81,6 +83,10 @@ class Runtime(Serving[ModelSlot]):
             [model.batching.max_batch_size for model in self.model_configs()]),
             requests=count_requests)
         self._retiring: set[ModelSlot] = set()
+        self.runtime_cache = RuntimeCache(cache_root(config.server.cache_dir, config.path))
+        # Set once the default model has warmed, where the decoding threads are the plan's
+        # to choose: in one process, on a CPU device (see _follow_stage_costs).
+        self.decoding_planner: DecodingPlanner | None = None
         self.fatal_error: str | None = None
         self._threads: dict[str, DeviceThread] = {}
         self._limiter: anyio.CapacityLimiter | None = None
@@ -192,7 +198,7 @@ class Runtime(Serving[ModelSlot]):
             max_queue_size=batching.max_queue_size,
             queue_timeout_s=batching.queue_timeout_ms / 1000.0,
             executor=thread,
-            observer=self.metrics.observer(model_config.name, version),
+            observer=self.metrics.observer(model_config.name, version, model.runtime_of),
             name=model_config.name,
             slo_s=batching.slo_ms / 1000.0,
             priority_levels=batching.priority_levels,
@@ -205,7 +211,37 @@ class Runtime(Serving[ModelSlot]):
         logger.info("model %s: version %d loaded from %s on %s", model_config.name, version,
                     model_config.checkpoint or model_config.source.artifact, model.device)
         return ModelSlot(model_config, model, batcher, thread, self._limiter,
-                         self._decode_gate, version)
+                         self._decode_gate, version, decode_observer=self._observe_decode)
+
+    def _observe_decode(self, cpu_s: float) -> None:
+        if self.decoding_planner is not None:
+            self.decoding_planner.observe_decode(cpu_s)
+
+    def _follow_stage_costs(self, slot: ModelSlot) -> None:
+        """From now on, share the cores between decoding and the model as their measured
+        costs say (batchd.cpu_plan.DecodingPlanner), unless server.preprocess_threads
+        fixes the decoding threads, the model is on a GPU (decoding has every core), or
+        front-end processes decode (each has its share of the plan)."""
+        model = slot.model
+        if (self.config.server.preprocess_threads or self.cpu_plan.workers != 1
+                or model.device.type != "cpu" or not model.bucket_seconds):
+            return
+        assert self._limiter is not None and self._decode_gate is not None
+        largest = max(model.bucket_seconds)
+        model_cpu_s = model.bucket_seconds[largest] / largest * self.cpu_plan.torch_threads
+        gate, limiter = self._decode_gate, self._limiter
+
+        def apply(threads: int) -> None:
+            gate.resize(threads)
+            limiter.total_tokens = threads
+
+        logger.info("CPU plan: the decoding threads follow the stage costs of model %s: "
+                    "%.2f ms of CPU an image at batch %d, decoding %s", slot.name,
+                    model_cpu_s * 1000, largest,
+                    "unmeasured" if model.decode_cpu_seconds is None
+                    else f"{model.decode_cpu_seconds * 1000:.2f} ms (a 640x480 JPEG)")
+        self.decoding_planner = DecodingPlanner(self.cpu_plan.cores, gate.tokens, model_cpu_s,
+                                                model.decode_cpu_seconds, apply)
 
     async def start(self) -> None:
         """Warm every model in the background; returns at once."""
@@ -231,11 +267,15 @@ class Runtime(Serving[ModelSlot]):
                 continue
             logger.info("model %s: version %d ready after %.1fs of warm-up", slot.name,
                         slot.version, time.monotonic() - started)
+            if slot.name == self.default_model and self.decoding_planner is None:
+                self._follow_stage_costs(slot)
 
-    @staticmethod
-    async def warm(slot: ModelSlot, executor: DeviceThread) -> None:
-        """Run every bucket once on `executor`, then start the slot's batcher."""
-        await asyncio.get_running_loop().run_in_executor(executor, slot.model.warm_up, None)
+    async def warm(self, slot: ModelSlot, executor: DeviceThread) -> None:
+        """Choose each bucket's runtime and run every bucket on `executor` (beside as many
+        decoding threads as serve: batchd.bucket_runtimes), then start the slot's batcher."""
+        warm_up = functools.partial(slot.model.warm_up, None, self.cpu_plan.preprocess_threads,
+                                    self.runtime_cache)
+        await asyncio.get_running_loop().run_in_executor(executor, warm_up)
         slot.batcher.set_bucket_costs(slot.model.bucket_seconds)
         slot.batcher.start()
 

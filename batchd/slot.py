@@ -7,7 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-from collections.abc import AsyncIterator, Hashable, Iterator, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import anyio
@@ -63,6 +64,8 @@ class ModelSlot:
     decode_gate: PriorityGate
     version: int = 1
     warm_error: str | None = None
+    # Told the CPU seconds of each image decoded (batchd.cpu_plan.DecodingPlanner).
+    decode_observer: Callable[[float], None] | None = None
     _holders: Holders[object] = field(default_factory=Holders, repr=False)
 
     @property
@@ -110,7 +113,7 @@ class ModelSlot:
         """Decode and preprocess one encoded image (see preprocess_image)."""
         return await preprocess_image(self.model.preprocessor, data, self.decode_gate,
                                       self.batcher.level_of(priority),
-                                      self.preprocess_limiter)
+                                      self.preprocess_limiter, self.decode_observer)
 
     def status(self, draining: bool, watchdog_s: float) -> ModelStatus:
         if self.warm_error:
@@ -153,15 +156,28 @@ class Ticket:
 
 
 async def preprocess_image(preprocessor: Preprocessor, data: bytes, gate: PriorityGate,
-                           level: int, limiter: anyio.CapacityLimiter) -> torch.Tensor:
+                           level: int, limiter: anyio.CapacityLimiter,
+                           observe_cpu_s: Callable[[float], None] | None = None
+                           ) -> torch.Tensor:
     """Decode and preprocess one encoded image in the decoding thread pool, the more
-    urgent levels getting the next free thread first; a tiny image (Preprocessor.
-    open_small) here and now."""
+    urgent levels getting the next free thread first, and tell `observe_cpu_s` the CPU
+    it took; a tiny image (Preprocessor.open_small) here and now."""
     small = preprocessor.open_small(data)
     if small is not None:
         return preprocessor.load_opened(small)
     async with gate.hold(level):
-        return await anyio.to_thread.run_sync(preprocessor.load, data, limiter=limiter)
+        if observe_cpu_s is None:
+            return await anyio.to_thread.run_sync(preprocessor.load, data, limiter=limiter)
+        image, cpu_s = await anyio.to_thread.run_sync(_timed_load, preprocessor, data,
+                                                      limiter=limiter)
+    observe_cpu_s(cpu_s)
+    return image
+
+
+def _timed_load(preprocessor: Preprocessor, data: bytes) -> tuple[torch.Tensor, float]:
+    begun = time.thread_time()
+    image = preprocessor.load(data)
+    return image, time.thread_time() - begun
 
 
 async def submit_group(batcher: Batcher[torch.Tensor, torch.Tensor],

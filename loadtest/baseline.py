@@ -19,8 +19,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from batchd.checkpoint import load_network
 from batchd.config import load_config
-from batchd.model import load_network
 from batchd.preprocess import Preprocessor
 
 config = load_config(os.environ.get("BATCHD_BASELINE_CONFIG", "config/default.toml"))

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import io
+import os
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -24,6 +28,13 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS_CHECKPOINT = ROOT / "batchd" / "assets" / "digits.pt"
+
+# Every server this session starts, in-process or not, keeps its ONNX exports and runtime
+# choices (batchd.runtime_cache) in one folder of its own: shared by the tests, so that a
+# model is exported once, and apart from the user's own cache.
+SESSION_CACHE = tempfile.mkdtemp(prefix="batchd-test-cache-")
+os.environ["XDG_CACHE_HOME"] = SESSION_CACHE
+atexit.register(shutil.rmtree, SESSION_CACHE, True)
 
 
 # -- fakes for the batcher ---------------------------------------------------------------
@@ -83,7 +94,11 @@ def digits_model_table(
     batching: dict[str, Any] | None = None,
     compile: bool = False,
 ) -> str:
-    """One [[models]] entry with the digits model's labels and preprocessing."""
+    """One [[models]] entry with the digits model's labels and preprocessing. A test's own
+    network (a builder from tests.slow_model: slowed, poisoned, held) is served eager
+    alone: an export would drop its sleeps and side effects, and a faster runtime would
+    win its buckets."""
+    candidates = '\ncandidates = ["eager"]' if "tests." in str(source.get("builder", "")) else ""
     batching = {"max_batch_size": 32, "max_wait_ms": 5, "buckets": [1, 2, 4, 8, 16, 32],
                 **(batching or {})}
     checkpoint_line = "" if checkpoint is None else f"checkpoint = {toml_value(str(checkpoint))}"
@@ -108,7 +123,7 @@ color_mode = "L"
 
 [models.runtime]
 device = "cpu"
-compile = {toml_value(compile)}
+compile = {toml_value(compile)}{candidates}
 """
 
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from batchd.digits import build_model
+from batchd.model import warming_up
 
 
 class SlowDigits(nn.Sequential):
@@ -48,7 +49,7 @@ def build_poisoned(delay_ms: float = 0.0, num_classes: int = 10) -> nn.Module:
 
 class OutOfMemoryDigits(nn.Sequential):
     """The digits CNN that runs out of 'device memory' on batches larger than `max_ok` that
-    hold a real image; warm-up's constant (all-zero) batches pass."""
+    hold a real image; warm-up's batches pass (batchd.model.warming_up)."""
 
     def __init__(self, max_ok: int = 2, num_classes: int = 10) -> None:
         super().__init__(*build_model(num_classes))
@@ -56,7 +57,7 @@ class OutOfMemoryDigits(nn.Sequential):
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         real_images = batch.flatten(1).std(dim=1) > 1e-3
-        if batch.shape[0] > self.max_ok and bool(real_images.any()):
+        if batch.shape[0] > self.max_ok and bool(real_images.any()) and not warming_up():
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return super().forward(batch)
 
@@ -108,14 +109,14 @@ def build_wide(width: int = 6400, num_classes: int = 10) -> nn.Module:
 class GatedDigits(nn.Sequential):
     """The digits CNN that holds every batch with a real image until the file `gate`
     exists: a held engine in another process, released by the test creating the file.
-    Warm-up's constant (all-zero) batches pass."""
+    Warm-up's batches pass (batchd.model.warming_up)."""
 
     def __init__(self, gate: str, num_classes: int = 10) -> None:
         super().__init__(*build_model(num_classes))
         self.gate = gate
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        if bool((batch.flatten(1).std(dim=1) > 1e-3).any()):
+        if bool((batch.flatten(1).std(dim=1) > 1e-3).any()) and not warming_up():
             deadline = time.monotonic() + 120
             while not os.path.exists(self.gate) and time.monotonic() < deadline:
                 time.sleep(0.005)

@@ -93,8 +93,8 @@ def test_bad_requests_get_json_4xx(digits_server: RunningServer) -> None:
 
 def test_served_accuracy_equals_offline_accuracy(digits_server: RunningServer,
                                                  held_out: tuple[list[Any], list[int]]) -> None:
+    from batchd.checkpoint import extract_state_dict, read_checkpoint
     from batchd.digits import accuracy, build_model, predict
-    from batchd.model import extract_state_dict, read_checkpoint
 
     images, labels = held_out
     network = build_model()

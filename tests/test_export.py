@@ -14,11 +14,12 @@ import httpx
 import pytest
 import torch
 
+from batchd.checkpoint import load_network
 from batchd.config import load_config
 from batchd.digits import build_model
 from batchd.errors import CheckpointError, ConfigError
 from batchd.export import ParityError, export_model, seeded_inputs, trace_torchscript
-from batchd.model import ServedModel, load_network
+from batchd.model import ServedModel
 from tests.conftest import (
     DIGITS_CHECKPOINT,
     ROOT,

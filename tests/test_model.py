@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from batchd.checkpoint import load_network
 from batchd.config import load_config
 from batchd.digits import build_model
 from batchd.errors import CheckpointError
-from batchd.model import ServedModel, load_network
+from batchd.model import ServedModel
 from tests.conftest import DIGITS_CHECKPOINT, write_config
 
 

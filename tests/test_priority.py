@@ -170,7 +170,7 @@ async def test_the_gate_lets_the_most_urgent_waiter_in_first() -> None:
             order.append(name)
 
     first = asyncio.ensure_future(holder())
-    await until(lambda: gate._free == 0)
+    await until(lambda: gate.held == 1)
     tasks = [asyncio.ensure_future(waiter(name, level))
              for name, level in [("low-a", 2), ("low-b", 2), ("urgent", 1)]]
     cancelled = asyncio.ensure_future(waiter("gone", 1))
@@ -179,7 +179,39 @@ async def test_the_gate_lets_the_most_urgent_waiter_in_first() -> None:
     release.set()
     await asyncio.gather(first, *tasks)
     assert order == ["urgent", "low-a", "low-b"]
-    assert gate._free == 1 and gate.waiting == 0  # every token came back
+    assert gate.held == 0 and gate.waiting == 0  # every token came back
+
+
+async def test_a_resized_gate_lets_waiters_in_at_once_and_shrinks_as_holders_leave() -> None:
+    """The CPU plan resizes the decoding gate while requests hold and wait for it."""
+    from batchd.priority import PriorityGate
+
+    gate = PriorityGate(1)
+    release = [asyncio.Event() for _ in range(4)]
+    entered: list[int] = []
+
+    async def holder(index: int) -> None:
+        async with gate.hold(1):
+            entered.append(index)
+            await release[index].wait()
+
+    tasks = [asyncio.ensure_future(holder(index)) for index in range(4)]
+    await until(lambda: gate.waiting == 3)
+    assert entered == [0]
+    gate.resize(3)  # two waiters in at once
+    await until(lambda: entered == [0, 1, 2])
+    assert gate.held == 3 and gate.waiting == 1
+    gate.resize(1)  # nobody is taken back; the last waits until one holder is left
+    release[0].set()
+    release[1].set()
+    await until(lambda: gate.held == 1)
+    await asyncio.sleep(0)
+    assert entered == [0, 1, 2] and gate.waiting == 1
+    release[2].set()
+    await until(lambda: entered == [0, 1, 2, 3])
+    release[3].set()
+    await asyncio.gather(*tasks)
+    assert gate.held == 0 and gate.waiting == 0
 
 
 @pytest.mark.parametrize("expedite", [False, True])

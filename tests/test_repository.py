@@ -570,7 +570,7 @@ async def test_compiled_reloads_compile_every_bucket_and_free_the_old_network(
         for version in (2, 3, 4):
             old_model = runtime.slots["digits"].model
             old_network = weakref.ref(old_model.network)
-            old_code = old_model._compiled_code
+            old_code = old_model._compiled_codes[0]
             assert len(_debug_get_cache_entry_list(old_code)) == buckets
             del old_model
             write_version(repository, version)

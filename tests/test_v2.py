@@ -341,7 +341,7 @@ def test_timeout_parameter_is_the_queue_deadline(tmp_path: Path) -> None:
 def test_slow_model_does_not_stall_another(tmp_path: Path,
                                            held_out: tuple[list[Any], list[int]]) -> None:
     text = (ROOT / "config" / "two_models.toml").read_text().replace(
-        "compile = true", "compile = false").replace(
+        "compile = true", 'compile = false\ncandidates = ["eager"]').replace(
         "../batchd/assets/", str(ROOT / "batchd" / "assets") + "/").replace(
         'builder = "batchd.digits:build_model"',
         'builder = "tests.slow_model:build_slow"\nkwargs = { delay_ms = 200 }')

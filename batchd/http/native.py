@@ -10,6 +10,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from batchd.config import COMPILING_RUNTIMES
 from batchd.errors import InvalidParameter
 from batchd.http.frame import (
     PRIORITY_HEADER,
@@ -60,9 +61,9 @@ def describe(slot: AnySlot, status: ModelStatus) -> dict[str, Any]:
                      "default_priority": batching.default_level},
         "device": str(slot.model.device),
         "compiled": slot.config.runtime.compile,
-        "compiled_buckets": [size for size in batching.bucket_sizes
-                             if slot.config.runtime.compile
-                             and size not in slot.model.eager_buckets],
+        "compiled_buckets": [size for size, name in sorted(slot.model.bucket_runtime.items())
+                             if name in COMPILING_RUNTIMES],
+        "runtimes": {str(size): name for size, name in sorted(slot.model.bucket_runtime.items())},
         "dtype": slot.config.runtime.dtype,
         "ready": status.ready,
         "state": status.state.value,

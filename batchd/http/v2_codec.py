@@ -387,5 +387,9 @@ def config_body(slot: AnySlot, versions: list[str]) -> dict[str, Any]:
         "instance_group": [{"name": slot.name, "count": 1,
                             "kind": "KIND_GPU" if on_gpu else "KIND_CPU"}],
         # the encoded-image input a request may send in the tensor's place
-        "parameters": {"alternative_input": {"string_value": f"{INPUT_IMAGES}:BYTES[-1]"}},
+        "parameters": {"alternative_input": {"string_value": f"{INPUT_IMAGES}:BYTES[-1]"},
+                       # what serves each bucket, as warm-up chose (batchd.bucket_runtimes)
+                       "bucket_runtimes": {"string_value": ",".join(
+                           f"{size}:{name}" for size, name
+                           in sorted(slot.model.bucket_runtime.items()))}},
     }
