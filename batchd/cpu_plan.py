@@ -145,13 +145,22 @@ def decoding_share(cores: int, decode_cpu_s: float, model_cpu_s: float) -> float
 
 
 class DecodingPlanner:
-    """Keeps the decoding threads at decoding's share of the cores, as the stage costs are
-    measured: the model's CPU an image from warm-up (its largest bucket, at its intra-op
-    threads), decoding's from every image decoded (a moving average, starting from
-    warm-up's probe). A change is made only when the share is past the next whole thread
-    by HYSTERESIS, so that it does not flap, and each is logged with its figures."""
+    """Keeps the decoding threads at decoding's share of the cores, plus headroom, as the
+    stage costs are measured: the model's CPU an image from warm-up (its largest bucket,
+    at its intra-op threads), decoding's from every image decoded (a moving average,
+    starting from warm-up's probe).
+
+    The count is the share rounded up after adding HEADROOM threads: decoding shares the
+    cores with the model's threads, so a pool sized to its share exactly falls behind
+    while a batch computes and leaves cores idle between batches, while a thread too many
+    only waits its turn. Measured (ResNet-18 64x64, onnxruntime, 2 cores, 32 clients):
+    share 1.0 of 2 cores; 1 decoding thread 156 req/s, mean batch 5.3; 2 threads 191
+    req/s, batch 8.8. A change is made only once the share is HYSTERESIS past the point
+    where the count changes, so that it does not flap, and each is logged with its
+    figures."""
 
     SMOOTHING = 0.05  # the moving average's weight of one decode
+    HEADROOM = 0.5
     HYSTERESIS = 0.25
 
     def __init__(self, cores: int, threads: int, model_cpu_s: float,
@@ -172,11 +181,17 @@ class DecodingPlanner:
             self.decode_cpu_s += self.SMOOTHING * (cpu_s - self.decode_cpu_s)
         self._replan("the images served")
 
+    def threads_for(self, share: float) -> int:
+        """Decoding threads for a share of the cores: ceil(share + HEADROOM), 1 to cores."""
+        return min(self.cores, max(1, math.ceil(share + self.HEADROOM)))
+
     def _replan(self, source: str) -> None:
         assert self.decode_cpu_s is not None
         share = decoding_share(self.cores, self.decode_cpu_s, self.model_cpu_s)
-        wanted = min(self.cores, max(1, round(share)))
-        if wanted == self.threads or abs(share - self.threads) < 0.5 + self.HYSTERESIS:
+        wanted = self.threads_for(share)
+        # past the change point by the hysteresis, in the direction of the change
+        margin = -self.HYSTERESIS if wanted > self.threads else self.HYSTERESIS
+        if wanted == self.threads or self.threads_for(share + margin) != wanted:
             return
         logger.info("CPU plan: decoding threads %d -> %d: decoding %.2f ms of CPU an image "
                     "(%s), the model %.2f ms: decoding's share %.2f of %d cores",

@@ -263,22 +263,38 @@ def test_the_planner_gives_a_decode_bound_model_the_cores_and_takes_them_back() 
     planner = DecodingPlanner(2, 1, model_cpu_s=0.0001, decode_cpu_s=0.0056,
                               apply=applied.append)
     assert applied == [2] and planner.threads == 2
-    # tiny images from now on: back to one thread, once the average has moved past the
+    # tiny images (10 µs to decode) from now on: back to one thread, once the average has moved past the
     # hysteresis, and only once
     for _ in range(200):
-        planner.observe_decode(0.00002)
+        planner.observe_decode(0.00001)
     assert applied == [2, 1]
+
+
+def test_the_planner_rounds_the_share_up_with_headroom() -> None:
+    planner = DecodingPlanner(16, 8, model_cpu_s=0.004, decode_cpu_s=None,
+                              apply=lambda threads: None)
+    # ResNet-18 64x64 on 2 cores: a share of 1.0 (decode 3.27 ms, model 3.19 ms) gets 2
+    assert [planner.threads_for(share) for share in (0.0, 0.4, 1.0, 1.6, 7.5, 15.7)] \
+        == [1, 1, 2, 3, 8, 16]
+    assert DecodingPlanner(2, 1, 0.00319, 0.00327, apply=lambda threads: None).threads == 2
 
 
 def test_the_planner_keeps_the_cores_for_a_model_bound_model_and_does_not_flap() -> None:
     applied: list[int] = []
-    planner = DecodingPlanner(2, 1, model_cpu_s=0.0044, decode_cpu_s=0.0024,
+    # ResNet-18 224x224: decode 2.4 ms, model 44 ms; a share of 0.1 keeps one thread
+    planner = DecodingPlanner(2, 1, model_cpu_s=0.044, decode_cpu_s=0.0024,
                               apply=applied.append)
-    # a share of 1.6 rounds to 2 but is within the hysteresis of 1
-    for cpu_s in [0.0117] * 400:
-        planner.observe_decode(cpu_s)
-    assert decoding_share(2, planner.decode_cpu_s or 0, 0.0044) == pytest.approx(1.45, abs=0.02)
     assert applied == []
+    # heavier images: a share of 0.56 is past the change point (0.5) but within the
+    # hysteresis, so the count stays
+    for cpu_s in [0.0165] * 400:
+        planner.observe_decode(cpu_s)
+    assert decoding_share(2, planner.decode_cpu_s or 0, 0.044) == pytest.approx(0.545, abs=0.02)
+    assert applied == []
+    # and past it, once
+    for cpu_s in [0.04] * 400:
+        planner.observe_decode(cpu_s)
+    assert applied == [2]
 
 
 @pytest.mark.anyio
