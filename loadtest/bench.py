@@ -91,12 +91,15 @@ def ensure_checkpoint(config_path: Path) -> None:
 def load_model(config_path: Path) -> Any:
     from batchd.config import load_config
     from batchd.model import ServedModel
+    from batchd.runtime_cache import RuntimeCache, cache_root
 
     config = load_config(config_path)
     model = ServedModel.from_config(config.model(config.server.default_model),
                                     config.server.max_image_pixels)
-    stage(f"compiling and warming {model.name} in-process")
-    model.warm_up(progress=lambda line: stage(f"  {line}"))
+    stage(f"choosing runtimes and warming {model.name} in-process")
+    # the server's runtime cache: an ONNX export made for one is reused by the other
+    model.warm_up(progress=lambda line: stage(f"  {line}"),
+                  cache=RuntimeCache(cache_root(config.server.cache_dir, config.path)))
     return model
 
 
@@ -300,16 +303,28 @@ def plot(workload: str, runs: dict[str, dict[str, dict[int, dict[str, Any]]]],
     plt.close(figure)
 
 
-def batchd_layouts(workers: list[int]) -> dict[str, int]:
-    """The batchd servers to run, by name: server.workers for each (0: the CPU plan's)."""
-    if workers == [0]:
-        return {"batchd": 0}
-    return {f"batchd w={count or 'plan'}": count for count in workers}
+def batchd_layouts(workers: list[int], decoding: list[int] | None = None
+                   ) -> dict[str, dict[str, int]]:
+    """The batchd servers to run, by name: the [server] settings of each, from every
+    server.workers and server.preprocess_threads asked for (0: the CPU plan's)."""
+    decoding = decoding or [0]
+    if workers == [0] and decoding == [0]:
+        return {"batchd": {}}
+    layouts = {}
+    for count in workers:
+        for threads in decoding:
+            parts = [f"w={count or 'plan'}"] if workers != [0] else []
+            parts += [f"d={threads or 'plan'}"] if decoding != [0] else []
+            settings = {"workers": count} if count else {}
+            settings |= {"preprocess_threads": threads} if threads else {}
+            layouts["batchd " + " ".join(parts)] = settings
+    return layouts
 
 
 def run_workload(workload: str, levels: list[int], generators: list[str], body_kind: str,
                  per_client: int, minimum: int, ceiling_seconds: float,
-                 workers: list[int] | None = None, device: str = "") -> dict[str, Any]:
+                 workers: list[int] | None = None, device: str = "",
+                 decoding: list[int] | None = None) -> dict[str, Any]:
     config_path = WORKLOADS[workload]
     ensure_checkpoint(config_path)
     if device:  # the same model on another device (the GPU host's 16 cores, say)
@@ -328,12 +343,12 @@ def run_workload(workload: str, levels: list[int], generators: list[str], body_k
     RESULTS.mkdir(parents=True, exist_ok=True)
     runs: dict[str, dict[str, dict[int, dict[str, Any]]]] = {g: {} for g in generators}
     recompile_count = 0.0
-    layouts = batchd_layouts(workers or [0])
+    layouts = batchd_layouts(workers or [0], decoding)
     for kind in (*layouts, "baseline"):
         served_config = config_path
         if layouts.get(kind):
-            served_config = config_with(config_path, "server", f"w{layouts[kind]}",
-                                        workers=layouts[kind])
+            tag = "-".join(f"{key}{value}" for key, value in layouts[kind].items())
+            served_config = config_with(config_path, "server", tag, **layouts[kind])
         log = RESULTS / f"{workload}-{kind.replace(' ', '-').replace('=', '')}.log"
         is_batchd = kind != "baseline"
         with server("batchd" if is_batchd else kind, served_config, log) as served:
@@ -377,6 +392,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", default="0",
                         help="server.workers of each batchd to run side by side "
                              "(0: the CPU plan's), e.g. 1,0")
+    parser.add_argument("--decoding-threads", default="0",
+                        help="server.preprocess_threads of each batchd to run side by side "
+                             "(0: the CPU plan's, which follows the stage costs), e.g. 0,1,2")
     parser.add_argument("--device", default="",
                         help="serve on this device instead of the config's (e.g. cpu)")
     args = parser.parse_args(argv)
@@ -392,7 +410,8 @@ def main(argv: list[str] | None = None) -> None:
     for workload in workloads:
         run_workload(workload, levels, generators, args.body, args.requests_per_client,
                      args.min_requests, args.ceiling_seconds,
-                     [int(value) for value in args.workers.split(",")], args.device)
+                     [int(value) for value in args.workers.split(",")], args.device,
+                     [int(value) for value in args.decoding_threads.split(",")])
     if args.grpc:
         from loadtest import grpc_point
 

@@ -52,3 +52,15 @@ def test_load_generators_report_answers_and_their_own_cpu(
     assert result["failures"] == 0
     assert result["loadgen_cpu_s"] > 0
     assert 0 < result["p50_ms"] <= result["p99_ms"]
+
+
+def test_the_benchmark_runs_one_batchd_per_layout_and_decoding_setting() -> None:
+    from loadtest.bench import batchd_layouts
+
+    assert batchd_layouts([0]) == {"batchd": {}}
+    assert batchd_layouts([0], [0, 1, 2]) == {
+        "batchd d=plan": {}, "batchd d=1": {"preprocess_threads": 1},
+        "batchd d=2": {"preprocess_threads": 2}}
+    assert batchd_layouts([1, 0], [2]) == {
+        "batchd w=1 d=2": {"workers": 1, "preprocess_threads": 2},
+        "batchd w=plan d=2": {"preprocess_threads": 2}}

@@ -263,8 +263,8 @@ def test_the_planner_gives_a_decode_bound_model_the_cores_and_takes_them_back() 
     planner = DecodingPlanner(2, 1, model_cpu_s=0.0001, decode_cpu_s=0.0056,
                               apply=applied.append)
     assert applied == [2] and planner.threads == 2
-    # tiny images (10 µs to decode) from now on: back to one thread, once the average has moved past the
-    # hysteresis, and only once
+    # tiny images (10 us to decode) from now on: back to one thread, once the average has
+    # moved past the hysteresis, and only once
     for _ in range(200):
         planner.observe_decode(0.00001)
     assert applied == [2, 1]
