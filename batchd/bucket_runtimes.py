@@ -26,20 +26,16 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import get_args
 
 import torch
 from torch import nn
 
-from batchd.config import RuntimeName
+from batchd.config import RUNTIME_NAMES
 
 logger = logging.getLogger("batchd.bucket_runtimes")
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
-# In the order a tie is broken in (the simpler first); pick_faster = false takes the
-# first after eager that passes parity.
-RUNTIME_NAMES: tuple[str, ...] = get_args(RuntimeName)
 FLOAT32_TOLERANCE = 1e-4  # as `batchd export` checks: largest |logit - eager logit|
 # Timing: rounds over every candidate in turn (so that a drift of the machine's speed
 # falls on all alike), at least MIN_ROUNDS, and more while the bucket's budget lasts.

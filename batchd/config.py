@@ -26,8 +26,10 @@ ARTIFACT_SUFFIXES: dict[str, ArtifactFormat] = {
 # compiler's recompile limit is set from this (batchd.process).
 MAX_BUCKETS = 64
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
-# What may serve a bucket (batchd.bucket_runtimes); in the order a tie is broken in.
+# What may serve a bucket (batchd.bucket_runtimes); in the order a tie is broken in (the
+# simpler first), and with pick_faster false, the first after eager that passes parity.
 RuntimeName = Literal["eager", "channels_last", "compiled", "cuda_graphs", "onnx"]
+RUNTIME_NAMES: tuple[str, ...] = get_args(RuntimeName)
 COMPILING_RUNTIMES = frozenset({"compiled", "cuda_graphs"})  # need runtime.compile
 
 

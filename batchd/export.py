@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from batchd.artifacts import load_file
+from batchd.bucket_runtimes import logit_difference
 from batchd.checkpoint import load_network
 from batchd.config import ArtifactFormat, ModelConfig
 from batchd.errors import BatchdError
@@ -106,12 +107,9 @@ def check_parity(eager: nn.Module, exported: nn.Module, input_shape: tuple[int, 
     with torch.inference_mode():
         for size in batch_sizes:
             inputs = seeded_inputs(input_shape, size)
-            want = eager(inputs).float()
-            got = exported(inputs.to(device) if device else inputs).float().cpu()
-            if got.shape != want.shape:
-                differences[size] = float("inf")
-                continue
-            differences[size] = float((got - want).abs().max())
+            want = eager(inputs)
+            got = exported(inputs.to(device) if device else inputs).cpu()
+            differences[size] = logit_difference(got, want)
     return ParityReport(batch_sizes, differences, tolerance)
 
 

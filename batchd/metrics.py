@@ -10,14 +10,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, get_args
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from batchd.batch_stats import BatchStats
-from batchd.config import RuntimeName
+from batchd.config import RUNTIME_NAMES
 from batchd.scheduler import DeadlineController
 
 LATENCY_BUCKETS = (
@@ -191,7 +191,7 @@ class Metrics:
             with contextlib.suppress(KeyError):
                 family.remove(name, str(version))
         for family in (self.batch_compute, self.batch_size):
-            for runtime in get_args(RuntimeName):
+            for runtime in RUNTIME_NAMES:
                 with contextlib.suppress(KeyError):
                     family.remove(name, str(version), runtime)
 

@@ -25,7 +25,6 @@ from torch import nn
 
 from batchd.bucket_runtimes import (
     FLOAT32_TOLERANCE,
-    RUNTIME_NAMES,
     BucketChoice,
     Choices,
     DecodingLoad,
@@ -41,7 +40,7 @@ from batchd.bucket_runtimes import (
     time_candidates,
 )
 from batchd.checkpoint import load_network, resolve_device
-from batchd.config import ModelConfig
+from batchd.config import RUNTIME_NAMES, ModelConfig
 from batchd.errors import CheckpointError, ConfigError, ModelOverloaded
 from batchd.preprocess import Preprocessor
 from batchd.runtime_cache import RuntimeCache, cpu_model, file_fingerprint, key_of, package_version
@@ -137,10 +136,10 @@ class ServedModel:
         generator = torch.Generator().manual_seed(0)
         probe = torch.randn((4, *self.input_shape), generator=generator).to(self.device)
         with torch.inference_mode():
-            reference = torch.softmax(self.network(probe).float(), dim=1)
+            reference = self.network(probe)
             self.network = self.network.to(self.dtype)
-            low = torch.softmax(self.network(probe.to(self.dtype)).float(), dim=1)
-        self.low_precision_error = float((low - reference).abs().max())
+            low = self.network(probe.to(self.dtype))
+        self.low_precision_error = probability_difference(low, reference)
         tolerance = self.config.runtime.dtype_tolerance
         logger.info("model %s: %s probabilities differ from float32 by at most %.2e "
                     "(tolerance %.0e)",
