@@ -279,6 +279,20 @@ def test_the_planner_rounds_the_share_up_with_headroom() -> None:
     assert DecodingPlanner(2, 1, 0.00319, 0.00327, apply=lambda threads: None).threads == 2
 
 
+def test_the_first_plan_follows_the_share_without_the_hysteresis() -> None:
+    """The count before warm-up's probe is a guess (half the cores), not a decision to
+    hold: ResNet-18 64x64 with a large bucket that timed slow at warm-up (8.1 ms an image)
+    gives a share of 0.59, within the hysteresis of the change point, and still gets the
+    second thread that it serves 20 % more with."""
+    applied: list[int] = []
+    planner = DecodingPlanner(2, 1, model_cpu_s=0.0081, decode_cpu_s=0.00343,
+                              apply=applied.append)
+    assert applied == [2] and planner.threads == 2
+    for cpu_s in [0.00343] * 100:  # later changes keep their hysteresis
+        planner.observe_decode(cpu_s)
+    assert applied == [2]
+
+
 def test_the_planner_keeps_the_cores_for_a_model_bound_model_and_does_not_flap() -> None:
     applied: list[int] = []
     # ResNet-18 224x224: decode 2.4 ms, model 44 ms; a share of 0.1 keeps one thread
