@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ import numpy as np
 from loadtest.bench import RESULTS, WORKLOADS, ensure_checkpoint, server, stage
 from loadtest.cpu import multipart_body, own_cpu_seconds
 from loadtest.images import photo_jpeg
+from loadtest.rawhttp import RequestPool
 from loadtest.servers import config_with
 
 BURSTY_CV = 3.0
@@ -49,36 +51,74 @@ def arrival_offsets(rate: float, count: int, arrivals: str, seed: int) -> np.nda
     return np.cumsum(gaps)
 
 
+CLIENTS = ("raw", "aiohttp")  # loadtest.rawhttp's lean client, or aiohttp
+
+
 async def run_schedule(url: str, body: bytes, content_type: str, offsets: np.ndarray,
-               warmup: int, priorities: np.ndarray | None = None
-               ) -> list[tuple[float, float, int]]:
-    """(lateness s, latency s from the scheduled time, status) for each request; with
-    `priorities`, each request carries its own X-Priority."""
-    import aiohttp
-
-    connector = aiohttp.TCPConnector(limit=4096)
-    timeout = aiohttp.ClientTimeout(total=120)
+                       warmup: int, priorities: np.ndarray | None = None,
+                       client: str = "aiohttp") -> list[tuple[float, float, int]]:
+    """(lateness s, latency s from the scheduled time, status; 0 for a broken
+    connection) for each request; with `priorities`, each request carries its own
+    X-Priority. `client` is one of CLIENTS."""
     results: list[tuple[float, float, int]] = [(0.0, 0.0, 0)] * len(offsets)
-    headers = {"content-type": content_type}
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        start = time.perf_counter() + 0.2
-
+    start = time.perf_counter() + 0.2
+    post = _raw_poster if client == "raw" else _aiohttp_poster
+    async with post(url, body, content_type) as send:
         async def one(index: int, due: float) -> None:
             await asyncio.sleep(max(0.0, start + due - time.perf_counter()))
             sent = time.perf_counter()
-            own = headers if priorities is None else {
-                **headers, "x-priority": str(int(priorities[index]))}
-            try:
-                async with session.post(f"{url}/predict", data=body,
-                                        headers=own) as response:
-                    await response.read()
-                    status = response.status
-            except (TimeoutError, aiohttp.ClientError):
-                status = 0
+            status = await send(0 if priorities is None else int(priorities[index]))
             results[index] = (sent - start - due, time.perf_counter() - start - due, status)
 
         await asyncio.gather(*(one(i, float(due)) for i, due in enumerate(offsets)))
     return results[warmup:]
+
+
+Poster = Callable[[int], Awaitable[int]]  # a priority (0: none) to a status
+
+
+@contextlib.asynccontextmanager
+async def _aiohttp_poster(url: str, body: bytes, content_type: str
+                          ) -> AsyncIterator[Poster]:
+    import aiohttp
+
+    connector = aiohttp.TCPConnector(limit=4096)
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        async def send(priority: int) -> int:
+            headers = {"content-type": content_type}
+            if priority:
+                headers["x-priority"] = str(priority)
+            try:
+                async with session.post(f"{url}/predict", data=body,
+                                        headers=headers) as response:
+                    await response.read()
+                    return response.status
+            except (TimeoutError, aiohttp.ClientError):
+                return 0
+
+        yield send
+
+
+@contextlib.asynccontextmanager
+async def _raw_poster(url: str, body: bytes, content_type: str) -> AsyncIterator[Poster]:
+    pool = RequestPool(url)
+    heads = {priority: pool.request("/predict", body, {
+        "content-type": content_type, **({"x-priority": str(priority)} if priority else {})})
+        for priority in range(0, 9)}
+
+    async def send(priority: int) -> int:
+        try:
+            async with asyncio.timeout(120):
+                status, _ = await pool.send(heads[priority], body)
+        except (TimeoutError, OSError):
+            return 0
+        return status
+
+    try:
+        yield send
+    finally:
+        pool.close()
 
 
 def measure_point(url: str, body: tuple[bytes, str], rate: float, count: int, warmup: int,

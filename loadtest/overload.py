@@ -38,7 +38,8 @@ from loadtest import cpu
 from loadtest.bench import RESULTS, WORKLOADS, ensure_checkpoint, server, stage
 from loadtest.images import photo_jpeg
 from loadtest.loadgen import aiohttp_load
-from loadtest.openloop import arrival_offsets, metric_sums, run_schedule, with_batching
+from loadtest.openloop import CLIENTS, arrival_offsets, metric_sums, run_schedule, with_batching
+from loadtest.rawhttp import closed_loop as raw_closed_loop
 
 Result = tuple[float, float, int]  # (generator lateness s, latency s, status)
 
@@ -90,12 +91,13 @@ def describe(point: dict[str, Any]) -> str:
             f"{ms(point['p99_200_ms'])} ms  late 200s {point['late_200s']}  504s "
             f"{point['statuses'].get('504', 0)}  p99 503s {ms(point['p99_503_ms'])} ms  "
             f"statuses {point['statuses']}  generator late p99 "
-            f"{ms(point['generator_late_p99_ms'])} ms")
+            f"{ms(point['generator_late_p99_ms'])} ms"
+            + (f", {point['generator_cores']:.2f} cores" if "generator_cores" in point else ""))
 
 
 def measure(url: str, pid: int, body: bytes, rate: float, seconds: float, arrivals: str,
-            seed: int, slo_s: float, capacity: float, urgent_share: float = 0.0
-            ) -> dict[str, Any]:
+            seed: int, slo_s: float, capacity: float, urgent_share: float = 0.0,
+            client: str = "raw") -> dict[str, Any]:
     """One open-loop point at `rate`; with `urgent_share`, that share of the requests
     (at random) is sent at priority 1 and the rest at 2."""
     count = max(200, int(rate * seconds))
@@ -104,9 +106,12 @@ def measure(url: str, pid: int, body: bytes, rate: float, seconds: float, arriva
     levels = None if not urgent_share else np.where(
         np.random.default_rng(seed + 1).random(len(offsets)) < urgent_share, 1, 2)
     books_before, series_before = server_books(url)
-    cpu_before = cpu.cpu_seconds(pid)
-    results = asyncio.run(run_schedule(url, body, "image/jpeg", offsets, 0, levels))
+    cpu_before, generator_before = cpu.cpu_seconds(pid), cpu.own_cpu_seconds()
+    started = time.perf_counter()
+    results = asyncio.run(run_schedule(url, body, "image/jpeg", offsets, 0, levels, client))
+    elapsed = time.perf_counter() - started
     server_cpu_s = cpu.cpu_seconds(pid) - cpu_before
+    generator_cpu_s = cpu.own_cpu_seconds() - generator_before
     books_after, series_after = server_books(url)
     books = books_after - books_before
     series = {key: value - series_before.get(key, 0.0) for key, value in series_after.items()}
@@ -114,6 +119,8 @@ def measure(url: str, pid: int, body: bytes, rate: float, seconds: float, arriva
     point = summary(results[warmup:], window_s, slo_s, capacity)
     client = Counter(status for _, _, status in results)
     point.update(rate=rate, arrivals=arrivals, server_cpu_s=server_cpu_s,
+                 generator_cpu_ms=generator_cpu_s / len(results) * 1000,
+                 generator_cores=generator_cpu_s / elapsed,
                  server_answered=sum(books.values()), client_answered=sum(client.values()),
                  books_by_outcome=dict(books), controller=series)
     if levels is not None:
@@ -124,30 +131,34 @@ def measure(url: str, pid: int, body: bytes, rate: float, seconds: float, arriva
     return point
 
 
-CLIENTS = (4, 8, 16, 32)
+CLOSED_LOOP_CLIENTS = (4, 8, 16, 32)
 
 
-def closed_loop(url: str, pid: int, body: bytes, clients: int, seconds: float
-                ) -> dict[str, Any]:
-    probe = aiohttp_load(url, body, "image/jpeg", clients, 10 * clients)
+def closed_loop(url: str, pid: int, body: bytes, clients: int, seconds: float,
+                client: str = "raw") -> dict[str, Any]:
+    load = raw_closed_loop if client == "raw" else aiohttp_load
+    probe = load(url, body, "image/jpeg", clients, 10 * clients)
     count = max(300, int(probe["rps"] * seconds))
     cpu_before = cpu.cpu_seconds(pid)
-    result = aiohttp_load(url, body, "image/jpeg", clients, count)
+    result = load(url, body, "image/jpeg", clients, count)
     result["server_cpu_ms"] = (cpu.cpu_seconds(pid) - cpu_before) / result["requests"] * 1000
     if result["failures"]:
         raise SystemExit(f"closed-loop capacity run had failures: {result['first_failures']}")
     stage(f"  {clients:3d} clients: {result['rps']:6.1f} req/s, p99 {result['p99_ms']:.0f} ms, "
-          f"server CPU {result['server_cpu_ms']:.1f} ms/req")
+          f"server CPU {result['server_cpu_ms']:.1f} ms/req, generator "
+          f"{result['loadgen_cpu_s'] / result['requests'] * 1000:.2f} ms/req")
     return result
 
 
-def measure_capacity(body: bytes, seconds: float) -> dict[int, dict[str, Any]]:
-    """batchd as configured by default (no objective), closed-loop at CLIENTS."""
-    stage("capacity: batchd without an objective, closed-loop")
+def measure_capacity(body: bytes, seconds: float, client: str
+                     ) -> dict[int, dict[str, Any]]:
+    """batchd as configured by default (no objective), closed-loop at CLOSED_LOOP_CLIENTS."""
+    stage(f"capacity: batchd without an objective, closed-loop ({client} client)")
     with server("batchd", WORKLOADS["resnet18-64"], RESULTS / "overload-capacity.log") as served:
         aiohttp_load(served.url, body, "image/jpeg", 32, 300)  # warm connections and model
-        return {clients: closed_loop(served.url, served.pid, body, clients, seconds / 2)
-                for clients in CLIENTS}
+        return {clients: closed_loop(served.url, served.pid, body, clients, seconds / 2,
+                                     client)
+                for clients in CLOSED_LOOP_CLIENTS}
 
 
 def capacity_within(closed: dict[int, dict[str, Any]], slo_ms: float) -> float:
@@ -172,7 +183,8 @@ def run_objective(slo_ms: float, args: argparse.Namespace, body: bytes,
             for arrivals in args.arrivals.split(","):
                 for multiple in (1.5, 3.0):
                     point = measure(served.url, served.pid, body, multiple * capacity,
-                                    args.seconds, arrivals, args.seed, slo_s, capacity)
+                                    args.seconds, arrivals, args.seed, slo_s, capacity,
+                                    client=args.client)
                     report[f"{arrivals} {multiple:g}C"] = point
                     stage(f"  {arrivals} {multiple:g} C: {describe(point)}")
                     stage(f"    books: server {point['server_answered']}, client "
@@ -180,7 +192,8 @@ def run_objective(slo_ms: float, args: argparse.Namespace, body: bytes,
             # level 1 at 0.1 C and level 2 at 1.5 C: one Poisson stream at 1.6 C, each
             # arrival urgent with probability 0.1 / 1.6
             point = measure(served.url, served.pid, body, 1.6 * capacity, args.seconds,
-                            "poisson", args.seed, slo_s, capacity, urgent_share=0.1 / 1.6)
+                            "poisson", args.seed, slo_s, capacity, urgent_share=0.1 / 1.6,
+                            client=args.client)
             report["priorities"] = point
             for level in (1, 2):
                 stage(f"  priorities, level {level}: {describe(point[f'level_{level}'])}")
@@ -214,9 +227,9 @@ def table(report: dict[str, Any]) -> str:
     lines = [f"\n### Objective {slo:g} ms: C = {report['capacity']:.1f} req/s (C32 = "
              f"{report['c32']:.1f})\n",
              "| load | goodput /s | of C | p99 of the 200s ms | late 200s | 504s | 503s "
-             "| p99 of the 503s ms | generator late p99 ms | server CPU ms per 503 "
-             "(per answer) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| p99 of the 503s ms | generator late p99 ms | generator cores "
+             "| server CPU ms per 503 (per answer) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
     def ms(value: float | None) -> str:
         return "" if value is None else f"{value:,.0f}"
@@ -226,7 +239,8 @@ def table(report: dict[str, Any]) -> str:
                 f"{ms(point['p99_200_ms'])} | {point['late_200s']} | "
                 f"{point['statuses'].get('504', 0)} | {point['statuses'].get('503', 0)} | "
                 f"{ms(point['p99_503_ms'])} | {ms(point['generator_late_p99_ms'])} | "
-                f"{cpu_503} |")
+                f"{point.get('generator_cores', 0):.2f} | {cpu_503} |".replace("| 0.00 |",
+                                                                                "|  |"))
 
     for key, point in report.items():
         if isinstance(point, dict) and "statuses" in point and key != "priorities":
@@ -244,6 +258,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--arrivals", default="poisson,bursty")
     parser.add_argument("--seconds", type=float, default=15.0, help="per point")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--client", choices=CLIENTS, default="raw",
+                        help="the load generator: loadtest.rawhttp's lean client (default: "
+                             "it leaves the server more of the shared cores), or aiohttp")
     args = parser.parse_args(argv)
     ensure_checkpoint(WORKLOADS["resnet18-64"])
     body = photo_jpeg()
@@ -251,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     stage(f"{os.cpu_count()} cores; raw {len(body):,}-byte JPEG bodies; {args.seconds:g} s "
           "a point")
     started = time.perf_counter()
-    closed = measure_capacity(body, args.seconds)
+    closed = measure_capacity(body, args.seconds, args.client)
     reports = [run_objective(float(slo), args, body, closed) for slo in args.slo_ms.split(",")]
     print("\n## Overload against the objective (resnet18-64)\n\nCapacity without an objective, "
           "closed-loop: " + ", ".join(f"{clients} clients {run['rps']:.1f} req/s (p99 "

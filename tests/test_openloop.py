@@ -67,3 +67,33 @@ def test_a_derived_config_sets_keys_in_its_table(table: str, settings: dict[str,
         copy.unlink()
     with pytest.raises(SystemExit):
         config_with(ROOT / "config" / "default.toml", "nope", "test", x=1)
+
+
+def test_the_lean_client_reads_every_answer_and_counts_the_failures(
+        digits_server: RunningServer, held_out: tuple[list[Any], list[int]]) -> None:
+    """loadtest.rawhttp against a real server: answers with their bodies over reused
+    connections, a non-200 counted as a failure, and a body the server refuses before
+    reading it does not break the next request on the same connection."""
+    import asyncio
+    import json
+
+    from loadtest.rawhttp import RequestPool, closed_loop
+
+    image = png_bytes(held_out[0][0])
+    result = closed_loop(digits_server.url, image, "image/png", 4, 40)
+    assert (result["requests"], result["failures"]) == (40, 0)
+    refused = closed_loop(digits_server.url, b"not an image", "image/png", 2, 6)
+    assert (refused["requests"], refused["failures"]) == (6, 6)
+
+    async def on_one_connection() -> list[tuple[int, str]]:
+        pool = RequestPool(digits_server.url, limit=1)
+        answers = []
+        for body, kind in ((image, "image/png"), (b"x" * 200_000, "text/plain"),
+                           (image, "image/png")):
+            status, answer = await pool.post("/predict", body, {"content-type": kind})
+            answers.append((status, json.loads(answer).get("reason", "")))
+        pool.close()
+        return answers
+
+    statuses = asyncio.run(on_one_connection())
+    assert [status for status, _ in statuses] == [200, 415, 200]
