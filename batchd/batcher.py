@@ -151,8 +151,10 @@ class Batcher(Generic[In, Out]):
         self.stats = BatchStats()
         self._bucket_seconds: dict[int, float] = {}
         self.slo_s = slo_s
-        self.controller = DeadlineController(slo_s, self.bucket_sizes, max_batch_size,
-                                             priority_levels) if slo_s > 0 else None
+        self.controller = DeadlineController(
+            slo_s, self.bucket_sizes, max_batch_size, priority_levels,
+            sum(size for size, _ in self.level_limits) + max_batch_size,
+        ) if slo_s > 0 else None
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -241,11 +243,13 @@ class Batcher(Generic[In, Out]):
                         arrived_at: float | None = None) -> Arrival:
         """Refuse, before its body is read or decoded, a request that submit() would refuse
         now: ShuttingDown, WorkerDead, QueueFull when its level's queue is full, and with a
-        latency objective QueueTimeout when, by the controller's measurements, it could not
-        be uploaded, decoded, queued behind what is queued or being decoded ahead of it and
-        computed before its objective (its arrival, `arrived_at` on the monotonic clock,
-        plus the objective). So overload is answered at once, not after an upload and a
-        decode that could never be used. Admitted, the request's Arrival, for submit()."""
+        latency objective QueueTimeout when the requests of its level and the more urgent
+        ones in the server have reached the limit that the measured sojourns set, or when
+        by the controller's estimates it would not be uploaded, decoded, queued behind what
+        is queued or being decoded ahead of it and computed before its objective (its
+        arrival, `arrived_at` on the monotonic clock, plus the objective). So overload is
+        answered at once, not after an upload and a decode that could never be used.
+        Admitted, the request's Arrival, for submit()."""
         level = self.level_of(priority)
         self._refuse_if_closed()
         max_queue_size, _ = self.level_limits[level - 1]
@@ -258,7 +262,9 @@ class Batcher(Generic[In, Out]):
         if controller is None or self._idle():
             return arrival
         queued = self._queue.ahead_of(level) + count - 1
-        if not controller.admits_before_body(now, arrival.at + self.slo_s, level, queued,
+        computing = sum(1 for request in self._running if request.level <= level)
+        if not controller.admits_before_body(now, arrival.at + self.slo_s, level,
+                                             queued + decoding + computing, queued,
                                              decoding, self._busy_remaining(now)):
             self.stats.refused_before_body += 1
             self._refuse_late()
@@ -319,6 +325,7 @@ class Batcher(Generic[In, Out]):
             if not self._idle() and not controller.admits_queued(now, objective, level,
                                                                  ahead, busy):
                 self.stats.refused_after_decode += 1
+                controller.observe_missed(level)
                 self._refuse_late()
             predicted_wait = controller.queue_wait(ahead, busy)
         timeout = queue_timeout_s
@@ -353,9 +360,13 @@ class Batcher(Generic[In, Out]):
             raise
         except QueueTimeout:  # shed at dispatch: it could no longer meet its objective
             self.stats.expired += 1
+            if controller is not None:
+                controller.observe_missed(level)
             raise
         except DeadlineExceeded:  # computed, but after its objective
             self.stats.deadline_exceeded += 1
+            if controller is not None:
+                controller.observe_missed(level)
             raise
         except BaseException:
             self.stats.failed += 1
@@ -363,7 +374,9 @@ class Batcher(Generic[In, Out]):
         else:
             self.stats.succeeded += 1
             if controller is not None:
-                controller.observe_answer(time.monotonic() - request.finished_at)
+                taken_up = time.monotonic()
+                controller.observe_answer(taken_up - request.finished_at)
+                controller.observe_sojourn(level, taken_up - arrival.at)
             return result
         finally:
             self._in_flight -= 1
@@ -457,7 +470,8 @@ class Batcher(Generic[In, Out]):
         window_end = first.enqueued_at + self.max_wait_s
         if self.controller is None:
             return window_end
-        size = min(len(self._queue) + self._expected, self.max_batch_size)
+        # the batch it would take once what is on its way has queued
+        size = self.batch_count(len(self._queue) + self._expected)
         return min(window_end, self.controller.wait_until(first.objective, size))
 
     def bucket_for(self, size: int) -> int:

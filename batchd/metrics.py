@@ -297,13 +297,15 @@ class _StateCollector(Collector):
             "(the controller's aim: 0).", labels=["model", "version"])
         limit = GaugeMetricFamily(
             "batchd_admission_limit",
-            "How many requests may be queued or decoding ahead of a new one of this "
-            "priority level for it to be admitted before its body is read, as the "
-            "controller's measurements stand now.", labels=["model", "version", "level"])
+            "How many requests of this priority level and the more urgent ones may be in "
+            "the server (admitted, not yet answered) for another to be admitted before its "
+            "body is read: the limit the measured end-to-end sojourns hold now.",
+            labels=["model", "version", "level"])
         estimate = GaugeMetricFamily(
             "batchd_stage_estimate_seconds",
             "The controller's bound (mean + 4 deviations) on each measured stage: "
-            "to_queue_level_N (arrival to queued) and compute_bucket_N.",
+            "to_queue_level_N (arrival to queued), sojourn_level_N (arrival to answer) "
+            "and compute_bucket_N.",
             labels=["model", "version", "stage"])
         for labels, one in watched:
             controller = one.batcher.controller
@@ -314,8 +316,7 @@ class _StateCollector(Collector):
                 refusals.add_metric([*labels, stage], getattr(stats, field))
             late.add_metric(list(labels), stats.late)
             for level in range(1, controller.levels + 1):
-                limit.add_metric([*labels, str(level)], controller.admission_limit(
-                    level, one.batcher.max_queue_size))
+                limit.add_metric([*labels, str(level)], controller.admission_limit(level))
             for stage, seconds in controller.estimates().items():
                 estimate.add_metric([*labels, stage], seconds)
         yield from (refusals, late, limit, estimate)

@@ -3,7 +3,7 @@ what serving measures.
 
 A request's objective is its arrival (its headers read, or its gRPC call begun) plus the
 objective. batchd promises that it is answered by then or refused: a 200 is never sent
-after it. Between arrival and answer a request passes three stages, and the controller
+after it. Between arrival and answer a request passes these stages, and the controller
 measures the time each takes while it serves:
 
 - arrival to queued: the upload, the wait for a decoding thread and the decode, by
@@ -13,33 +13,47 @@ measures the time each takes while it serves:
 - queued to dispatched: predicted from the queue ahead of it and the batches' costs,
   and corrected by the gap between that prediction and the waits it measures;
 - computing: each batch served under load (decoding beside it, the event loop busy)
-  against warm-up's idle figure for its bucket. The ratio is one estimate for all buckets,
-  since contention slows them alike: every batch informs the buckets it did not use, and
-  none keeps a stale figure because it is seldom chosen;
-- and from a batch's end to its caller taking the answer up (the event loop's lag), which
-  every decision keeps free before the objective.
+  against warm-up's idle figure for its bucket, as a ratio for each bucket (contention
+  slows a small batch more than a large one); a bucket not computed lately is judged by
+  the ratio pooled over all, so none keeps a stale figure because it is seldom chosen;
+- from a batch's end to its caller taking the answer up (the event loop's lag), which
+  every decision keeps free before the objective;
+- and end to end, from arrival to the answer taken up, by level: the measure the promise
+  is about, and the one every prediction above can get wrong (a decoding backlog, an
+  upload, contention between decoding and the model on shared cores).
 
 Each is an estimate of its mean and its mean deviation, updated with every sample
 (Jacobson and Karels's estimator, TCP's retransmission timer: RFC 6298). A decision adds
 the stages' means, and allows 4 of their deviations added in quadrature, so it follows a
 machine that slows down (contention, a smaller host) within a few samples and needs no
-tuning per machine. From these, a request
-is refused 503 `queue_timeout` at the first stage where it could no longer be answered in
-time:
+tuning per machine. From these, a request is refused 503 `queue_timeout` at the first
+stage where it could no longer be answered in time:
 
-- before its body is read, when arrival-to-queued, the wait behind what is queued and being
-  decoded ahead of it, and its own batch do not fit what is left of its objective;
-- once decoded, when the wait and its batch do not;
-- at dispatch, when its batch would end after its objective. The batch is cut to the
+- before its body is read, when the requests of its level and the more urgent ones in the
+  server (uploading, decoding, queued or computing) have reached the level's limit
+  (InSystemLimit: held where the measured end-to-end sojourn keeps within the objective),
+  or when the stages' means already put its answer after its objective;
+- once decoded, when the means of the wait and its batch put it after its objective;
+- at dispatch, when its batch could end after its objective (the bound: means plus
+  deviations, and at least the slowest of the recent batches). The batch is cut to the
   largest bucket that its oldest request can still make, rather than that request shed.
 
-Why this and not another controller: CoDel and "Fail at Scale"'s adaptive LIFO keep the
-queue's sojourn near a target, and Breakwater's credits keep a server's queueing delay
-near one, but neither knows a request's own deadline. A DNN's batch cost is predictable
-(Clockwork), so the deadline can be checked per request, at every stage, from measured
-costs; the measured corrections replace the fixed admission share that held on one
-machine and not on another. Clipper's AIMD sizes batches without deadlines; here the
-batch is sized by the oldest request's deadline.
+The first two stages refuse on what is known (the limit the answers measured, the
+expected finish); only dispatch, where nothing more can be learned before the answer,
+refuses on what might happen. So a request is seldom refused after it has waited, and
+a refusal costs the reading of its headers.
+
+Why this and not another controller: a DNN's batch cost is predictable (Clockwork), so
+each request's deadline can be checked at every stage from measured costs; but the costs
+before the queue (uploads, a decoding backlog, decoding and the model contending for
+shared cores) are not, and a prediction built from them held on one machine and not on
+another. So admission is held by what the answers measured, as CoDel holds a queue's
+sojourn to a target and Breakwater grants credits by the queueing delay it measures: by
+Little's law the count admitted and unanswered sets the sojourn at whatever rate the
+machine serves, and the count is moved until the sojourn sits at its target. Requests
+are served first come first served within a level (not "Fail at Scale"'s adaptive LIFO):
+with the count bounded, the oldest still make their objective. Clipper's AIMD sizes
+batches without deadlines; here the batch is sized by the oldest request's deadline.
 
 Standard library only: the batcher owns one and asks it.
 """
@@ -47,6 +61,7 @@ Standard library only: the batcher owns one and asks it.
 from __future__ import annotations
 
 import bisect
+import collections
 import math
 from collections.abc import Mapping, Sequence
 
@@ -55,6 +70,21 @@ from collections.abc import Mapping, Sequence
 MEAN_GAIN = 1 / 8
 DEVIATION_GAIN = 1 / 4
 SPREAD = 4.0
+# The share of the objective that the bound on the measured end-to-end sojourn is held to:
+# the rest covers the answer's way out and the round that the sojourn is measured late.
+SOJOURN_TARGET = 0.9
+# How far one round of answers (as many as the limit) moves the limit toward its target,
+# in log: half way, so that a sojourn measured a round after its admission does not make
+# the limit overshoot and oscillate.
+LIMIT_GAIN = 0.5
+# The range of the target-to-sojourn ratio that one answer acts on: with LIMIT_GAIN, one
+# round moves the limit at most 2x down or 1.4x up.
+LIMIT_STEP = (0.25, 2.0)
+# How many of a bucket's recent batches dispatch remembers; it allows for the slowest.
+RECENT_BATCHES = 16
+# A bucket not computed in this many batches has its own estimate set aside: until it is
+# computed again, the estimate pooled over all buckets stands for it.
+STALE_BATCHES = 64
 
 
 def smallest_bucket(bucket_sizes: Sequence[int], size: int) -> int:
@@ -90,20 +120,95 @@ class SojournEstimate:
         return self.mean + SPREAD * self.deviation
 
 
+class BucketSlowdown:
+    """One bucket's cost served under load against its warm-up cost: the ratio's
+    estimate, and the slowest of its recent batches. Contention does not slow every
+    bucket alike (a small batch, mostly fixed overheads and short parallel steps, loses
+    more to decoding threads on shared cores than a large one), so a bucket is judged by
+    its own batches while it has recent ones."""
+
+    __slots__ = ("estimate", "recent", "seen_at", "slowest")
+
+    def __init__(self, prior: SojournEstimate, batch: int) -> None:
+        self.estimate = SojournEstimate()
+        self.estimate.mean, self.estimate.deviation = prior.mean, prior.deviation
+        self.estimate.samples = prior.samples
+        self.recent: collections.deque[float] = collections.deque(maxlen=RECENT_BATCHES)
+        self.slowest = 0.0
+        self.seen_at = batch
+
+    def observe(self, ratio: float, batch: int) -> None:
+        self.estimate.observe(ratio)
+        self.recent.append(ratio)
+        self.slowest = max(self.recent)
+        self.seen_at = batch
+
+
+class InSystemLimit:
+    """How many requests of one level, with the more urgent ones, may be in the server
+    (admitted and not yet answered) when another is admitted before its body is read.
+
+    By Little's law the count in the server and the rate it serves at set the sojourn,
+    on any machine: the limit is moved, answer by answer, so that the bound on the
+    measured end-to-end sojourn sits at SOJOURN_TARGET of the objective. It is lowered
+    whenever the sojourn is above its target, and raised only when it was what held
+    admission back (a request found the server at the limit since the last answer), as a
+    TCP window grows only while it limits sending (RFC 7661): a quiet spell does not
+    leave a large limit for a burst to overrun."""
+
+    __slots__ = ("_reached", "ceiling", "limit", "sojourn", "target")
+
+    def __init__(self, slo_s: float, initial: float, ceiling: float) -> None:
+        self.target = SOJOURN_TARGET * slo_s
+        self.ceiling = max(ceiling, 1.0)
+        self.limit = min(max(initial, 1.0), self.ceiling)
+        self.sojourn = SojournEstimate()
+        self._reached = False
+
+    @property
+    def count(self) -> int:
+        """Requests that may be in the server, this one included."""
+        return max(1, int(self.limit))
+
+    def admits(self, in_system: int) -> bool:
+        """Whether a request finding `in_system` others in the server is admitted."""
+        if in_system + 1 >= self.count:
+            self._reached = True
+        return in_system < self.count
+
+    def observe(self, seconds: float) -> None:
+        """An answer of this level was taken up `seconds` after its request arrived (or,
+        for one refused after admission because it could not make its objective, the
+        objective itself)."""
+        self.sojourn.observe(seconds)
+        low, high = LIMIT_STEP
+        ratio = min(max(self.target / max(self.sojourn.bound, 1e-9), low), high)
+        if ratio > 1.0 and not self._reached:
+            return
+        self._reached = False
+        self.limit = min(max(self.limit * ratio ** (LIMIT_GAIN / self.limit), 1.0),
+                         self.ceiling)
+
+
 class DeadlineController:
     """The measured stage times of one model and the decisions made from them."""
 
     def __init__(self, slo_s: float, bucket_sizes: Sequence[int], max_batch_size: int,
-                 levels: int = 1) -> None:
+                 levels: int = 1, max_in_system: int = 1024) -> None:
         self.slo_s = slo_s
         self.bucket_sizes = tuple(sorted(bucket_sizes))
         self.max_batch_size = max_batch_size
         self.levels = levels
+        # the limits' ceiling: every queue full and a batch computing
+        self.max_in_system = max_in_system or 1024
         self._warm: dict[int, float] = {}  # seconds a batch of each bucket took at warm-up
-        self._slowdown = SojournEstimate(1.0)  # served / warm-up, for all buckets
+        self._slowdown = SojournEstimate(1.0)  # served / warm-up, pooled over buckets
+        self._buckets: dict[int, BucketSlowdown] = {}  # each bucket's own
+        self._batches = 0
         self._to_queue = [SojournEstimate() for _ in range(levels)]
         self._wait_error = [SojournEstimate() for _ in range(levels)]
         self._answer = SojournEstimate()
+        self._limits = [InSystemLimit(slo_s, 1, self.max_in_system) for _ in range(levels)]
 
     def bucket_for(self, size: int) -> int:
         return smallest_bucket(self.bucket_sizes, min(max(size, 1), self.max_batch_size))
@@ -111,9 +216,14 @@ class DeadlineController:
     # -- what serving measures ------------------------------------------------------------
 
     def seed(self, seconds: Mapping[int, float]) -> None:
-        """Start from the costs measured at warm-up (each bucket's, in seconds)."""
+        """Start from the costs measured at warm-up (each bucket's, in seconds), and each
+        level's limit afresh: until its first answer it is where the stages' bounds put it
+        (predicted_limit), then the answers move it."""
         self._warm = {bucket: cost for bucket, cost in seconds.items() if cost > 0}
         self._slowdown = SojournEstimate(1.0)
+        self._buckets.clear()
+        self._limits = [InSystemLimit(self.slo_s, 1, self.max_in_system)
+                        for _ in range(self.levels)]
 
     def observe_batch(self, bucket: int, seconds: float) -> None:
         """A batch of `bucket` computed in `seconds`."""
@@ -121,7 +231,30 @@ class DeadlineController:
         if warm is None:  # no warm-up figure: this batch is one, at today's slowdown
             self._warm[bucket] = seconds / max(self._slowdown.mean, 1e-9)
             return
-        self._slowdown.observe(seconds / warm)
+        ratio = seconds / warm
+        self._batches += 1
+        own = self._own(bucket)
+        if own is None:
+            own = self._buckets[bucket] = BucketSlowdown(self._slowdown, self._batches)
+        own.observe(ratio, self._batches)
+        self._slowdown.observe(ratio)
+
+    def _own(self, bucket: int) -> BucketSlowdown | None:
+        """The bucket's own slowdown, if it has been computed lately."""
+        own = self._buckets.get(bucket)
+        if own is None or self._batches - own.seen_at > STALE_BATCHES:
+            return None
+        return own
+
+    def observe_sojourn(self, level: int, seconds: float) -> None:
+        """A request of `level` was answered in time, its answer taken up `seconds` after
+        it arrived."""
+        self._limits[level - 1].observe(seconds)
+
+    def observe_missed(self, level: int) -> None:
+        """A request of `level`, admitted, was refused or answered 504 because it could not
+        make its objective: its limit admitted one too many."""
+        self._limits[level - 1].observe(self.slo_s)
 
     def observe_queued(self, level: int, seconds: float, decoding_ahead: int) -> None:
         """A request of `level` reached the queue `seconds` after it arrived, with
@@ -165,10 +298,13 @@ class DeadlineController:
         return unit.mean * (decoding_ahead + 1), unit.deviation * math.sqrt(decoding_ahead + 1)
 
     def _compute_part(self, size: int) -> tuple[float, float]:
-        warm = self._warm_cost(self.bucket_for(size))
+        bucket = self.bucket_for(size)
+        warm = self._warm_cost(bucket)
         if warm is None:
             return 0.0, 0.0
-        return warm * self._slowdown.mean, warm * self._slowdown.deviation
+        own = self._own(bucket)
+        slowdown = self._slowdown if own is None else own.estimate
+        return warm * slowdown.mean, warm * slowdown.deviation
 
     def queue_wait(self, ahead: int, busy_remaining_s: float) -> float:
         """Predicted seconds a request that joins `ahead` others waits to be dispatched:
@@ -187,28 +323,43 @@ class DeadlineController:
                 self._compute_part(ahead % self.max_batch_size + 1),
                 (self._answer.mean, self._answer.deviation)]
 
-    def _finish(self, ahead: int, busy_remaining_s: float, level: int) -> float:
-        """Seconds from joining the queue behind `ahead` others to the answer, at most."""
-        return _bound(*self._finish_parts(ahead, busy_remaining_s, level))
-
     def _computed(self, size: int) -> float:
-        """Seconds from dispatching a batch of `size` to its answers taken up, at most."""
-        return _bound(self._compute_part(size), (self._answer.mean, self._answer.deviation))
+        """Seconds from dispatching a batch of `size` to its answers taken up, at most: the
+        bound on its cost, and no less than the slowest of its bucket's recent batches."""
+        answer = (self._answer.mean, self._answer.deviation)
+        bound = _bound(self._compute_part(size), answer)
+        bucket = self.bucket_for(size)
+        warm, own = self._warm_cost(bucket), self._own(bucket)
+        if warm is None or own is None:
+            return bound
+        return max(bound, warm * own.slowest + _bound(answer))
+
+    def _expected_finish(self, ahead: int, busy_remaining_s: float, level: int) -> float:
+        """Mean seconds from joining the queue behind `ahead` others to the answer."""
+        return sum(mean for mean, _ in self._finish_parts(ahead, busy_remaining_s, level))
 
     # -- the decisions --------------------------------------------------------------------
 
-    def admits_before_body(self, now: float, objective: float, level: int, queued: int,
-                           decoding: int, busy_remaining_s: float) -> bool:
-        """Whether a request whose headers just arrived, behind `queued` others in the
-        queue and `decoding` being uploaded or decoded, can still make `objective` once
-        uploaded and decoded."""
-        return now + _bound(self._to_queue_part(level, decoding), *self._finish_parts(
-            queued + decoding, busy_remaining_s, level)) <= objective
+    def admits_before_body(self, now: float, objective: float, level: int, in_system: int,
+                           queued: int, decoding: int, busy_remaining_s: float) -> bool:
+        """Whether a request of `level` whose headers just arrived is admitted: the
+        `in_system` requests of its level and the more urgent ones in the server are
+        below the level's limit, and behind the `queued` of them in the queue and the
+        `decoding` ones being uploaded or decoded, it is expected to make `objective`."""
+        limit = self._limits[level - 1]
+        if not limit.sojourn.samples:  # nothing measured end to end yet: as predicted
+            limit.limit = min(float(self.predicted_limit(level)), limit.ceiling)
+        if not limit.admits(in_system):
+            return False
+        to_queue, _ = self._to_queue_part(level, decoding)
+        return now + to_queue + self._expected_finish(queued + decoding, busy_remaining_s,
+                                                      level) <= objective
 
     def admits_queued(self, now: float, objective: float, level: int, ahead: int,
                       busy_remaining_s: float) -> bool:
-        """Whether a decoded request joining `ahead` others can still make `objective`."""
-        return now + self._finish(ahead, busy_remaining_s, level) <= objective
+        """Whether a decoded request joining `ahead` others is expected to make
+        `objective`."""
+        return now + self._expected_finish(ahead, busy_remaining_s, level) <= objective
 
     def largest_batch_for(self, now: float, objective: float, limit: int) -> int:
         """The largest batch, up to `limit`, that ends by `objective` if dispatched now;
@@ -226,18 +377,28 @@ class DeadlineController:
         still meet its objective."""
         return oldest_objective - self._computed(batch_size)
 
-    def admission_limit(self, level: int, max_ahead: int) -> int:
-        """How many requests may be queued or decoding ahead of a new one of `level`, on
-        an idle worker, for it to be admitted before its body is read: the controller's
-        current limit, for the gauge (0: it refuses every request now)."""
-        fits = [ahead for ahead in range(max_ahead) if self.admits_before_body(
-            0.0, self.slo_s, level, ahead, 0, 0.0)]
-        return max(fits) + 1 if fits else 0
+    def admission_limit(self, level: int) -> int:
+        """How many requests of `level` and the more urgent ones may be in the server for
+        another to be admitted before its body is read, as the answers have set it."""
+        return self._limits[level - 1].count
+
+    def predicted_limit(self, level: int) -> int:
+        """How many requests the bounds on the stages allow in the server with a new one of
+        `level` on an idle worker, within SOJOURN_TARGET of the objective: its limit until
+        an answer has been measured."""
+        fits = 1
+        while fits < self.max_in_system and _bound(
+                self._to_queue_part(level, 0),
+                *self._finish_parts(fits, 0.0, level)) <= self.slo_s * SOJOURN_TARGET:
+            fits += 1
+        return fits
 
     def estimates(self) -> dict[str, float]:
         """The current bounds by stage, in seconds (for the gauge)."""
         found = {f"to_queue_level_{level}": estimate.bound  # with nothing ahead
                  for level, estimate in enumerate(self._to_queue, 1)}
+        found.update({f"sojourn_level_{level}": limit.sojourn.bound
+                      for level, limit in enumerate(self._limits, 1)})
         found.update({f"compute_bucket_{bucket}": self.compute_bound(bucket)
                       for bucket in sorted(self._warm)})
         found["answer"] = self._answer.bound

@@ -4,6 +4,7 @@ and the batcher's refusals at each stage, decided from measured costs and a fake
 from __future__ import annotations
 
 import asyncio
+import collections
 import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future
@@ -17,7 +18,15 @@ import batchd.batcher as batcher_module
 from batchd.batch_stats import Arrival
 from batchd.batcher import Batcher
 from batchd.errors import DeadlineExceeded, QueueTimeout
-from batchd.scheduler import SPREAD, DeadlineController, SojournEstimate
+from batchd.scheduler import (
+    RECENT_BATCHES,
+    SOJOURN_TARGET,
+    SPREAD,
+    STALE_BATCHES,
+    DeadlineController,
+    InSystemLimit,
+    SojournEstimate,
+)
 from tests.conftest import BlockingModel
 
 pytestmark = pytest.mark.anyio
@@ -89,15 +98,21 @@ def test_the_compute_bound_follows_a_3x_slowdown_within_a_few_batches_and_recove
 def test_admission_counts_arrival_to_queue_the_batches_ahead_and_its_own() -> None:
     rules = controller(slo_s=0.5)
     now, objective = 10.0, 10.5
-    # behind 3 (one batch in the making with it): its own batch, at most 0.2 s
-    assert rules.admits_before_body(now, objective, 1, 3, 0, 0.0)
-    # behind 4: a full batch ahead (0.2 s) and its own batch of one (0.1 s)
-    assert rules.admits_before_body(now, objective, 1, 4, 0, 0.0)
-    assert not rules.admits_before_body(now, objective, 1, 9, 0, 0.0)  # 0.4 + 0.15 > 0.5
-    assert not rules.admits_before_body(now, objective, 1, 4, 0, 0.25)  # behind a busy worker
+
+    def admits(queued: int, decoding: int = 0, busy: float = 0.0) -> bool:
+        return rules.admits_before_body(now, objective, 1, queued + decoding, queued,
+                                        decoding, busy)
+
+    assert admits(3)  # behind 3 (one batch in the making with it): its own batch, 0.2 s
+    assert admits(4)  # behind 4: a full batch ahead (0.2 s) and its own batch of one
+    assert admits(7)  # a full batch ahead and its own of four: 0.4 s
+    # 8 ahead would be answered at 0.5 s, just in time, but with none measured yet the
+    # limit is what the bounds allow within SOJOURN_TARGET of the objective: 8 in all
+    assert rules.admission_limit(1) == 8 and not admits(8)
+    assert not admits(4, busy=0.25)  # behind a busy worker: 0.25 + 0.2 + 0.1
     for _ in range(50):  # uploads and decodes now take 0.25 s before a request queues
         rules.observe_queued(1, 0.25, 0)
-    assert not rules.admits_before_body(now, objective, 1, 4, 0, 0.0)  # 0.25 + 0.3 > 0.5
+    assert not admits(4)  # 0.25 + 0.3 > 0.5
     assert rules.admits_queued(now, objective, 1, 4, 0.0)  # once decoded, 0.3 s fits
 
 
@@ -108,8 +123,8 @@ def test_arrival_to_queue_scales_with_the_backlog_it_was_measured_behind() -> No
     assert rules.to_queue_bound(1, 0) == pytest.approx(0.05, rel=0.01)
     assert rules.to_queue_bound(1, 3) == pytest.approx(0.2, rel=0.01)
     # so with the backlog gone, the estimate is one upload and decode again
-    assert rules.admits_before_body(10.0, 10.3, 1, 0, 0, 0.0)
-    assert not rules.admits_before_body(10.0, 10.3, 1, 0, 4, 0.0)  # 0.25 + 0.2 > 0.3
+    assert rules.admits_before_body(10.0, 10.3, 1, 0, 0, 0, 0.0)
+    assert not rules.admits_before_body(10.0, 10.3, 1, 4, 0, 4, 0.0)  # 0.25 + 0.2 > 0.3
 
 
 def test_admission_is_corrected_by_the_waits_it_mispredicted() -> None:
@@ -131,15 +146,126 @@ def test_the_batch_is_cut_to_what_the_oldest_request_can_make() -> None:
     assert rules.wait_until(10.3, 4) == pytest.approx(10.1)
 
 
-def test_the_admission_limit_gauge_shrinks_as_the_costs_grow() -> None:
-    rules = controller(slo_s=0.45)
-    before = rules.admission_limit(1, 100)
-    assert before == 8  # 0-7 ahead fit (at most 0.2 + 0.2 s); 8 ahead take 0.4 + 0.1 s
-    for _ in range(30):
-        rules.observe_batch(4, 0.40)
-        rules.observe_batch(1, 0.40)
-    assert rules.admission_limit(1, 100) < before
-    assert rules.estimates()["compute_bucket_4"] >= 0.40
+def test_until_an_answer_is_measured_the_limit_is_where_the_bounds_put_it() -> None:
+    fresh = DeadlineController(0.45, (1, 2, 4), max_batch_size=4)
+    fresh.seed(COSTS)
+    # warm-up's costs are not trusted yet (half of each as its deviation): one at a time
+    assert fresh.predicted_limit(1) == 1
+    # settled: 0-7 ahead are answered within 0.405 s (SOJOURN_TARGET of 0.45 s), a full
+    # batch and one of up to four; 8 ahead would take 0.4 + 0.1 s
+    settled = controller(slo_s=0.45)
+    assert settled.predicted_limit(1) == 8
+    assert settled.admits_before_body(10.0, 10.45, 1, 3, 3, 0, 0.0)
+    assert settled.admission_limit(1) == 8
+    assert not settled.admits_before_body(10.0, math.inf, 1, 8, 8, 0, 0.0)
+    settled.observe_sojourn(1, 0.1)  # from now on the answers move it: up, when it binds
+    assert settled.admission_limit(1) == 8
+    for _ in range(20):
+        settled.admits_before_body(10.0, math.inf, 1, 8, 8, 0, 0.0)
+        settled.observe_sojourn(1, 0.1)
+    assert settled.admission_limit(1) > 8
+
+
+def test_dispatch_allows_for_the_slowest_recent_batch_of_the_bucket() -> None:
+    rules = controller()
+    assert rules.largest_batch_for(10.0, 10.25, 4) == 4  # 0.2 s a batch of four
+    rules.observe_batch(4, 0.24)  # one batch of four took 0.24 s
+    for _ in range(RECENT_BATCHES - 1):
+        rules.observe_batch(4, 0.2)
+    assert rules.predicted(4) < 0.21
+    assert rules.largest_batch_for(10.0, 10.23, 4) == 2  # it could take 0.24 s again
+    rules.observe_batch(4, 0.2)  # the slow one is no longer among the recent ones
+    assert rules.largest_batch_for(10.0, 10.23, 4) == 4
+
+
+def test_each_bucket_is_judged_by_its_own_slowdown_while_it_has_recent_batches() -> None:
+    """Contention slows small batches more than large ones: batches of one at 3x their
+    warm-up cost do not make a batch of four look 3x slower; once the four's figure is
+    stale, the pooled ratio stands for it."""
+    rules = controller()
+    for _ in range(40):
+        rules.observe_batch(1, 0.30)
+        rules.observe_batch(4, 0.20)
+    assert rules.predicted(1) == pytest.approx(0.30, rel=0.02)
+    assert rules.predicted(4) == pytest.approx(0.20, rel=0.02)
+    assert rules.compute_bound(4) < 0.22
+    for _ in range(STALE_BATCHES + 1):
+        rules.observe_batch(1, 0.30)
+    assert rules.predicted(4) == pytest.approx(0.60, rel=0.05)  # 3x, as every batch now
+
+
+# -- the in-system limit, closed on the measured sojourn -------------------------------------
+
+
+def simulate(slo_s: float, service_s: Callable[[float], float], offered_per_s: float,
+             until_s: float) -> tuple[list[tuple[float, float]], InSystemLimit]:
+    """One first-come-first-served server, requests arriving every 1/offered_per_s
+    seconds and admitted while the limit allows; each request's service time is
+    `service_s(start)`. Each sojourn is observed when its answer is done, not before, as
+    serving learns it. The (finish, sojourn) of every admitted request, and the limit."""
+    limit = InSystemLimit(slo_s, 4, 100_000)
+    pending: collections.deque[tuple[float, float]] = collections.deque()
+    answers: list[tuple[float, float]] = []
+    last_finish, now, step = 0.0, 0.0, 1.0 / offered_per_s
+    while now < until_s:
+        while pending and pending[0][0] <= now:
+            finish, arrived = pending.popleft()
+            limit.observe(finish - arrived)
+            answers.append((finish, finish - arrived))
+        if limit.admits(len(pending)):
+            start = max(now, last_finish)
+            last_finish = start + service_s(start)
+            pending.append((last_finish, now))
+        now += step
+    return answers, limit
+
+
+def window(answers: list[tuple[float, float]], begin: float, end: float
+           ) -> tuple[float, float]:
+    """(answers per second, the longest sojourn) of the answers done in [begin, end)."""
+    sojourns = [sojourn for finish, sojourn in answers if begin <= finish < end]
+    return len(sojourns) / (end - begin), max(sojourns)
+
+
+def test_the_limit_converges_when_compute_becomes_3x_slower_and_when_it_recovers() -> None:
+    """Offered twice what the server can do (200 a second), with 3x slower service from
+    10 s to 20 s (contention): the limit follows the measured sojourn down and up again,
+    with no tuning, so the server stays busy and every answer is within the objective
+    except those admitted before the slowdown was measured."""
+    slo_s = 0.25
+
+    def service_s(start: float) -> float:
+        return (3.0 if 10.0 <= start < 20.0 else 1.0) / 200
+
+    answers, limit = simulate(slo_s, service_s, 400.0, 30.0)
+    target = SOJOURN_TARGET * slo_s
+    for begin, end, capacity in ((5.0, 10.0, 200.0), (12.0, 20.0, 200 / 3),
+                                 (22.0, 30.0, 200.0)):
+        rate, longest = window(answers, begin, end)
+        assert rate >= 0.99 * capacity, (begin, rate)  # never starved
+        assert longest <= target + 3 / 200, (begin, longest)  # at the target, to a request
+    # the slowdown is followed within 1.1 s of its start (the requests already admitted
+    # then had been promised the old speed)
+    late = [finish for finish, sojourn in answers if finish >= 10.0 and sojourn > slo_s]
+    assert late and max(late) < 11.1
+    assert not [finish for finish, sojourn in answers if finish >= 20.0 and sojourn > slo_s]
+    assert limit.count == pytest.approx(target * 200, abs=2)
+
+
+def test_the_limit_grows_only_while_it_holds_admission_back() -> None:
+    limit = InSystemLimit(0.25, 10, 1000)
+    for _ in range(200):  # answers far within their objective, but the server is quiet
+        assert limit.admits(2)
+        limit.observe(0.01)
+    assert limit.count == 10
+    for _ in range(50):  # now the limit is reached: it grows
+        limit.admits(9)
+        limit.observe(0.01)
+    assert limit.count > 10
+    grown = limit.count
+    for _ in range(30):  # requests that could not make their objective pull it down
+        limit.observe(0.25)
+    assert limit.count < grown
 
 
 # -- the batcher, with a fake clock --------------------------------------------------------
@@ -174,12 +300,12 @@ def make(model: Any, slo_s: float = 0.32, **overrides: Any) -> Batcher[int, int]
 async def test_refused_before_the_body_when_arrival_to_queue_leaves_too_little(
         clock: FakeClock) -> None:
     batcher = make(BlockingModel())
-    queued = [asyncio.ensure_future(batcher.submit(i)) for i in range(4)]
+    queued = [asyncio.ensure_future(batcher.submit(i)) for i in range(3)]
     await asyncio.sleep(0)
-    batcher.check_admission()  # behind 4: a full batch and its own, 0.3 s <= 0.32 s
+    batcher.check_admission()  # behind 3: its own batch of four, 0.2 s <= 0.32 s
     with pytest.raises(QueueTimeout, match="latency objective"):
-        # the same request, but it arrived 0.05 s ago (its headers took that long)
-        batcher.check_admission(arrived_at=clock.now - 0.05)
+        # the same request, but it arrived 0.13 s ago (its headers took that long)
+        batcher.check_admission(arrived_at=clock.now - 0.13)
     assert (batcher.stats.refused_before_body, batcher.stats.rejected_late) == (1, 1)
     await batcher.abandon()
     await asyncio.gather(*queued, return_exceptions=True)
@@ -245,6 +371,28 @@ async def test_an_answer_computed_after_its_objective_is_a_504_never_a_200(
     # ...yet an idle server admits: its estimates may be stale, and refusing would keep
     # them so (nothing admitted, nothing measured)
     batcher.check_admission()
+    await batcher.drain(1)
+
+
+async def test_the_batcher_measures_each_answer_from_arrival_and_counts_the_missed(
+        clock: FakeClock) -> None:
+    def model(items: Sequence[int], bucket: int) -> list[int]:
+        clock.now += 0.1
+        return list(items)
+
+    batcher = make(model, executor=InlineExecutor())
+    batcher.start()
+    controller = batcher.controller
+    assert controller is not None
+    await batcher.submit(1, arrival=Arrival(clock.now - 0.05))  # uploaded for 0.05 s
+    first = controller.estimates()["sojourn_level_1"]
+    assert first == pytest.approx(0.15 + SPREAD * 0.075)  # a first sample, half as spread
+    with pytest.raises(QueueTimeout):  # 0.25 s of its 0.32 s gone before it queued
+        await batcher.submit(2, arrival=Arrival(clock.now - 0.25))
+    # (queued, the server being idle, and shed at dispatch) counted as a sojourn of the
+    # whole objective, so the limit that admitted it comes down
+    assert batcher.stats.shed_at_dispatch == 1
+    assert controller.estimates()["sojourn_level_1"] > first
     await batcher.drain(1)
 
 
