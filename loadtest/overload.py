@@ -39,6 +39,7 @@ from loadtest.bench import RESULTS, WORKLOADS, ensure_checkpoint, server, stage
 from loadtest.images import photo_jpeg
 from loadtest.loadgen import aiohttp_load
 from loadtest.openloop import CLIENTS, arrival_offsets, metric_sums, run_schedule, with_batching
+from loadtest.rawhttp import RequestPool
 from loadtest.rawhttp import closed_loop as raw_closed_loop
 
 Result = tuple[float, float, int]  # (generator lateness s, latency s, status)
@@ -161,6 +162,51 @@ def measure_capacity(body: bytes, seconds: float, client: str
                 for clients in CLOSED_LOOP_CLIENTS}
 
 
+def refusal_cost(body: bytes, requests: int = 5000) -> dict[str, Any]:
+    """Server CPU ms per 503 refused before the body, against per GET /health: batchd
+    with an objective of 5 ms (no request can make it, so nearly every one is refused
+    as soon as its headers are read), 32 closed-loop clients, the lean client."""
+    config = with_batching(WORKLOADS["resnet18-64"], "overload-refusals", slo_ms=5,
+                           queue_timeout_ms=1000)
+    try:
+        with server("batchd", config, RESULTS / "overload-refusals.log") as served:
+            costs: dict[str, Any] = {}
+            for path, payload in (("/health", b""), ("/predict", body)):
+                asyncio.run(_count_statuses(served.url, path, payload, 32, 500))
+                before = cpu.cpu_seconds(served.pid)
+                statuses = asyncio.run(_count_statuses(served.url, path, payload, 32,
+                                                       requests))
+                costs[path] = (cpu.cpu_seconds(served.pid) - before) / requests * 1000
+                costs[f"{path} statuses"] = dict(statuses)
+    finally:
+        config.unlink()
+    stage(f"refusal cost: {costs['/predict']:.2f} ms of server CPU a request "
+          f"({costs['/predict statuses']}), GET /health {costs['/health']:.2f} ms")
+    return costs
+
+
+async def _count_statuses(url: str, path: str, body: bytes, clients: int, requests: int
+                          ) -> Counter[int]:
+    pool = RequestPool(url, clients)
+    head = (pool.request(path, body, {"content-type": "image/jpeg"}) if body else
+            f"GET {path} HTTP/1.1\r\nHost: {pool.host}\r\n\r\n".encode())
+    statuses: Counter[int] = Counter()
+    remaining = requests
+
+    async def client() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            status, _ = await pool.send(head, body)
+            statuses[status] += 1
+
+    try:
+        await asyncio.gather(*(client() for _ in range(clients)))
+    finally:
+        pool.close()
+    return statuses
+
+
 def capacity_within(closed: dict[int, dict[str, Any]], slo_ms: float) -> float:
     """The highest closed-loop throughput whose p99 is within `slo_ms`."""
     within = [run["rps"] for run in closed.values() if run["p99_ms"] <= slo_ms]
@@ -269,14 +315,19 @@ def main(argv: list[str] | None = None) -> None:
           "a point")
     started = time.perf_counter()
     closed = measure_capacity(body, args.seconds, args.client)
+    refusals = refusal_cost(body)
     reports = [run_objective(float(slo), args, body, closed) for slo in args.slo_ms.split(",")]
     print("\n## Overload against the objective (resnet18-64)\n\nCapacity without an objective, "
           "closed-loop: " + ", ".join(f"{clients} clients {run['rps']:.1f} req/s (p99 "
                                       f"{run['p99_ms']:.0f} ms)"
                                       for clients, run in closed.items()))
+    print(f"\nServer CPU a request refused before its body (objective 5 ms, 32 clients): "
+          f"{refusals['/predict']:.2f} ms ({refusals['/predict statuses']}); GET /health "
+          f"{refusals['/health']:.2f} ms")
     for report in reports:
         print(table(report))
     (RESULTS / "overload.json").write_text(json.dumps({"closed_loop": closed,
+                                                       "refusal_cost": refusals,
                                                        "objectives": reports}, indent=2))
     stage(f"wrote {RESULTS / 'overload.json'} in {time.perf_counter() - started:.0f} s")
 
