@@ -134,9 +134,10 @@ class BatchingConfig:
     max_batch_size.
     Range: >= 0"""
     slo_ms: float = 0.0
-    """A latency objective: with one, dispatch follows deadlines (batchd.scheduler), a
-    request that could not be answered within it is refused before its body is read, and
-    max_wait_ms is not used. 0: none.
+    """A latency objective, counted from each request's arrival: an answer within it or
+    a 503 queue_timeout, never a 200 after it. Admission before the body is held by the
+    measured end-to-end sojourn, and dispatch follows deadlines (batchd.scheduler; the
+    Overload control page); max_wait_ms still applies, capped by the deadline. 0: none.
     Range: >= 0"""
     priority_levels: int = 1
     """Priority levels, 1 the most urgent (Triton's meaning); a request names its level
