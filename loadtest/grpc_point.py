@@ -29,6 +29,7 @@ import aiohttp
 import numpy as np
 
 from loadtest import cpu
+from loadtest.loadgen import closed_loop_calls
 from loadtest.servers import batchd_command, config_with, free_port, serving
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,19 +58,7 @@ def rest_body(tensor: np.ndarray) -> tuple[bytes, dict[str, str]]:
 async def closed_loop(call: Callable[[], Awaitable[None]], concurrency: int,
                       requests: int) -> list[float]:
     """Latencies (s) of `requests` calls, `concurrency` in flight at a time."""
-    latencies: list[float] = []
-    remaining = requests
-
-    async def client() -> None:
-        nonlocal remaining
-        while remaining > 0:
-            remaining -= 1
-            started = time.perf_counter()
-            await call()
-            latencies.append(time.perf_counter() - started)
-
-    await asyncio.gather(*(client() for _ in range(concurrency)))
-    return latencies
+    return [latency for latency, _ in await closed_loop_calls(call, concurrency, requests)]
 
 
 async def measure(name: str, call: Callable[[], Awaitable[None]], pid: int,

@@ -17,11 +17,14 @@ import statistics
 import subprocess
 import tempfile
 import time
-from typing import Any, NamedTuple
+from collections.abc import Awaitable, Callable
+from typing import Any, NamedTuple, TypeVar
 
 from loadtest.cpu import own_cpu_seconds
 
 GENERATORS = ("aiohttp", "hey")
+
+T = TypeVar("T")
 
 
 class Expected(NamedTuple):
@@ -55,6 +58,25 @@ def summarise(latencies: list[float], elapsed: float, failures: list[str],
             "p50_ms": statistics.median(ordered) * 1000, "p95_ms": percentile(0.95),
             "p99_ms": percentile(0.99), "failures": len(failures),
             "first_failures": failures[:3], "loadgen_cpu_s": cpu_s}
+
+
+async def closed_loop_calls(call: Callable[[], Awaitable[T]], concurrency: int,
+                            requests: int) -> list[tuple[float, T]]:
+    """(latency s, result) of each of `requests` calls, `concurrency` in flight at a
+    time, each client calling again as soon as its last call returned."""
+    done: list[tuple[float, T]] = []
+    remaining = requests
+
+    async def client() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            started = time.perf_counter()
+            result = await call()
+            done.append((time.perf_counter() - started, result))
+
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return done
 
 
 async def _closed_loop(url: str, body: bytes, content_type: str, concurrency: int,

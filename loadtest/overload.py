@@ -37,7 +37,7 @@ import numpy as np
 from loadtest import cpu
 from loadtest.bench import RESULTS, WORKLOADS, ensure_checkpoint, server, stage
 from loadtest.images import photo_jpeg
-from loadtest.loadgen import aiohttp_load
+from loadtest.loadgen import aiohttp_load, closed_loop_calls
 from loadtest.openloop import CLIENTS, arrival_offsets, metric_sums, run_schedule, with_batching
 from loadtest.rawhttp import RequestPool
 from loadtest.rawhttp import closed_loop as raw_closed_loop
@@ -190,21 +190,11 @@ async def _count_statuses(url: str, path: str, body: bytes, clients: int, reques
     pool = RequestPool(url, clients)
     head = (pool.request(path, body, {"content-type": "image/jpeg"}) if body else
             f"GET {path} HTTP/1.1\r\nHost: {pool.host}\r\n\r\n".encode())
-    statuses: Counter[int] = Counter()
-    remaining = requests
-
-    async def client() -> None:
-        nonlocal remaining
-        while remaining > 0:
-            remaining -= 1
-            status, _ = await pool.send(head, body)
-            statuses[status] += 1
-
     try:
-        await asyncio.gather(*(client() for _ in range(clients)))
+        answers = await closed_loop_calls(lambda: pool.send(head, body), clients, requests)
     finally:
         pool.close()
-    return statuses
+    return Counter(status for _, (status, _) in answers)
 
 
 def capacity_within(closed: dict[int, dict[str, Any]], slo_ms: float) -> float:

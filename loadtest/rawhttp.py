@@ -22,7 +22,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from loadtest.cpu import own_cpu_seconds
-from loadtest.loadgen import summarise
+from loadtest.loadgen import closed_loop_calls, summarise
 
 
 class _Connection(asyncio.Protocol):
@@ -151,25 +151,15 @@ async def _closed_loop(url: str, body: bytes, content_type: str, concurrency: in
                        requests: int) -> dict[str, Any]:
     pool = RequestPool(url, concurrency)
     head = pool.request("/predict", body, {"content-type": content_type})
-    latencies: list[float] = []
-    failures: list[str] = []
-    remaining = requests
-
-    async def client() -> None:
-        nonlocal remaining
-        while remaining > 0:
-            remaining -= 1
-            started = time.perf_counter()
-            status, answer = await pool.send(head, body)
-            latencies.append(time.perf_counter() - started)
-            if status != 200:
-                failures.append(f"{status}: {answer[:200]!r}")
-
     cpu_before = own_cpu_seconds()
     started = time.perf_counter()
     try:
-        await asyncio.gather(*(client() for _ in range(concurrency)))
+        answers = await closed_loop_calls(lambda: pool.send(head, body), concurrency,
+                                          requests)
     finally:
         pool.close()
     elapsed = time.perf_counter() - started
-    return summarise(latencies, elapsed, failures, own_cpu_seconds() - cpu_before)
+    failures = [f"{status}: {answer[:200]!r}" for _, (status, answer) in answers
+                if status != 200]
+    return summarise([latency for latency, _ in answers], elapsed, failures,
+                     own_cpu_seconds() - cpu_before)
