@@ -263,9 +263,11 @@ class Batcher(Generic[In, Out]):
             return arrival
         queued = self._queue.ahead_of(level) + count - 1
         computing = sum(1 for request in self._running if request.level <= level)
+        own = (self._expected_by_level[level - 1] + self._queue.depth(level) + count - 1
+               + sum(1 for request in self._running if request.level == level))
         if not controller.admits_before_body(now, arrival.at + self.slo_s, level,
                                              queued + decoding + computing, queued,
-                                             decoding, self._busy_remaining(now)):
+                                             decoding, self._busy_remaining(now), own):
             self.stats.refused_before_body += 1
             self._refuse_late()
         return arrival
@@ -349,6 +351,8 @@ class Batcher(Generic[In, Out]):
             self.stats.deadline_exceeded += 1
             if time.monotonic() > objective:  # computing past its objective too: late
                 self.stats.late += 1
+                if controller is not None:
+                    controller.observe_missed(level)
                 logger.warning("%s: a batch still computing passed a request's latency "
                                "objective of %.0f ms; answering 504", self.name,
                                self.slo_s * 1000)
@@ -448,6 +452,7 @@ class Batcher(Generic[In, Out]):
                     fits = controller.largest_batch_for(now, request.objective, count)
                     if fits <= len(batch):
                         self.stats.shed_at_dispatch += 1
+                        controller.shed(now, request.objective, len(batch) + 1)
                         request.future.set_exception(QueueTimeout(
                             "could no longer be answered within the latency objective of "
                             f"{self.slo_s * 1000:.0f} ms"))

@@ -170,8 +170,9 @@ class DecodingPlanner:
         self.model_cpu_s = model_cpu_s
         self.decode_cpu_s = decode_cpu_s
         self._apply = apply
+        self._planned = False  # the count so far is the guess made before any measure
         if decode_cpu_s is not None:
-            self._replan("warm-up's probe image", first=True)
+            self._replan("warm-up's probe image")
 
     def observe_decode(self, cpu_s: float) -> None:
         """One image decoded in `cpu_s` of its thread's CPU (event loop only)."""
@@ -185,7 +186,7 @@ class DecodingPlanner:
         """Decoding threads for a share of the cores: ceil(share + HEADROOM), 1 to cores."""
         return min(self.cores, max(1, math.ceil(share + self.HEADROOM)))
 
-    def _replan(self, source: str, first: bool = False) -> None:
+    def _replan(self, source: str) -> None:
         """Follow the share; past the first plan (the count before it was a guess made
         before anything was measured), only once the share is past the change point by
         the hysteresis, in the direction of the change."""
@@ -193,6 +194,7 @@ class DecodingPlanner:
         share = decoding_share(self.cores, self.decode_cpu_s, self.model_cpu_s)
         wanted = self.threads_for(share)
         margin = -self.HYSTERESIS if wanted > self.threads else self.HYSTERESIS
+        first, self._planned = not self._planned, True
         if wanted == self.threads or (not first and self.threads_for(share + margin) != wanted):
             return
         logger.info("CPU plan: decoding threads %d -> %d: decoding %.2f ms of CPU an image "

@@ -298,8 +298,9 @@ class _StateCollector(Collector):
         limit = GaugeMetricFamily(
             "batchd_admission_limit",
             "How many requests of this priority level and the more urgent ones may be in "
-            "the server (admitted, not yet answered) for another to be admitted before its "
-            "body is read: the limit the measured end-to-end sojourns hold now.",
+            "the server at once (admitted, not yet answered; a request is admitted before "
+            "its body is read while fewer are): the limit the measured end-to-end "
+            "sojourns hold now.",
             labels=["model", "version", "level"])
         estimate = GaugeMetricFamily(
             "batchd_stage_estimate_seconds",

@@ -152,9 +152,9 @@ class InSystemLimit:
     on any machine: the limit is moved, answer by answer, so that the bound on the
     measured end-to-end sojourn sits at SOJOURN_TARGET of the objective. It is lowered
     whenever the sojourn is above its target, and raised only when it was what held
-    admission back (a request found the server at the limit since the last answer), as a
-    TCP window grows only while it limits sending (RFC 7661): a quiet spell does not
-    leave a large limit for a burst to overrun."""
+    admission back (the server reached the limit since the last answer), as a TCP window
+    grows only while it limits sending (RFC 7661): a quiet spell does not leave a large
+    limit for a burst to overrun."""
 
     __slots__ = ("_reached", "ceiling", "limit", "sojourn", "target")
 
@@ -170,11 +170,14 @@ class InSystemLimit:
         """Requests that may be in the server, this one included."""
         return max(1, int(self.limit))
 
-    def admits(self, in_system: int) -> bool:
-        """Whether a request finding `in_system` others in the server is admitted."""
+    def admits(self, in_system: int, own: int) -> bool:
+        """Whether a request finding `in_system` others in the server, `own` of them of its
+        level, is admitted. A level with none of its own in the server admits one whatever
+        the more urgent levels hold: its limit moves only on its own answers, so a limit
+        that the others' requests filled would otherwise never be measured again."""
         if in_system + 1 >= self.count:
-            self._reached = True
-        return in_system < self.count
+            self._reached = True  # this request fills the limit, or finds it full
+        return in_system < self.count or own == 0
 
     def observe(self, seconds: float) -> None:
         """An answer of this level was taken up `seconds` after its request arrived (or,
@@ -341,15 +344,17 @@ class DeadlineController:
     # -- the decisions --------------------------------------------------------------------
 
     def admits_before_body(self, now: float, objective: float, level: int, in_system: int,
-                           queued: int, decoding: int, busy_remaining_s: float) -> bool:
+                           queued: int, decoding: int, busy_remaining_s: float,
+                           own: int | None = None) -> bool:
         """Whether a request of `level` whose headers just arrived is admitted: the
-        `in_system` requests of its level and the more urgent ones in the server are
-        below the level's limit, and behind the `queued` of them in the queue and the
-        `decoding` ones being uploaded or decoded, it is expected to make `objective`."""
+        `in_system` requests of its level and the more urgent ones in the server (`own`
+        of them of its level; None: all) are below the level's limit, and behind the
+        `queued` of them in the queue and the `decoding` ones being uploaded or decoded,
+        it is expected to make `objective`."""
         limit = self._limits[level - 1]
         if not limit.sojourn.samples:  # nothing measured end to end yet: as predicted
             limit.limit = min(float(self.predicted_limit(level)), limit.ceiling)
-        if not limit.admits(in_system):
+        if not limit.admits(in_system, in_system if own is None else own):
             return False
         to_queue, _ = self._to_queue_part(level, decoding)
         return now + to_queue + self._expected_finish(queued + decoding, busy_remaining_s,
@@ -372,6 +377,25 @@ class DeadlineController:
                 return size
         return 0
 
+    def shed(self, now: float, objective: float, size: int) -> None:
+        """A request was shed at dispatch, its batch of `size` no longer able to end by
+        `objective` as the bound stands. When its expected finish would still have made
+        it (it was refused on the spread of the estimates, or on one slow recent batch),
+        the bucket forgets a step of that uncertainty, as if a batch had taken its mean:
+        otherwise a bucket refused after one slow batch is never computed, never
+        measured, and refused for ever."""
+        bucket = self.bucket_for(size)
+        warm, own = self._warm_cost(bucket), self._own(bucket)
+        if warm is None or now + sum(mean for mean, _ in (
+                self._compute_part(size), (self._answer.mean, 0.0))) > objective:
+            return
+        for estimate in (self._slowdown, own.estimate if own else None):
+            if estimate is not None:
+                estimate.deviation *= 1.0 - DEVIATION_GAIN
+        if own is not None:
+            own.recent.append(own.estimate.mean)
+            own.slowest = max(own.recent)
+
     def wait_until(self, oldest_objective: float, batch_size: int) -> float:
         """The latest moment to dispatch a batch of `batch_size` for the oldest request to
         still meet its objective."""
@@ -386,12 +410,19 @@ class DeadlineController:
         """How many requests the bounds on the stages allow in the server with a new one of
         `level` on an idle worker, within SOJOURN_TARGET of the objective: its limit until
         an answer has been measured."""
-        fits = 1
-        while fits < self.max_in_system and _bound(
-                self._to_queue_part(level, 0),
-                *self._finish_parts(fits, 0.0, level)) <= self.slo_s * SOJOURN_TARGET:
-            fits += 1
-        return fits
+        def fits(ahead: int) -> bool:
+            return _bound(self._to_queue_part(level, 0), *self._finish_parts(
+                ahead, 0.0, level)) <= self.slo_s * SOJOURN_TARGET
+
+        # the finish grows with the count ahead: the first count that does not fit
+        low, high = 1, self.max_in_system
+        while low < high:
+            middle = (low + high) // 2
+            if fits(middle):
+                low = middle + 1
+            else:
+                high = middle
+        return low
 
     def estimates(self) -> dict[str, float]:
         """The current bounds by stage, in seconds (for the gauge)."""

@@ -103,11 +103,13 @@ async def _aiohttp_poster(url: str, body: bytes, content_type: str
 @contextlib.asynccontextmanager
 async def _raw_poster(url: str, body: bytes, content_type: str) -> AsyncIterator[Poster]:
     pool = RequestPool(url)
-    heads = {priority: pool.request("/predict", body, {
-        "content-type": content_type, **({"x-priority": str(priority)} if priority else {})})
-        for priority in range(0, 9)}
+    heads: dict[int, bytes] = {}
 
     async def send(priority: int) -> int:
+        if priority not in heads:
+            heads[priority] = pool.request("/predict", body, {
+                "content-type": content_type,
+                **({"x-priority": str(priority)} if priority else {})})
         try:
             async with asyncio.timeout(120):
                 status, _ = await pool.send(heads[priority], body)

@@ -72,7 +72,7 @@ class _Connection(asyncio.Protocol):
     def _read_head(self, head: bytes) -> None:
         lines = head.split(b"\r\n")
         self._status = int(lines[0].split(b" ", 2)[1])
-        self._length = 0
+        self._length = 0 if self._status in (204, 304) else -1
         for line in lines[1:]:
             name, _, value = line.partition(b":")
             name = name.strip().lower()
@@ -82,6 +82,9 @@ class _Connection(asyncio.Protocol):
                 self._close_after = True
             elif name == b"transfer-encoding":
                 raise ValueError("rawhttp reads Content-Length bodies only")
+        if self._length < 0:
+            raise ValueError("rawhttp reads Content-Length bodies only: none in "
+                             f"{lines[0]!r}")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

@@ -291,6 +291,12 @@ def test_the_first_plan_follows_the_share_without_the_hysteresis() -> None:
     for cpu_s in [0.00343] * 100:  # later changes keep their hysteresis
         planner.observe_decode(cpu_s)
     assert applied == [2]
+    # and with no probe at warm-up, the first image decoded makes the first plan
+    unprobed: list[int] = []
+    planner = DecodingPlanner(2, 1, model_cpu_s=0.0081, decode_cpu_s=None,
+                              apply=unprobed.append)
+    planner.observe_decode(0.00343)
+    assert unprobed == [2]
 
 
 def test_the_planner_keeps_the_cores_for_a_model_bound_model_and_does_not_flap() -> None:

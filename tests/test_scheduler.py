@@ -194,6 +194,27 @@ def test_each_bucket_is_judged_by_its_own_slowdown_while_it_has_recent_batches()
     assert rules.predicted(4) == pytest.approx(0.60, rel=0.05)  # 3x, as every batch now
 
 
+def test_a_bucket_refused_after_one_slow_batch_is_tried_again() -> None:
+    """One stall makes a batch of one look too slow for the objective at dispatch. A
+    shed made only on that uncertainty (the mean would have made it) forgets a step of
+    it, so the bucket is computed, and measured, again rather than refused for ever."""
+    rules = DeadlineController(0.1, (1, 8, 32), max_batch_size=32)
+    rules.seed({1: 0.005, 8: 0.02, 32: 0.06})
+    for _ in range(50):
+        rules.observe_batch(1, 0.005)
+    rules.observe_batch(1, 0.1)  # a stall
+    assert rules.largest_batch_for(0.0, 0.095, 1) == 0
+    sheds = 0
+    while rules.largest_batch_for(0.0, 0.095, 1) == 0:
+        rules.shed(0.0, 0.095, 1)
+        sheds += 1
+        assert sheds <= RECENT_BATCHES + 8
+    # a request that even the mean cannot make teaches nothing
+    before = rules.compute_bound(1)
+    rules.shed(0.0, 0.001, 1)
+    assert rules.compute_bound(1) == before
+
+
 # -- the in-system limit, closed on the measured sojourn -------------------------------------
 
 
@@ -212,7 +233,7 @@ def simulate(slo_s: float, service_s: Callable[[float], float], offered_per_s: f
             finish, arrived = pending.popleft()
             limit.observe(finish - arrived)
             answers.append((finish, finish - arrived))
-        if limit.admits(len(pending)):
+        if limit.admits(len(pending), len(pending)):
             start = max(now, last_finish)
             last_finish = start + service_s(start)
             pending.append((last_finish, now))
@@ -252,14 +273,24 @@ def test_the_limit_converges_when_compute_becomes_3x_slower_and_when_it_recovers
     assert limit.count == pytest.approx(target * 200, abs=2)
 
 
+def test_a_level_with_none_of_its_own_in_the_server_admits_one() -> None:
+    """Level 2's limit moves only on level 2's answers: with level 1 holding as many as
+    level 2's limit, a level-2 request is still admitted while none of level 2 is in the
+    server, so that level 2 is measured again; a second one is not."""
+    limit = InSystemLimit(0.25, 2, 1000)
+    assert not limit.admits(2, own=1)
+    assert limit.admits(2, own=0)
+    assert limit.admits(5, own=0)
+
+
 def test_the_limit_grows_only_while_it_holds_admission_back() -> None:
     limit = InSystemLimit(0.25, 10, 1000)
     for _ in range(200):  # answers far within their objective, but the server is quiet
-        assert limit.admits(2)
+        assert limit.admits(2, 2)
         limit.observe(0.01)
     assert limit.count == 10
     for _ in range(50):  # now the limit is reached: it grows
-        limit.admits(9)
+        limit.admits(9, 9)
         limit.observe(0.01)
     assert limit.count > 10
     grown = limit.count
