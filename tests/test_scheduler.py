@@ -18,15 +18,14 @@ import batchd.batcher as batcher_module
 from batchd.batch_stats import Arrival
 from batchd.batcher import Batcher
 from batchd.errors import DeadlineExceeded, QueueTimeout
-from batchd.scheduler import (
+from batchd.estimates import (
     RECENT_BATCHES,
     SOJOURN_TARGET,
     SPREAD,
-    STALE_BATCHES,
-    DeadlineController,
     InSystemLimit,
     SojournEstimate,
 )
+from batchd.scheduler import STALE_BATCHES, DeadlineController
 from tests.conftest import BlockingModel
 
 pytestmark = pytest.mark.anyio
