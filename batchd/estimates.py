@@ -73,9 +73,19 @@ class BucketSlowdown:
 
     def observe(self, ratio: float, batch: int) -> None:
         self.estimate.observe(ratio)
+        self._remember(ratio)
+        self.seen_at = batch
+
+    def forget(self) -> None:
+        """A step of the uncertainty gone, as if a batch had taken the mean: the
+        deviation shrinks as an exact sample would shrink it, and the mean takes a place
+        among the recent batches."""
+        self.estimate.deviation *= 1.0 - DEVIATION_GAIN
+        self._remember(self.estimate.mean)
+
+    def _remember(self, ratio: float) -> None:
         self.recent.append(ratio)
         self.slowest = max(self.recent)
-        self.seen_at = batch
 
 
 class InSystemLimit:

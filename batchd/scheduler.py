@@ -78,7 +78,6 @@ from batchd.estimates import (
 STALE_BATCHES = 64
 
 
-
 def smallest_bucket(bucket_sizes: Sequence[int], size: int) -> int:
     """The smallest of the sorted `bucket_sizes` that holds `size` inputs."""
     return bucket_sizes[bisect.bisect_left(bucket_sizes, size)]
@@ -93,8 +92,7 @@ class DeadlineController:
         self.bucket_sizes = tuple(sorted(bucket_sizes))
         self.max_batch_size = max_batch_size
         self.levels = levels
-        # the limits' ceiling: every queue full and a batch computing
-        self.max_in_system = max_in_system or 1024
+        self.max_in_system = max_in_system  # the limits' ceiling: every queue full and a batch
         self._warm: dict[int, float] = {}  # seconds a batch of each bucket took at warm-up
         self._slowdown = SojournEstimate(1.0)  # served / warm-up, pooled over buckets
         self._buckets: dict[int, BucketSlowdown] = {}  # each bucket's own
@@ -276,16 +274,13 @@ class DeadlineController:
         otherwise a bucket refused after one slow batch is never computed, never
         measured, and refused for ever."""
         bucket = self.bucket_for(size)
-        warm, own = self._warm_cost(bucket), self._own(bucket)
-        if warm is None or now + sum(mean for mean, _ in (
-                self._compute_part(size), (self._answer.mean, 0.0))) > objective:
+        if (self._warm_cost(bucket) is None
+                or now + self.predicted(size) + self._answer.mean > objective):
             return
-        for estimate in (self._slowdown, own.estimate if own else None):
-            if estimate is not None:
-                estimate.deviation *= 1.0 - DEVIATION_GAIN
+        self._slowdown.deviation *= 1.0 - DEVIATION_GAIN
+        own = self._own(bucket)
         if own is not None:
-            own.recent.append(own.estimate.mean)
-            own.slowest = max(own.recent)
+            own.forget()
 
     def wait_until(self, oldest_objective: float, batch_size: int) -> float:
         """The latest moment to dispatch a batch of `batch_size` for the oldest request to

@@ -189,7 +189,7 @@ async def _count_statuses(url: str, path: str, body: bytes, clients: int, reques
                           ) -> Counter[int]:
     pool = RequestPool(url, clients)
     head = (pool.request(path, body, {"content-type": "image/jpeg"}) if body else
-            f"GET {path} HTTP/1.1\r\nHost: {pool.host}\r\n\r\n".encode())
+            pool.request(path, body, {}, method="GET"))
     try:
         answers = await closed_loop_calls(lambda: pool.send(head, body), clients, requests)
     finally:

@@ -102,9 +102,10 @@ class RequestPool:
         self._idle: list[_Connection] = []
         self._open = asyncio.Semaphore(limit)
 
-    def request(self, path: str, body: bytes, headers: Mapping[str, str]) -> bytes:
+    def request(self, path: str, body: bytes, headers: Mapping[str, str],
+                method: str = "POST") -> bytes:
         """The request's head, prepared once per shape."""
-        lines = [f"POST {path} HTTP/1.1", f"Host: {self.host}:{self.port}",
+        lines = [f"{method} {path} HTTP/1.1", f"Host: {self.host}:{self.port}",
                  f"Content-Length: {len(body)}",
                  *(f"{name}: {value}" for name, value in headers.items())]
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
