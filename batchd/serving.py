@@ -85,9 +85,16 @@ class Serving(Generic[S]):
 
     def status(self, name: str) -> ModelStatus:
         """Model `name`'s status: its serving version's (KeyError if there is no such
-        model)."""
+        model), or, while a version of it still warms (at start-up only: a reload warms
+        before it installs), that version's: a model is ready when all it loaded is, so
+        that answers do not change version just after readiness."""
         if not self.loaded:
             return ModelStatus(ModelState.LOADING, "loading models")
+        versions = self.versions[name]
+        for number in sorted(versions, reverse=True):
+            status = self.slot_status(versions[number])
+            if status.state is ModelState.WARMING:
+                return ModelStatus(status.state, f"version {number}: {status.reason}")
         return self.slot_status(self.serving_slot(name))
 
     def not_ready_reasons(self) -> dict[str, str]:
@@ -116,6 +123,12 @@ class Serving(Generic[S]):
             which = f"model {name!r}" + ("" if version is None else f" version {version}")
             raise UnknownModel(f"no {which} is loaded")
         return slot
+
+    def version_status(self, name: str, version: int | None = None) -> ModelStatus:
+        """The status of version `version` of `name`, or of the model when it names none
+        (see status); UnknownModel as find_slot."""
+        slot = self.find_slot(name, version)
+        return self.slot_status(slot) if version is not None else self.status(name)
 
     def check_serving(self, slot: Servable) -> None:
         """NotReady unless `slot` serves now (called once a prediction is admitted, so

@@ -408,6 +408,30 @@ async def test_unload_answers_queued_requests_then_404(tmp_path: Path,
         assert slot not in runtime.all_slots()
 
 
+def test_a_model_is_ready_only_when_every_version_has_warmed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Versions warm one after another at start-up: while version 2 still warms, the
+    model is not ready (else the first answers would come from version 1, then switch)."""
+    from batchd.runtime import Runtime
+
+    seen: dict[str, Any] = {}
+    warm = Runtime.warm
+
+    async def warm_and_look(self: Runtime, slot: Any, executor: Any) -> None:
+        if slot.version == 2:  # version 1 has warmed: it warms first
+            seen["reasons"] = self.not_ready_reasons()
+            seen["model"] = self.version_status("digits").ready  # /v2/models/digits/ready
+            seen["version 1"] = self.version_status("digits", 1).ready
+        await warm(self, slot, executor)
+
+    monkeypatch.setattr(Runtime, "warm", warm_and_look)
+    repository = make_repository(tmp_path, versions=(1, 2), policy={"kind": "all"})
+    with run_server(server_config(tmp_path, repository, admin=False)) as server:
+        assert server.app.state.runtime.not_ready_reasons() == {}
+    assert seen == {"reasons": {"digits": "version 2: warming up"}, "model": False,
+                    "version 1": True}
+
+
 async def test_versions_are_reachable_by_number(tmp_path: Path, digit_png: bytes) -> None:
     repository = make_repository(tmp_path, versions=(1, 2), policy={"kind": "all"})
     with run_server(server_config(tmp_path, repository, admin=False)) as server:

@@ -53,8 +53,13 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request: pb.ModelReadyRequest,
                          context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
-        slot = await self._slot(context, request.name, request.version)
-        return pb.ModelReadyResponse(ready=self.runtime.slot_status(slot).ready)
+        try:
+            check_bearer(context, self.token, "this call")
+            status = self.runtime.version_status(
+                request.name, parse_version(request.version, request.name))
+        except BatchdError as error:
+            await abort(context, error)
+        return pb.ModelReadyResponse(ready=status.ready)
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest,
                              context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:

@@ -82,9 +82,9 @@ async def server_ready(request: Request) -> Response:
 
 
 async def model_ready(request: Request) -> Response:
-    slot = model_slot(request)
-    ready = runtime_of(request).slot_status(slot).ready
-    return JSONResponse({"name": slot.name, "ready": ready}, 200 if ready else NOT_READY)
+    name = request.path_params["name"]
+    ready = runtime_of(request).version_status(name, requested_version(request)).ready
+    return JSONResponse({"name": name, "ready": ready}, 200 if ready else NOT_READY)
 
 
 async def model_metadata(request: Request) -> Response:
