@@ -90,12 +90,13 @@ class Serving(Generic[S]):
         that answers do not change version just after readiness."""
         if not self.loaded:
             return ModelStatus(ModelState.LOADING, "loading models")
+        serving = self.serving_slot(name)
         versions = self.versions[name]
         for number in sorted(versions, reverse=True):
             status = self.slot_status(versions[number])
-            if status.state is ModelState.WARMING:
+            if status.state is ModelState.WARMING and versions[number] is not serving:
                 return ModelStatus(status.state, f"version {number}: {status.reason}")
-        return self.slot_status(self.serving_slot(name))
+        return self.slot_status(serving)
 
     def not_ready_reasons(self) -> dict[str, str]:
         """Why the server is not ready, by model (and "server"); empty when it is ready."""
