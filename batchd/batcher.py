@@ -2,7 +2,9 @@
 
 This module knows nothing of HTTP or torch. It takes opaque inputs, groups them into
 batches, asks a `run_batch(inputs, bucket)` callable (run in a worker thread) for one
-output per input, and resolves each caller's await with its own output.
+output per input, and resolves each caller's await with its own output. An output that
+is a BatchdError is that input's answer alone (an image that did not decode in the
+batch, say); the rest of the batch is served.
 
 Concurrency invariant: every method except `run_batch` itself runs on the event loop's
 single thread, so the queue, the counters and the request states need no locks.
@@ -96,7 +98,7 @@ class Batcher(Generic[In, Out]):
 
     def __init__(
         self,
-        run_batch: Callable[[Sequence[In], int], Sequence[Out]],
+        run_batch: Callable[[Sequence[In], int], Sequence[Out | BatchdError]],
         *,
         max_batch_size: int,
         bucket_sizes: Sequence[int],
@@ -560,6 +562,9 @@ class Batcher(Generic[In, Out]):
             if finished > request.objective:
                 self._answer_late(request, finished, len(live), compute_s)
                 continue
+            if isinstance(output, BatchdError):
+                request.future.set_exception(output)
+                continue
             request.finished_at = finished
             request.future.set_result(BatchResult(output, wait, compute_s, len(live)))
         if self._observer is not None:
@@ -581,7 +586,7 @@ class Batcher(Generic[In, Out]):
 
     def _call_model(
         self, items: list[In], bucket: int
-    ) -> tuple[Sequence[Out] | None, BaseException | None]:
+    ) -> tuple[Sequence[Out | BatchdError] | None, BaseException | None]:
         """Runs on the model's thread. Whatever the model raises comes back as a value, so
         that a CancelledError or SystemExit from the model cannot pass for the worker's own
         cancellation or end the event loop."""

@@ -18,6 +18,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 from batchd.errors import ConfigError
 
 ColorMode = Literal["RGB", "L"]
+DecodeWhere = Literal["cpu", "device"]
 ArtifactFormat = Literal["torchscript", "exported", "onnx"]
 ARTIFACT_SUFFIXES: dict[str, ArtifactFormat] = {
     ".ts": "torchscript", ".torchscript": "torchscript", ".pt2": "exported", ".onnx": "onnx",
@@ -83,6 +84,13 @@ class PreprocessConfig:
     color_mode: ColorMode = "RGB"
     """What every image is converted to before resizing: `RGB` (3 channels) or `L`
     (grey, 1 channel)."""
+    decode: DecodeWhere = "cpu"
+    """Where JPEGs are decoded, resized and cropped: `cpu` (Pillow, in the decoding
+    threads) or `device` (a batch at a time on the model's CUDA device, by nvJPEG
+    through torchvision, after the same header checks on the CPU). `device` needs a
+    CUDA device, and its pixels differ slightly from Pillow's (see Decoding on the GPU);
+    other formats, progressive JPEGs, CMYK and EXIF-rotated images still decode on the
+    CPU, each alone."""
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -572,6 +580,9 @@ def _check_model(model: ModelConfig, key: str, path: Path) -> None:
     device = model.runtime.device
     if not (device in ("auto", "cpu", "cuda") or _is_cuda_index(device)):
         fail("runtime.device", f"{device!r} is not 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    if model.preprocess.decode == "device" and device == "cpu":
+        fail("preprocess.decode", "is 'device', which needs a CUDA device, but "
+             "runtime.device is 'cpu'")
     compiling = COMPILING_RUNTIMES & set(model.runtime.candidates)
     if compiling and not model.runtime.compile:
         fail("runtime.candidates", f"lists {sorted(compiling)} but runtime.compile is false")

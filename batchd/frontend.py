@@ -84,6 +84,8 @@ class RemoteSlot:
         self.preprocess_limiter = runtime.preprocess_limiter
         self._decode_gate = runtime.decode_gate
         self._runtime = runtime
+        self._count_fallback = (runtime.metrics.fallback_counter(info.config.name)
+                                if info.config.preprocess.decode == "device" else None)
         # Named by the client (?version=N): only that version may serve it. Else the
         # engine serves it with the version it serves now, which may be newer than the
         # one this front end's catalog showed when the request came.
@@ -138,7 +140,8 @@ class RemoteSlot:
 
     async def preprocess(self, data: bytes, priority: int = 0) -> torch.Tensor:
         return await preprocess_image(self.preprocessor, data, self._decode_gate,
-                                      self.level_of(priority), self.preprocess_limiter)
+                                      self.level_of(priority), self.preprocess_limiter,
+                                      count_fallback=self._count_fallback)
 
 
 class RemoteTicket:

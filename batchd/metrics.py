@@ -107,12 +107,28 @@ class RequestMetrics:
             "protocol (http, grpc).",
             ["model", "outcome", "protocol"], registry=registry,
         )
+        self.decode_fallbacks = Counter(
+            "batchd_decode_fallbacks",
+            "Images decoded on the CPU although their model decodes on the device "
+            "(preprocess.decode = \"device\"), by why: format (not a JPEG), progressive, "
+            "color_mode (CMYK) or exif_orientation.",
+            ["model", "reason"], registry=registry,
+        )
         # In multiprocess mode a gauge is a file per process, summed over the live ones.
         self.in_progress = Gauge(
             "batchd_requests_in_progress",
             "Prediction requests admitted and not yet answered (uploading, decoding, queued or "
             "computing); a drain waits for this to reach 0.", registry=registry,
             multiprocess_mode="livesum")
+
+    def fallback_counter(self, model: str) -> Callable[[str], None]:
+        """Counts, by reason, the images of `model` (whose preprocess.decode is "device")
+        that decode on the CPU; its series are made now, at 0."""
+        from batchd.device_decode import FALLBACK_REASONS  # here: metrics needs no torch
+
+        series = {reason: self.decode_fallbacks.labels(model, reason)
+                  for reason in FALLBACK_REASONS}
+        return lambda reason: series[reason].inc()
 
     def expect_model(self, name: str) -> None:
         """Pre-create `name`'s series, so that a dashboard sees zeros, not gaps."""
@@ -214,6 +230,12 @@ class Metrics:
         are served by `runtime_of(bucket)`."""
         return _BatchObserver(self, model, str(version), runtime_of)
 
+    def fallback_counter(self, model: str) -> Callable[[str], None] | None:
+        """See RequestMetrics.fallback_counter (None in the engine: its front ends count)."""
+        if self.request_metrics is None:
+            return None
+        return self.request_metrics.fallback_counter(model)
+
     def request_done(self, model: str, outcome: str, code: int | str, seconds: float,
                      protocol: str = "http") -> None:
         if self.request_metrics is not None:
@@ -279,6 +301,37 @@ class _StateCollector(Collector):
                 settled.add_metric([*labels, outcome], getattr(one.batcher.stats, outcome))
         yield settled
         yield from self._controller(watched)
+        yield from self._device_decoding(watched)
+
+    _DECODING = {
+        "batchd_device_decode_batches": ("Batches whose JPEGs were decoded on the device "
+                                         "(preprocess.decode = \"device\").", "batches"),
+        "batchd_device_decode_images": ("Encoded JPEGs handed to the device decoder.",
+                                        "images"),
+        "batchd_device_decode_seconds": ("Time spent decoding, resizing and cropping on the "
+                                         "device, summed over its batches (divide by "
+                                         "batchd_device_decode_batches_total for the mean "
+                                         "per batch).", "seconds"),
+        "batchd_device_decode_refused": ("Images the device decoder refused; each then "
+                                         "decoded on the CPU for its request alone.",
+                                         "refused"),
+        "batchd_device_decode_failed": ("Of those, images the CPU could not decode either: "
+                                        "each answered 400, the rest of its batch served.",
+                                        "failed"),
+    }
+
+    def _device_decoding(self, watched: list[tuple[tuple[str, str], _Watched]]
+                         ) -> Iterator[Metric]:
+        """The device decoder's counts, for models with preprocess.decode = "device"."""
+        decoding = [(labels, decoder.stats) for labels, one in watched
+                    if (decoder := getattr(one.model, "device_decoder", None)) is not None]
+        if not decoding:
+            return
+        for name, (doc, field) in self._DECODING.items():
+            counter = CounterMetricFamily(name, doc, labels=["model", "version"])
+            for labels, stats in decoding:
+                counter.add_metric(list(labels), getattr(stats, field))
+            yield counter
 
     _STAGES = (("before_body", "refused_before_body"), ("after_decode", "refused_after_decode"),
                ("at_dispatch", "shed_at_dispatch"))

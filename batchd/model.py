@@ -41,12 +41,16 @@ from batchd.bucket_runtimes import (
 )
 from batchd.checkpoint import load_network, resolve_device
 from batchd.config import RUNTIME_NAMES, ModelConfig
-from batchd.errors import CheckpointError, ConfigError, ModelOverloaded
+from batchd.device_decode import DeviceDecoder, is_encoded
+from batchd.errors import BatchdError, CheckpointError, ConfigError, ModelOverloaded
 from batchd.preprocess import Preprocessor
 from batchd.runtime_cache import RuntimeCache, cpu_model, file_fingerprint, key_of, package_version
 
 logger = logging.getLogger("batchd.model")
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")  # torch.onnx colours its messages
+# The device types with a batched JPEG decoder (preprocess.decode = "device"). The tests
+# add "cpu" to run the same path through torchvision's CPU decoder.
+DEVICE_DECODING = {"cuda"}
 _warming = threading.local()
 
 
@@ -98,6 +102,14 @@ class ServedModel:
         self.dtype = getattr(torch, config.runtime.dtype)
         self.low_precision_error: float | None = None
         self._staging: dict[int, torch.Tensor] = {}
+        self._device_staging: dict[int, torch.Tensor] = {}
+        self.device_decoder: DeviceDecoder | None = None
+        if config.preprocess.decode == "device":
+            if self.device.type not in DEVICE_DECODING:
+                raise ConfigError(f"model {self.name!r}: key 'preprocess.decode' is "
+                                  f"'device', which needs a CUDA device; the model runs on "
+                                  f"{self.device}")
+            self.device_decoder = DeviceDecoder(self.preprocessor, self.device)
         if self.dtype != torch.float32:
             self._cast_with_parity_check()
         self.compile_count = 0
@@ -261,6 +273,9 @@ class ServedModel:
             report(f"model {self.name}: warmed bucket {index}/{len(buckets)} (batch {size}): "
                    f"{choice.describe()}")
         report(f"model {self.name}: runtimes chosen in {time.monotonic() - started:.1f}s")
+        if self.device_decoder is not None:
+            for size, seconds in self.device_decoder.warm(buckets, self.name, report).items():
+                self.bucket_seconds[size] += seconds  # the scheduler's costs include it
         serving = {"eager", *self.bucket_runtime.values()}
         self._forwards = {name: forward for name, forward in self._forwards.items()
                           if name in serving}
@@ -376,13 +391,16 @@ class ServedModel:
         """The runtime that serves `bucket` (eager until warm-up chose)."""
         return self.bucket_runtime.get(bucket, "eager")
 
-    def run_batch(self, items: Sequence[torch.Tensor], bucket: int) -> list[torch.Tensor]:
-        """Run inputs (uint8 images, or float32 already normalised), zero-padded to `bucket`;
-        return one logits row each."""
+    def run_batch(self, items: Sequence[torch.Tensor], bucket: int
+                  ) -> list[torch.Tensor | BatchdError]:
+        """Run inputs (uint8 images, float32 already normalised, or encoded JPEGs that
+        decode on the device), zero-padded to `bucket`; return one logits row each, or
+        for an image that does not decode, the error that is its request's answer."""
         try:
             with torch.inference_mode():
                 forward = self._forwards[self.bucket_runtime.get(bucket, "eager")]
-                output = forward(self.assemble(items, bucket))
+                pixels, failed = self._decoded(items)
+                output = forward(self.assemble(pixels, bucket))
                 rows = output[:len(items)].float().cpu()
         except torch.cuda.OutOfMemoryError as exc:
             self.consecutive_oom += 1
@@ -391,13 +409,24 @@ class ServedModel:
                 torch.cuda.empty_cache()
             raise ModelOverloaded(f"out of device memory for a batch of {bucket}") from exc
         self.consecutive_oom = 0
-        return list(rows.unbind(0))
+        return [failed.get(index, row) for index, row in enumerate(rows.unbind(0))]
+
+    def _decoded(self, items: Sequence[torch.Tensor]
+                 ) -> tuple[list[torch.Tensor], dict[int, BatchdError]]:
+        """The items with their encoded JPEGs decoded on the device (DeviceDecoder.pixels)."""
+        if self.device_decoder is None:
+            if any(is_encoded(item) for item in items):
+                raise ValueError(f"an encoded image for model {self.name!r}, whose "
+                                 "preprocess.decode is 'cpu'")
+            return list(items), {}
+        return self.device_decoder.pixels(items, self.input_shape)
 
     def assemble(self, items: Sequence[torch.Tensor], bucket: int) -> torch.Tensor:
         """One float32 batch of `bucket` rows on the device: the items, then zero rows.
 
         uint8 images travel to the device as uint8 (a quarter of the bytes) and are
-        normalised there, once for the whole batch.
+        normalised there, once for the whole batch; those decoded on the device are
+        already there.
         """
         if len(items) > bucket:
             raise ValueError(f"{len(items)} items do not fit a bucket of {bucket}")
@@ -405,7 +434,16 @@ class ServedModel:
             if tuple(item.shape) != self.input_shape:
                 raise ValueError(f"input of shape {list(item.shape)}, expected "
                                  f"{list(self.input_shape)}")
-        if all(item.dtype == torch.uint8 for item in items):
+        uint8 = all(item.dtype == torch.uint8 for item in items)
+        decoded_there = self.device.type != "cpu" and any(item.device == self.device
+                                                          for item in items)
+        if uint8 and decoded_there:
+            buffer = self._device_buffer(bucket)
+            torch.stack([item.to(self.device, non_blocking=True) for item in items],
+                        out=buffer[:len(items)])
+            buffer[len(items):].zero_()
+            return self.preprocessor.normalize(buffer).to(self.dtype)
+        if uint8:
             staging = self._staging_buffer(bucket)
             torch.stack(list(items), out=staging[:len(items)])
             staging[len(items):].zero_()
@@ -431,6 +469,16 @@ class ServedModel:
             self._staging[bucket] = buffer
         return buffer
 
+    def _device_buffer(self, bucket: int) -> torch.Tensor:
+        """A reusable uint8 buffer per bucket on the device, for batches decoded there
+        (reused as _staging_buffer is: the previous batch has finished by then)."""
+        buffer = self._device_staging.get(bucket)
+        if buffer is None:
+            buffer = torch.empty((bucket, *self.input_shape), dtype=torch.uint8,
+                                 device=self.device)
+            self._device_staging[bucket] = buffer
+        return buffer
+
     def out_of_memory_streak(self, window_s: float = 30.0) -> int:
         """Batches in a row that ran out of device memory, if the last was recent, else 0."""
         if time.monotonic() - self.last_oom_at > window_s:
@@ -440,7 +488,10 @@ class ServedModel:
     def reference(self, item: torch.Tensor) -> torch.Tensor:
         """The eager answer for one input alone: what batching must reproduce."""
         with torch.inference_mode():
-            return self.network(self.assemble([item], 1))[0].float().cpu()
+            pixels, failed = self._decoded([item])
+            if failed:
+                raise failed[0]
+            return self.network(self.assemble(pixels, 1))[0].float().cpu()
 
     def top_k(self, logits: torch.Tensor, k: int) -> list[tuple[str, float]]:
         """The k most probable labels with their softmax probabilities, highest first."""

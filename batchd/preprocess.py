@@ -88,9 +88,16 @@ class Preprocessor:
         than handing it to a thread: the caller may decode it where it is."""
         if len(data) > INLINE_BYTES:
             return None
-        image = self._guarded(lambda: open_image(data, self.max_image_pixels,
-                                                 self.max_aspect_ratio))
+        image = self.open(data)
         return image if image.width * image.height <= INLINE_PIXELS else None
+
+    def open(self, data: bytes) -> Image.Image:
+        """The image opened and its header checked (open_image, with this model's limits),
+        nothing decoded; every failure a BadInput (or its 413 and 415 kin)."""
+        if not data:
+            raise BadInput("empty image payload")
+        return self._guarded(lambda: open_image(data, self.max_image_pixels,
+                                                self.max_aspect_ratio))
 
     def load(self, data: bytes | Image.Image) -> torch.Tensor:
         """Bytes or a PIL image -> uint8 tensor of shape input_shape (resized, cropped).

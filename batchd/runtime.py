@@ -211,7 +211,9 @@ class Runtime(Serving[ModelSlot]):
         logger.info("model %s: version %d loaded from %s on %s", model_config.name, version,
                     model_config.checkpoint or model_config.source.artifact, model.device)
         return ModelSlot(model_config, model, batcher, thread, self._limiter,
-                         self._decode_gate, version, decode_observer=self._observe_decode)
+                         self._decode_gate, version, decode_observer=self._observe_decode,
+                         decode_fallback=self.metrics.fallback_counter(model_config.name)
+                         if model_config.preprocess.decode == "device" else None)
 
     def _observe_decode(self, cpu_s: float) -> None:
         if self.decoding_planner is not None:

@@ -17,6 +17,7 @@ import torch
 from batchd.batch_stats import Arrival, BatchResult
 from batchd.batcher import Batcher
 from batchd.config import ModelConfig
+from batchd.device_decode import encoded, route
 from batchd.device_thread import DeviceThread
 from batchd.holders import Holders
 from batchd.model import ServedModel
@@ -66,6 +67,8 @@ class ModelSlot:
     warm_error: str | None = None
     # Told the CPU seconds of each image decoded (batchd.cpu_plan.DecodingPlanner).
     decode_observer: Callable[[float], None] | None = None
+    # Told why an image decodes on the CPU when the model decodes on the device.
+    decode_fallback: Callable[[str], None] | None = None
     _holders: Holders[object] = field(default_factory=Holders, repr=False)
 
     @property
@@ -113,7 +116,8 @@ class ModelSlot:
         """Decode and preprocess one encoded image (see preprocess_image)."""
         return await preprocess_image(self.model.preprocessor, data, self.decode_gate,
                                       self.batcher.level_of(priority),
-                                      self.preprocess_limiter, self.decode_observer)
+                                      self.preprocess_limiter, self.decode_observer,
+                                      self.decode_fallback)
 
     def status(self, draining: bool, watchdog_s: float) -> ModelStatus:
         if self.warm_error:
@@ -157,11 +161,21 @@ class Ticket:
 
 async def preprocess_image(preprocessor: Preprocessor, data: bytes, gate: PriorityGate,
                            level: int, limiter: anyio.CapacityLimiter,
-                           observe_cpu_s: Callable[[float], None] | None = None
+                           observe_cpu_s: Callable[[float], None] | None = None,
+                           count_fallback: Callable[[str], None] | None = None
                            ) -> torch.Tensor:
     """Decode and preprocess one encoded image in the decoding thread pool, the more
     urgent levels getting the next free thread first, and tell `observe_cpu_s` the CPU
-    it took; a tiny image (Preprocessor.open_small) here and now."""
+    it took; a tiny image (Preprocessor.open_small) here and now. Where the model
+    decodes on the device, a JPEG that it takes (batchd.device_decode.route) is checked
+    here and goes on encoded; any other image decodes here, and `count_fallback` is
+    told why."""
+    if preprocessor.config.decode == "device":
+        reason = route(preprocessor.open(data))
+        if reason is None:
+            return encoded(data)
+        if count_fallback is not None:
+            count_fallback(reason)
     small = preprocessor.open_small(data)
     if small is not None:
         return preprocessor.load_opened(small)

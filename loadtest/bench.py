@@ -116,7 +116,10 @@ def measure_stages(model: Any, image: bytes) -> dict[str, Any]:
 
 
 def measure_ceiling(model: Any, image: bytes, seconds_per_size: float) -> dict[str, Any]:
-    """Images/s of decode + preprocess + model in-process, per batch size."""
+    """Images/s of decode + preprocess + model in-process, per batch size (decoding in
+    threads on every core, or, with preprocess.decode = "device", in the batch)."""
+    if model.device_decoder is not None:
+        return measure_device_decoding_ceiling(model, image, seconds_per_size)
     decoders = ThreadPoolExecutor(os.cpu_count() or 2)
     per_size = {}
     for size in model.config.batching.bucket_sizes:
@@ -135,6 +138,25 @@ def measure_ceiling(model: Any, image: bytes, seconds_per_size: float) -> dict[s
     decoders.shutdown()
     best = max(per_size, key=per_size.__getitem__)
     return {"images_per_s": per_size[best], "best_batch": best,
+            "per_batch": {str(k): v for k, v in per_size.items()}}
+
+
+def measure_device_decoding_ceiling(model: Any, image: bytes, seconds_per_size: float
+                                    ) -> dict[str, Any]:
+    """Images/s of batches of the encoded JPEG, decoded on the device and computed."""
+    from batchd.device_decode import encoded
+
+    per_size = {}
+    item = encoded(image)
+    for size in model.config.batching.bucket_sizes:
+        count, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds_per_size:
+            model.run_batch([item] * size, size)
+            count += size
+        per_size[size] = count / (time.perf_counter() - started)
+        stage(f"ceiling (device decoding): batch {size:>3}: {per_size[size]:8.1f} images/s")
+    best = max(per_size, key=per_size.__getitem__)
+    return {"images_per_s": per_size[best], "best_batch": best, "decode": "device",
             "per_batch": {str(k): v for k, v in per_size.items()}}
 
 
@@ -324,12 +346,16 @@ def batchd_layouts(workers: list[int], decoding: list[int] | None = None
 def run_workload(workload: str, levels: list[int], generators: list[str], body_kind: str,
                  per_client: int, minimum: int, ceiling_seconds: float,
                  workers: list[int] | None = None, device: str = "",
-                 decoding: list[int] | None = None) -> dict[str, Any]:
+                 decoding: list[int] | None = None, decode: str = "cpu") -> dict[str, Any]:
     config_path = WORKLOADS[workload]
     ensure_checkpoint(config_path)
     if device:  # the same model on another device (the GPU host's 16 cores, say)
         config_path = config_with(config_path, "models.runtime", f"device-{device}",
                                   device=f'"{device}"')
+    named = workload if decode == "cpu" else f"{workload}-decode-{decode}"
+    if decode != "cpu":  # JPEGs decoded in the batch on the device (batchd.device_decode)
+        config_path = config_with(config_path, "models.preprocess", f"decode-{decode}",
+                                  decode=f'"{decode}"')
     image = photo_jpeg()
     body = cpu.multipart_body(image) if body_kind == "multipart" else (image, "image/jpeg")
     expected = offline_answer(config_path, image)
@@ -349,7 +375,7 @@ def run_workload(workload: str, levels: list[int], generators: list[str], body_k
         if layouts.get(kind):
             tag = "-".join(f"{key}{value}" for key, value in layouts[kind].items())
             served_config = config_with(config_path, "server", tag, **layouts[kind])
-        log = RESULTS / f"{workload}-{kind.replace(' ', '-').replace('=', '')}.log"
+        log = RESULTS / f"{named}-{kind.replace(' ', '-').replace('=', '')}.log"
         is_batchd = kind != "baseline"
         with server("batchd" if is_batchd else kind, served_config, log) as served:
             if is_batchd:
@@ -368,9 +394,9 @@ def run_workload(workload: str, levels: list[int], generators: list[str], body_k
     result = {"workload": workload, "ceiling": ceiling, "stages": stages, "runs": runs,
               "recompiles": recompile_count, "cpu_count": os.cpu_count(),
               "torch": torch.__version__, "table": lines}
-    (RESULTS / f"{workload}.json").write_text(json.dumps(result, indent=2))
-    plot(workload, runs, ceiling, RESULTS / f"{workload}.png")
-    stage(f"wrote {RESULTS / f'{workload}.json'} and {RESULTS / f'{workload}.png'}")
+    (RESULTS / f"{named}.json").write_text(json.dumps(result, indent=2))
+    plot(workload, runs, ceiling, RESULTS / f"{named}.png")
+    stage(f"wrote {RESULTS / f'{named}.json'} and {RESULTS / f'{named}.png'}")
     return result
 
 
@@ -397,6 +423,9 @@ def main(argv: list[str] | None = None) -> None:
                              "(0: the CPU plan's, which follows the stage costs), e.g. 0,1,2")
     parser.add_argument("--device", default="",
                         help="serve on this device instead of the config's (e.g. cpu)")
+    parser.add_argument("--decode", choices=["cpu", "device"], default="cpu",
+                        help="preprocess.decode: device decodes the JPEGs in the batch on "
+                        "the model's CUDA device (the ceiling then does too)")
     args = parser.parse_args(argv)
     levels = [int(level) for level in args.concurrency.split(",")]
     generators = args.loadgen.split(",")
@@ -411,7 +440,7 @@ def main(argv: list[str] | None = None) -> None:
         run_workload(workload, levels, generators, args.body, args.requests_per_client,
                      args.min_requests, args.ceiling_seconds,
                      [int(value) for value in args.workers.split(",")], args.device,
-                     [int(value) for value in args.decoding_threads.split(",")])
+                     [int(value) for value in args.decoding_threads.split(",")], args.decode)
     if args.grpc:
         from loadtest import grpc_point
 

@@ -7,8 +7,13 @@
 #   1. ResNet-50, 1,000 classes, bf16, buckets up to 256: batchd in one process and with
 #      the CPU plan's front ends (server.workers = 0), side by side, against the
 #      per-request baseline and the in-process ceiling on the same GPU;
-#   2. the same host's cores alone: ResNet-18 at 64x64 on runtime.device = "cpu", one
+#   2. decoding on the GPU (preprocess.decode = "device"): its CUDA tests (the corruption
+#      loop, memory, a corrupt JPEG in a batch), the parity against the CPU path on the
+#      generated set (loadtest.parity_decode), and ResNet-50 again at 256 clients with the
+#      JPEGs decoded in the batch, against its own device-decoding ceiling;
+#   3. the same host's cores alone: ResNet-18 at 64x64 on runtime.device = "cpu", one
 #      process against the plan's front ends, at 64 and 256 clients.
+# Each step has a timeout, and all of them together fit one 10-minute call.
 # Prints requests/s, p99, server CPU per request, the mean batch and the ratios to the
 # baseline and to the ceiling.
 #
@@ -30,9 +35,14 @@ python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.versio
 timeout 40 python3 -m loadtest.decode_scaling --threads 1,2,4,8,16 --seconds 1.2
 [ -f checkpoints/resnet50-1000.pt ] || python3 -m loadtest.make_checkpoint \
     --arch resnet50 --num-classes 1000 --out checkpoints/resnet50-1000.pt
-timeout 330 python3 -m loadtest.bench --workload resnet50-gpu --concurrency 1,32,256 \
-    --requests-per-client 4 --min-requests 200 --ceiling-seconds 3 --workers 1,0 \
+timeout 170 python3 -m loadtest.bench --workload resnet50-gpu --concurrency 32,256 \
+    --requests-per-client 4 --min-requests 200 --ceiling-seconds 2 --workers 0 \
     --loadgen hey
-timeout 210 python3 -m loadtest.bench --workload resnet18-64 --device cpu \
+timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_device_decode.py || true
+timeout 30 python3 -m loadtest.parity_decode --device cuda || true
+timeout 120 python3 -m loadtest.bench --workload resnet50-gpu --decode device \
+    --concurrency 256 --requests-per-client 4 --min-requests 400 --ceiling-seconds 2 \
+    --workers 0 --loadgen hey || true
+timeout 180 python3 -m loadtest.bench --workload resnet18-64 --device cpu \
     --concurrency 64,256 --requests-per-client 4 --min-requests 400 --ceiling-seconds 2 \
     --workers 1,0 --loadgen hey
