@@ -1,5 +1,6 @@
 """One served model: its network (loaded by batchd.checkpoint), the runtime each bucket
-is served by (chosen at warm-up, batchd.bucket_runtimes), and running a padded batch.
+is served by (chosen at warm-up, batchd.bucket_runtimes), and running a padded batch
+(its input assembled by batchd.batch_input).
 
 The served module always runs in eval() and under torch.inference_mode(). Every bucket is
 warmed before serving, and every graph compilation is counted so that a recompile while
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from batchd.batch_input import BatchInput
 from batchd.bucket_runtimes import (
     FLOAT32_TOLERANCE,
     BucketChoice,
@@ -41,7 +43,7 @@ from batchd.bucket_runtimes import (
 )
 from batchd.checkpoint import load_network, resolve_device
 from batchd.config import RUNTIME_NAMES, ModelConfig
-from batchd.device_decode import DeviceDecoder, is_encoded
+from batchd.device_decode import DeviceDecoder
 from batchd.errors import BatchdError, CheckpointError, ConfigError, ModelOverloaded
 from batchd.preprocess import Preprocessor
 from batchd.runtime_cache import RuntimeCache, cpu_model, file_fingerprint, key_of, package_version
@@ -101,15 +103,14 @@ class ServedModel:
             self.network.eval()  # an ExportedProgram's module was captured in eval already
         self.dtype = getattr(torch, config.runtime.dtype)
         self.low_precision_error: float | None = None
-        self._staging: dict[int, torch.Tensor] = {}
-        self._device_staging: dict[int, torch.Tensor] = {}
-        self.device_decoder: DeviceDecoder | None = None
+        decoder = None
         if config.preprocess.decode == "device":
             if self.device.type not in DEVICE_DECODING:
                 raise ConfigError(f"model {self.name!r}: key 'preprocess.decode' is "
                                   f"'device', which needs a CUDA device; the model runs on "
                                   f"{self.device}")
-            self.device_decoder = DeviceDecoder(self.preprocessor, self.device)
+            decoder = DeviceDecoder(self.preprocessor, self.device)
+        self.inputs = BatchInput(self.preprocessor, self.device, decoder)
         if self.dtype != torch.float32:
             self._cast_with_parity_check()
         self.compile_count = 0
@@ -399,7 +400,7 @@ class ServedModel:
         try:
             with torch.inference_mode():
                 forward = self._forwards[self.bucket_runtime.get(bucket, "eager")]
-                pixels, failed = self._decoded(items)
+                pixels, failed = self.inputs.decoded(items)
                 output = forward(self.assemble(pixels, bucket))
                 rows = output[:len(items)].float().cpu()
         except torch.cuda.OutOfMemoryError as exc:
@@ -411,73 +412,14 @@ class ServedModel:
         self.consecutive_oom = 0
         return [failed.get(index, row) for index, row in enumerate(rows.unbind(0))]
 
-    def _decoded(self, items: Sequence[torch.Tensor]
-                 ) -> tuple[list[torch.Tensor], dict[int, BatchdError]]:
-        """The items with their encoded JPEGs decoded on the device (DeviceDecoder.pixels)."""
-        if self.device_decoder is None:
-            if any(is_encoded(item) for item in items):
-                raise ValueError(f"an encoded image for model {self.name!r}, whose "
-                                 "preprocess.decode is 'cpu'")
-            return list(items), {}
-        return self.device_decoder.pixels(items, self.input_shape)
-
     def assemble(self, items: Sequence[torch.Tensor], bucket: int) -> torch.Tensor:
-        """One float32 batch of `bucket` rows on the device: the items, then zero rows.
+        """One batch of `bucket` rows in the model's dtype on its device (BatchInput)."""
+        return self.inputs.assemble(items, bucket, self.dtype)
 
-        uint8 images travel to the device as uint8 (a quarter of the bytes) and are
-        normalised there, once for the whole batch; those decoded on the device are
-        already there.
-        """
-        if len(items) > bucket:
-            raise ValueError(f"{len(items)} items do not fit a bucket of {bucket}")
-        for item in items:
-            if tuple(item.shape) != self.input_shape:
-                raise ValueError(f"input of shape {list(item.shape)}, expected "
-                                 f"{list(self.input_shape)}")
-        uint8 = all(item.dtype == torch.uint8 for item in items)
-        decoded_there = self.device.type != "cpu" and any(item.device == self.device
-                                                          for item in items)
-        if uint8 and decoded_there:
-            buffer = self._device_buffer(bucket)
-            torch.stack([item.to(self.device, non_blocking=True) for item in items],
-                        out=buffer[:len(items)])
-            buffer[len(items):].zero_()
-            return self.preprocessor.normalize(buffer).to(self.dtype)
-        if uint8:
-            staging = self._staging_buffer(bucket)
-            torch.stack(list(items), out=staging[:len(items)])
-            staging[len(items):].zero_()
-            batch = self.preprocessor.normalize(staging.to(self.device, non_blocking=True))
-            return batch.to(self.dtype)
-        batch = torch.zeros((bucket, *self.input_shape), dtype=torch.float32, device=self.device)
-        for index, item in enumerate(items):
-            row = item.to(self.device, non_blocking=True).unsqueeze(0)
-            batch[index] = self.preprocessor.normalize(row)[0] if item.dtype == torch.uint8 \
-                else row[0].to(torch.float32)
-        return batch.to(self.dtype)
-
-    def _staging_buffer(self, bucket: int) -> torch.Tensor:
-        """A reusable uint8 host buffer per bucket; pinned on CUDA so the upload is async.
-
-        Reuse is safe: the previous batch's output was copied back to the host (which
-        waits for the stream) before the next batch is assembled on this same thread.
-        """
-        buffer = self._staging.get(bucket)
-        if buffer is None:
-            pin = self.device.type == "cuda"
-            buffer = torch.zeros((bucket, *self.input_shape), dtype=torch.uint8, pin_memory=pin)
-            self._staging[bucket] = buffer
-        return buffer
-
-    def _device_buffer(self, bucket: int) -> torch.Tensor:
-        """A reusable uint8 buffer per bucket on the device, for batches decoded there
-        (reused as _staging_buffer is: the previous batch has finished by then)."""
-        buffer = self._device_staging.get(bucket)
-        if buffer is None:
-            buffer = torch.empty((bucket, *self.input_shape), dtype=torch.uint8,
-                                 device=self.device)
-            self._device_staging[bucket] = buffer
-        return buffer
+    @property
+    def device_decoder(self) -> DeviceDecoder | None:
+        """The batched JPEG decoder, with preprocess.decode = "device"."""
+        return self.inputs.decoder
 
     def out_of_memory_streak(self, window_s: float = 30.0) -> int:
         """Batches in a row that ran out of device memory, if the last was recent, else 0."""
@@ -488,7 +430,7 @@ class ServedModel:
     def reference(self, item: torch.Tensor) -> torch.Tensor:
         """The eager answer for one input alone: what batching must reproduce."""
         with torch.inference_mode():
-            pixels, failed = self._decoded([item])
+            pixels, failed = self.inputs.decoded([item])
             if failed:
                 raise failed[0]
             return self.network(self.assemble(pixels, 1))[0].float().cpu()

@@ -65,7 +65,7 @@ def load_model(config_path: Path, device: str) -> Any:
     config = load_config(path)
     model = ServedModel.from_config(config.model(config.server.default_model),
                                     config.server.max_image_pixels)
-    model.device_decoder = DeviceDecoder(model.preprocessor, model.device)
+    model.inputs.decoder = DeviceDecoder(model.preprocessor, model.device)
     return model
 
 

@@ -109,6 +109,6 @@ def test_cuda_path_matches_cpu(tmp_path: Path) -> None:
     cpu = ServedModel.from_config(config.with_runtime(compile=False))
     gpu = ServedModel.from_config(config.with_runtime(compile=False, device="cuda"))
     items = [torch.randint(0, 256, (1, 8, 8), dtype=torch.uint8) for _ in range(5)]
-    assert gpu._staging_buffer(8).is_pinned()
+    assert gpu.inputs.staging_buffer(8).is_pinned()
     for row, item in zip(gpu.run_batch(items, 8), items, strict=True):
         torch.testing.assert_close(row, cpu.reference(item), atol=1e-4, rtol=1e-4)
