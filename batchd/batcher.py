@@ -2,9 +2,10 @@
 
 This module knows nothing of HTTP or torch. It takes opaque inputs, groups them into
 batches, asks a `run_batch(inputs, bucket)` callable (run in a worker thread) for one
-output per input, and resolves each caller's await with its own output. An output that
-is a BatchdError is that input's answer alone (an image that did not decode in the
-batch, say); the rest of the batch is served.
+output per input, and resolves each caller's await with its own output (computing a
+batch and settling its requests is batchd.batch_runner's). An output that is a
+BatchdError is that input's answer alone (an image that did not decode in the batch,
+say); the rest of the batch is served.
 
 Concurrency invariant: every method except `run_batch` itself runs on the event loop's
 single thread, so the queue, the counters and the request states need no locks.
@@ -20,23 +21,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import math
 import time
 import typing
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from batchd.batch_runner import BatchRunner, PendingRequest, RequestState
 from batchd.batch_stats import Arrival, BatchObserver, BatchResult, BatchStats
 from batchd.device_thread import DeviceThread
 from batchd.errors import (
     BatchdError,
     DeadlineExceeded,
     InvalidParameter,
-    ModelFailed,
     QueueFull,
     QueueTimeout,
     ShuttingDown,
@@ -60,25 +59,6 @@ def level_for(priority: int, levels: int, default_level: int) -> int:
         raise InvalidParameter(f"priority must be between 1 and {levels} "
                                f"(or 0 for the default), not {priority}")
     return priority
-
-
-class _State(enum.Enum):
-    QUEUED = "queued"
-    RUNNING = "running"
-
-
-@dataclass(eq=False)
-class _Request(Generic[In, Out]):
-    item: In
-    future: asyncio.Future[BatchResult[Out]]
-    enqueued_at: float
-    deadline: float
-    group: Hashable
-    level: int = 1
-    objective: float = math.inf  # arrival + the latency objective, when one is set
-    predicted_wait: float = 0.0  # the controller's prediction of its queue wait
-    finished_at: float = 0.0  # when its batch ended
-    state: _State = _State.QUEUED
 
 
 class Batcher(Generic[In, Out]):
@@ -120,7 +100,6 @@ class Batcher(Generic[In, Out]):
         if not bucket_sizes or max(bucket_sizes) < max_batch_size:
             raise ValueError("the largest bucket must hold max_batch_size")
         self.name = name
-        self._run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.bucket_sizes = tuple(sorted(set(bucket_sizes)))
         self.max_wait_s = max_wait_s
@@ -128,7 +107,6 @@ class Batcher(Generic[In, Out]):
         self.queue_timeout_s = queue_timeout_s
         self._owns_executor = executor is None
         self._executor = executor or DeviceThread(f"batchd-{name}")
-        self._observer = observer
         if level_limits and len(level_limits) != priority_levels:
             raise ValueError("level_limits needs one (max_queue_size, queue_timeout_s) a level")
         if not 0 <= default_priority <= priority_levels:
@@ -138,7 +116,7 @@ class Batcher(Generic[In, Out]):
             ((max_queue_size, queue_timeout_s),) * priority_levels)
         self.default_level = default_priority or priority_levels
         self.expedite = expedite
-        self._queue: PriorityQueues[_Request[In, Out]] = PriorityQueues(
+        self._queue: PriorityQueues[PendingRequest[In, Out]] = PriorityQueues(
             priority_levels, priority_share if priority_levels > 1 else 0.0)
         self._wakeup = asyncio.Event()
         self._expected = 0
@@ -147,9 +125,7 @@ class Batcher(Generic[In, Out]):
         self._accepting = True
         self._closing = False
         self._task: asyncio.Task[None] | None = None
-        self._running: list[_Request[In, Out]] = []
         self.dead_reason: str | None = None
-        self.busy_since: float | None = None
         self.stats = BatchStats()
         self._bucket_seconds: dict[int, float] = {}
         self.slo_s = slo_s
@@ -157,6 +133,9 @@ class Batcher(Generic[In, Out]):
             slo_s, self.bucket_sizes, max_batch_size, priority_levels,
             sum(size for size, _ in self.level_limits) + max_batch_size,
         ) if slo_s > 0 else None
+        self._runner: BatchRunner[In, Out] = BatchRunner(
+            run_batch, self._executor, self.bucket_for, self.stats, name, slo_s,
+            self.controller, observer)
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -214,6 +193,11 @@ class Batcher(Generic[In, Out]):
     def alive(self) -> bool:
         return self.dead_reason is None and self._task is not None and not self._task.done()
 
+    @property
+    def busy_since(self) -> float | None:
+        """When the batch computing now began (monotonic), or None while idle."""
+        return self._runner.busy_since
+
     def stalled_for(self) -> float:
         """Seconds the batch now computing has run, or 0 when the worker is idle."""
         if self.busy_since is None:
@@ -264,9 +248,10 @@ class Batcher(Generic[In, Out]):
         if controller is None or self._idle():
             return arrival
         queued = self._queue.ahead_of(level) + count - 1
-        computing = sum(1 for request in self._running if request.level <= level)
+        running = self._runner.running
+        computing = sum(1 for request in running if request.level <= level)
         own = (self._expected_by_level[level - 1] + self._queue.depth(level) + count - 1
-               + sum(1 for request in self._running if request.level == level))
+               + sum(1 for request in running if request.level == level))
         if not controller.admits_before_body(now, arrival.at + self.slo_s, level,
                                              queued + decoding + computing, queued,
                                              decoding, self._busy_remaining(now), own):
@@ -336,9 +321,9 @@ class Batcher(Generic[In, Out]):
         if timeout_s is not None:
             timeout = min(timeout_s, queue_timeout_s)
         loop = asyncio.get_running_loop()
-        request: _Request[In, Out] = _Request(item, loop.create_future(), now, now + timeout,
-                                              object() if group is None else group, level,
-                                              objective, predicted_wait)
+        request: PendingRequest[In, Out] = PendingRequest(
+            item, loop.create_future(), now, now + timeout,
+            object() if group is None else group, level, objective, predicted_wait)
         self._queue.append(request)
         self.stats.accepted += 1
         self._in_flight += 1
@@ -391,11 +376,12 @@ class Batcher(Generic[In, Out]):
         """Predicted seconds until the batch computing now is done (0 when idle)."""
         if self.busy_since is None or self.controller is None:
             return 0.0
-        return max(0.0, self.busy_since + self.controller.predicted(len(self._running)) - now)
+        running = len(self._runner.running)
+        return max(0.0, self.busy_since + self.controller.predicted(running) - now)
 
-    def _unqueue(self, request: _Request[In, Out]) -> bool:
+    def _unqueue(self, request: PendingRequest[In, Out]) -> bool:
         """Take a still-queued request out of the queue; False if it already left it."""
-        if request.state is not _State.QUEUED:
+        if request.state is not RequestState.QUEUED:
             return False
         with contextlib.suppress(ValueError):
             self._queue.remove(request)
@@ -410,10 +396,12 @@ class Batcher(Generic[In, Out]):
             batch = await self._next_batch()
             if batch is None:
                 return
-            if not await self._compute(batch):
+            cause = await self._runner.compute(batch)
+            if cause is not None:
+                self._die(cause)
                 return
 
-    async def _next_batch(self) -> list[_Request[In, Out]] | None:
+    async def _next_batch(self) -> list[PendingRequest[In, Out]] | None:
         while True:
             while not self._queue:
                 if self._closing:
@@ -433,7 +421,7 @@ class Batcher(Generic[In, Out]):
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(remaining):
                         await self._wakeup.wait()
-            batch: list[_Request[In, Out]] = []
+            batch: list[PendingRequest[In, Out]] = []
             count = self.batch_count(len(self._queue))
             if self.expedite and self._queue.levels > 1 and self._queue.depth(1):
                 # the most urgent ride in a batch of their own size, not a full one
@@ -462,7 +450,7 @@ class Batcher(Generic[In, Out]):
                     count = fits
                     controller.observe_wait(request.level, request.predicted_wait,
                                             now - request.enqueued_at)
-                request.state = _State.RUNNING
+                request.state = RequestState.RUNNING
                 batch.append(request)
             if batch:
                 return batch
@@ -509,112 +497,6 @@ class Batcher(Generic[In, Out]):
                 best, best_cost = size, costs[size] / size
         return best
 
-    async def _compute(self, batch: list[_Request[In, Out]]) -> bool:
-        """Compute a batch; False when the worker died doing so.
-
-        The batch stays in `_running` until every request of it is answered, so that a
-        drain or a dying worker also answers the half that a retry has not reached yet.
-        """
-        live = [request for request in batch if not request.future.done()]
-        if not live:
-            return True
-        self._running = live
-        try:
-            await self._run(live)
-        except _WorkerFault as fault:
-            self._die(fault.cause)
-            return False
-        except Exception as exc:  # a fault in the worker itself: it cannot safely go on
-            self._die(exc)
-            return False
-        finally:
-            self._running = []
-            self.busy_since = None
-        return True
-
-    async def _run(self, live: list[_Request[In, Out]]) -> None:
-        bucket = self.bucket_for(len(live))
-        loop = asyncio.get_running_loop()
-        started = time.monotonic()
-        self.busy_since = started
-        outputs, error = await loop.run_in_executor(
-            self._executor, self._call_model, [request.item for request in live], bucket
-        )
-        self.busy_since = None
-        if error is None and outputs is not None and len(outputs) != len(live):
-            error = RuntimeError(f"model returned {len(outputs)} outputs for {len(live)} inputs")
-        if error is not None:
-            if not isinstance(error, Exception):
-                raise _WorkerFault(error)
-            await self._recover(live, error)
-            return
-        assert outputs is not None
-        finished = time.monotonic()
-        compute_s = finished - started
-        if self.controller is not None:
-            self.controller.observe_batch(bucket, compute_s)
-        self.stats.batches += 1
-        self.stats.computed_items += len(live)
-        waits = [started - request.enqueued_at for request in live]
-        for request, output, wait in zip(live, outputs, waits, strict=True):
-            if request.future.done():
-                continue
-            if finished > request.objective:
-                self._answer_late(request, finished, len(live), compute_s)
-                continue
-            if isinstance(output, BatchdError):
-                request.future.set_exception(output)
-                continue
-            request.finished_at = finished
-            request.future.set_result(BatchResult(output, wait, compute_s, len(live)))
-        if self._observer is not None:
-            self._observer.batch_done(len(live), bucket, waits, compute_s)
-
-    def _answer_late(self, request: _Request[In, Out], finished: float, batch_size: int,
-                     compute_s: float) -> None:
-        """A computed answer past its objective is never sent as a success: the promise is
-        an answer within the objective or a refusal. The controller is there so that this
-        does not happen; each time it does is counted and logged."""
-        self.stats.late += 1
-        late_ms = (finished - request.objective) * 1000
-        logger.warning("%s: an answer was computed %.1f ms after its latency objective of "
-                       "%.0f ms (batch of %d computed in %.1f ms); answering 504", self.name,
-                       late_ms, self.slo_s * 1000, batch_size, compute_s * 1000)
-        request.future.set_exception(DeadlineExceeded(
-            f"computed {late_ms:.0f} ms after the latency objective of "
-            f"{self.slo_s * 1000:.0f} ms"))
-
-    def _call_model(
-        self, items: list[In], bucket: int
-    ) -> tuple[Sequence[Out | BatchdError] | None, BaseException | None]:
-        """Runs on the model's thread. Whatever the model raises comes back as a value, so
-        that a CancelledError or SystemExit from the model cannot pass for the worker's own
-        cancellation or end the event loop."""
-        try:
-            return self._run_batch(items, bucket), None
-        except BaseException as exc:
-            return None, exc
-
-    async def _recover(self, live: list[_Request[In, Out]], exc: Exception) -> None:
-        """A batch raised: retry it in halves so that only the inputs that fail alone fail."""
-        if len(live) > 1:
-            self.stats.retried_batches += 1
-            middle = len(live) // 2
-            logger.info("%s: batch of %d raised %r; retrying in halves", self.name, len(live), exc)
-            await self._run(live[:middle])
-            await self._run(live[middle:])
-            return
-        (request,) = live
-        error: BatchdError
-        if isinstance(exc, BatchdError):
-            error = exc
-        else:
-            logger.warning("%s: model failed on one input: %r", self.name, exc)
-            error = ModelFailed(f"the model failed on this input: {type(exc).__name__}: {exc}")
-        self.stats.computed_items += 1
-        if not request.future.done():
-            request.future.set_exception(error)
-
     def _worker_finished(self, task: asyncio.Task[None]) -> None:
         if task.cancelled() or task.exception() is None:
             return
@@ -629,21 +511,14 @@ class Batcher(Generic[In, Out]):
 
     def _fail_all(self, error: BatchdError) -> None:
         """Answer every queued or computing request with `error`; nothing more will run."""
-        pending = [*self._running, *self._queue]
+        pending = [*self._runner.running, *self._queue]
+        self._runner.running = []
         self._queue.clear()
         for request in pending:
             if not request.future.done():
-                request.state = _State.RUNNING
+                request.state = RequestState.RUNNING
                 self.stats.failed_unrun += 1
                 request.future.set_exception(error)
-
-
-class _WorkerFault(Exception):
-    """The model raised a BaseException that is not an Exception: the worker must stop."""
-
-    def __init__(self, cause: BaseException) -> None:
-        super().__init__(repr(cause))
-        self.cause = cause
 
 
 __all__ = ["BatchObserver", "BatchResult", "BatchStats", "Batcher"]

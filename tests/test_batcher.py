@@ -51,7 +51,7 @@ async def make_batcher() -> AsyncIterator[MakeBatcher]:
 
     yield make
     for batcher in made:
-        release = getattr(batcher._run_batch, "release", None)
+        release = getattr(batcher._runner._run_batch, "release", None)
         if release is not None:
             release.set()
         await batcher.drain(1.0)
@@ -286,7 +286,8 @@ async def test_dead_worker_answers_every_pending_request(make_batcher: MakeBatch
     def broken_observer(*args: Any) -> None:
         raise RuntimeError("bug in the worker")
 
-    batcher._observer = type("Broken", (), {"batch_done": staticmethod(broken_observer)})()
+    broken = type("Broken", (), {"batch_done": staticmethod(broken_observer)})()
+    batcher._runner._observer = broken
     model.release.set()
     async with asyncio.timeout(1.0):
         results = await asyncio.gather(running, *queued, return_exceptions=True)
@@ -418,11 +419,13 @@ async def test_a_request_whose_deadline_passed_in_the_queue_is_never_dispatched(
         make_batcher: MakeBatcher, monkeypatch: pytest.MonkeyPatch) -> None:
     """With a fake clock: its deadline has passed when the worker takes a batch, while its
     own timeout has not fired yet; it must not be computed (and then answered 504)."""
+    import batchd.batch_runner as batch_runner_module
     import batchd.batcher as batcher_module
 
     now = [1000.0]
-    monkeypatch.setattr(batcher_module, "time", type("Clock", (), {
-        "monotonic": staticmethod(lambda: now[0])}))
+    clock = type("Clock", (), {"monotonic": staticmethod(lambda: now[0])})
+    for module in (batcher_module, batch_runner_module):  # both read the clock
+        monkeypatch.setattr(module, "time", clock)
     model = RecordingModel()
     batcher = make_batcher(model, start=False)
     doomed = asyncio.ensure_future(batcher.submit(1, timeout_s=5.0))

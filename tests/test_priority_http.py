@@ -31,14 +31,14 @@ def two_level_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runni
 def record_batches(server: RunningServer) -> list[list[torch.Tensor]]:
     """Every batch the digits model computes from now on, as its input tensors."""
     batcher = server.app.state.runtime.slots["digits"].batcher
-    run_batch = batcher._run_batch
+    run_batch = batcher._runner._run_batch
     batches: list[list[torch.Tensor]] = []
 
     def recording(items: Sequence[torch.Tensor], bucket: int) -> Any:
         batches.append([item.clone() for item in items])
         return run_batch(items, bucket)
 
-    batcher._run_batch = recording
+    batcher._runner._run_batch = recording
     return batches
 
 
