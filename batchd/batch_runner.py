@@ -70,6 +70,7 @@ class BatchRunner(Generic[In, Out]):
         # The batch computing now, until every request of it is answered, so that a drain
         # or a dying worker also answers the half that a retry has not reached yet.
         self.running: list[PendingRequest[In, Out]] = []
+        self.running_by_level: dict[int, int] = {}  # of `running`, counted once a batch
         self.busy_since: float | None = None
 
     async def compute(self, batch: list[PendingRequest[In, Out]]) -> BaseException | None:
@@ -79,6 +80,9 @@ class BatchRunner(Generic[In, Out]):
         if not live:
             return None
         self.running = live
+        self.running_by_level = {}
+        for request in live:
+            self.running_by_level[request.level] = self.running_by_level.get(request.level, 0) + 1
         try:
             await self._run(live)
         except _WorkerFault as fault:
@@ -87,7 +91,7 @@ class BatchRunner(Generic[In, Out]):
             return exc
         finally:
             self.busy_since = None
-        self.running = []
+        self.running, self.running_by_level = [], {}
         return None
 
     async def _run(self, live: list[PendingRequest[In, Out]]) -> None:

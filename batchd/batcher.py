@@ -248,10 +248,10 @@ class Batcher(Generic[In, Out]):
         if controller is None or self._idle():
             return arrival
         queued = self._queue.ahead_of(level) + count - 1
-        running = self._runner.running
-        computing = sum(1 for request in running if request.level <= level)
+        running = self._runner.running_by_level  # counted once a batch, not per request
+        computing = sum(number for at, number in running.items() if at <= level)
         own = (self._expected_by_level[level - 1] + self._queue.depth(level) + count - 1
-               + sum(1 for request in running if request.level == level))
+               + running.get(level, 0))
         if not controller.admits_before_body(now, arrival.at + self.slo_s, level,
                                              queued + decoding + computing, queued,
                                              decoding, self._busy_remaining(now), own):
@@ -512,7 +512,7 @@ class Batcher(Generic[In, Out]):
     def _fail_all(self, error: BatchdError) -> None:
         """Answer every queued or computing request with `error`; nothing more will run."""
         pending = [*self._runner.running, *self._queue]
-        self._runner.running = []
+        self._runner.running, self._runner.running_by_level = [], {}
         self._queue.clear()
         for request in pending:
             if not request.future.done():
