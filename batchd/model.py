@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import os
 import re
 import threading
 import time
@@ -50,9 +51,12 @@ from batchd.runtime_cache import RuntimeCache, cpu_model, file_fingerprint, key_
 
 logger = logging.getLogger("batchd.model")
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")  # torch.onnx colours its messages
-# The device types with a batched JPEG decoder (preprocess.decode = "device"). The tests
-# add "cpu" to run the same path through torchvision's CPU decoder.
-DEVICE_DECODING = {"cuda"}
+# The device types with a batched JPEG decoder (preprocess.decode = "device"): CUDA's.
+# BATCHD_DEVICE_DECODING_ALSO=cpu adds the CPU, where the same path runs through
+# torchvision's CPU decoder: for the tests (their server processes too) and for trying
+# the path without a GPU, never for serving.
+DEVICE_DECODING = {"cuda", *filter(None, os.environ.get("BATCHD_DEVICE_DECODING_ALSO",
+                                                         "").split(","))}
 _warming = threading.local()
 
 

@@ -2,7 +2,8 @@
 checks, the configuration errors, and the batch path with its per-image failures.
 
 Without a GPU, the batch path runs through torchvision's CPU decoder (the tests add
-"cpu" to batchd.model.DEVICE_DECODING): the same routing, items, batches, fallbacks and
+"cpu" to batchd.model.DEVICE_DECODING, and to a server's processes through
+BATCHD_DEVICE_DECODING_ALSO): the same routing, items, batches, slots, fallbacks and
 metrics as on CUDA, where only the decoding call differs. The CUDA-only checks (parity,
 the corruption loop, memory) are at the end, skipped without a device.
 """
@@ -45,9 +46,10 @@ def digits() -> list[Image.Image]:
     return digit_images("held_out")[0][:8]
 
 
-def device_decoding_config(path: Path, **batching: Any) -> Path:
+def device_decoding_config(path: Path, server: dict[str, Any] | None = None,
+                           **batching: Any) -> Path:
     """The digits model with decode = "device" on the device "auto" picks."""
-    config = write_config(path, batching=batching or None)
+    config = write_config(path, batching=batching or None, server=server)
     text = config.read_text().replace('color_mode = "L"', 'color_mode = "L"\ndecode = "device"')
     config.write_text(text.replace('device = "cpu"', 'device = "auto"'))
     return config
@@ -166,6 +168,41 @@ async def test_one_batch_mixes_device_and_cpu_decoding(
                                         headers={"content-type": "application/octet-stream"})
         assert refused.status_code == 415
         assert server.metric("batchd_device_decode_images_total") == 3 + 2  # the offline 2
+
+
+def test_through_two_front_ends_and_the_engine(
+        tmp_path: Path, digits: list[Image.Image], monkeypatch: pytest.MonkeyPatch) -> None:
+    """server.workers = 2: the encoded JPEGs cross the shared-memory slots to the engine,
+    which decodes them in its batches; the front ends count the fallbacks (summed in
+    /metrics), the engine the device decoding. Answers equal the offline model's."""
+    from batchd.model import ServedModel
+    from tests.test_workers import serve_processes
+
+    monkeypatch.setenv("BATCHD_DEVICE_DECODING_ALSO", "cpu")  # the server's processes too
+    monkeypatch.setattr("batchd.model.DEVICE_DECODING", {"cuda", "cpu"})
+    config = device_decoding_config(tmp_path / "digits.toml", server={"workers": 2},
+                                    max_batch_size=8, buckets=[8])
+    bodies = [*(jpeg(image) for image in digits), png_bytes(digits[0]),
+              corrupt(jpeg(digits[1]))]
+    model = ServedModel.from_config(load_config(config).models[0])
+    with serve_processes(tmp_path, config=config) as server, httpx.Client(
+            base_url=server.url, timeout=60) as client:
+        for _ in range(3):
+            for index, body in enumerate(bodies):
+                response = client.post("/predict?top_k=10", content=body,
+                                       headers={"content-type": "image/jpeg"})
+                if index == len(bodies) - 1:
+                    assert response.status_code == 400, response.text
+                    continue
+                assert response.status_code == 200, response.text
+                item = encoded(body) if index < len(digits) else model.preprocessor.load(body)
+                probabilities = torch.softmax(model.reference(item), 0).tolist()
+                answer = {row["label"]: row["prob"] for row in response.json()["predictions"]}
+                assert [answer[str(label)] for label in range(10)] == pytest.approx(
+                    probabilities, abs=1e-5)
+        assert server.metric("batchd_decode_fallbacks_total", {"reason": "format"}) == 3
+        assert server.metric("batchd_device_decode_images_total") == 3 * (len(digits) + 1)
+        assert server.metric("batchd_device_decode_failed_total") == 3
 
 
 # -- on a CUDA device only ---------------------------------------------------------------
