@@ -48,7 +48,8 @@ Result = tuple[float, float, int]  # (generator lateness s, latency s, status)
 # what the server's books say at a point: requests by outcome, and the controller's
 # refusals by stage and late answers
 SERVER_SERIES = {"batchd_requests_total": "outcome", "batchd_overload_refusals_total": "stage",
-                 "batchd_late_answers_total": None}
+                 "batchd_late_answers_total": None, "batchd_batch_size_sum": None,
+                 "batchd_batch_size_count": None, "batchd_admission_limit": "level"}
 
 
 def server_books(url: str) -> tuple[Counter[str], dict[str, float]]:
@@ -93,7 +94,11 @@ def describe(point: dict[str, Any]) -> str:
             f"{point['statuses'].get('504', 0)}  p99 503s {ms(point['p99_503_ms'])} ms  "
             f"statuses {point['statuses']}  generator late p99 "
             f"{ms(point['generator_late_p99_ms'])} ms"
-            + (f", {point['generator_cores']:.2f} cores" if "generator_cores" in point else ""))
+            + (f", {point['generator_cores']:.2f} cores" if "generator_cores" in point else "")
+            + (f"; mean batch {point['mean_batch']:.1f}" if point.get("mean_batch") else "")
+            + ("; admission limit " + "/".join(f"{value:.0f}" for _, value in
+                                               sorted(point["admission_limit"].items()))
+               if point.get("admission_limit") else ""))
 
 
 def measure(url: str, pid: int, body: bytes, rate: float, seconds: float, arrivals: str,
@@ -115,7 +120,13 @@ def measure(url: str, pid: int, body: bytes, rate: float, seconds: float, arriva
     generator_cpu_s = cpu.own_cpu_seconds() - generator_before
     books_after, series_after = server_books(url)
     books = books_after - books_before
-    series = {key: value - series_before.get(key, 0.0) for key, value in series_after.items()}
+    series = {key: value - series_before.get(key, 0.0) for key, value in series_after.items()
+              if not key.startswith("batchd_admission_limit")}
+    # the controller's state, as the point ends: the mean batch over it, the limit now
+    batches = series.pop("batchd_batch_size_count", 0.0)
+    inputs = series.pop("batchd_batch_size_sum", 0.0)
+    limits = {key.split("/")[1]: value for key, value in series_after.items()
+              if key.startswith("batchd_admission_limit")}
     window_s = float(offsets[-1] - offsets[warmup])
     point = summary(results[warmup:], window_s, slo_s, capacity)
     client = Counter(status for _, _, status in results)
@@ -123,7 +134,8 @@ def measure(url: str, pid: int, body: bytes, rate: float, seconds: float, arriva
                  generator_cpu_ms=generator_cpu_s / len(results) * 1000,
                  generator_cores=generator_cpu_s / elapsed,
                  server_answered=sum(books.values()), client_answered=sum(client.values()),
-                 books_by_outcome=dict(books), controller=series)
+                 books_by_outcome=dict(books), controller=series,
+                 mean_batch=inputs / batches if batches else None, admission_limit=limits)
     if levels is not None:
         for level in (1, 2):
             own = [result for result, at in zip(results[warmup:], levels[warmup:],
