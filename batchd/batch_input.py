@@ -52,8 +52,9 @@ class BatchInput:
                 raise ValueError(f"input of shape {list(item.shape)}, expected "
                                  f"{list(self.input_shape)}")
         uint8 = all(item.dtype == torch.uint8 for item in items)
-        decoded_there = self.device.type != "cpu" and any(item.device == self.device
-                                                          for item in items)
+        # (by type: the model's "cuda" and a decoded image's "cuda:0" are one device)
+        decoded_there = self.device.type != "cpu" and any(
+            item.device.type == self.device.type for item in items)
         if uint8 and decoded_there:
             buffer = self._device_buffer(bucket)
             torch.stack([item.to(self.device, non_blocking=True) for item in items],

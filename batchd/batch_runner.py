@@ -121,11 +121,11 @@ class BatchRunner(Generic[In, Out]):
         for request, output, wait in zip(live, outputs, waits, strict=True):
             if request.future.done():
                 continue
+            if isinstance(output, BatchdError):  # its input's own error, late or not
+                request.future.set_exception(output)
+                continue
             if finished > request.objective:
                 self._answer_late(request, finished, len(live), compute_s)
-                continue
-            if isinstance(output, BatchdError):
-                request.future.set_exception(output)
                 continue
             request.finished_at = finished
             request.future.set_result(BatchResult(output, wait, compute_s, len(live)))

@@ -52,7 +52,7 @@ def route(image: Image.Image) -> str | None:
         return "progressive"  # nvJPEG's hardware engine takes baseline JPEGs only
     if image.mode not in _DEVICE_MODES:
         return "color_mode"  # CMYK and YCCK: Pillow inverts and converts them
-    if "exif" in image.info and image.getexif().get(_ORIENTATION, 1) != 1:
+    if image.getexif().get(_ORIENTATION, 1) != 1:  # EXIF's, or XMP's tiff:Orientation
         return "exif_orientation"  # the CPU path turns the image upright first
     return None
 
@@ -84,6 +84,10 @@ class DeviceDecoder:
 
     def __init__(self, preprocessor: Preprocessor, device: torch.device) -> None:
         self.preprocessor = preprocessor
+        if device.type == "cuda" and device.index is None:
+            # "cuda" as the current device's index: torchvision keeps one nvJPEG decoder
+            # a process and rebuilds it whenever the device it is asked for changes
+            device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
         self.mode = _DEVICE_MODES[preprocessor.config.color_mode]
         self.stats = DeviceDecodeStats()
@@ -124,8 +128,9 @@ class DeviceDecoder:
         return seconds
 
     def decode(self, images: Sequence[torch.Tensor]) -> list[torch.Tensor | BatchdError]:
-        """For each encoded image, its uint8 CxHxW input (on the device, or on the host
-        where the CPU decoded it), or the BatchdError that is its request's answer."""
+        """For each encoded image, its uint8 CxHxW input, resized and cropped (on the
+        device, or on the host where the CPU decoded it), or the BatchdError that is its
+        request's answer. Running out of device memory raises, as a batch's compute does."""
         started = time.perf_counter()
         if self.device.type == "cuda":
             # nvJPEG's hardware engine does not wait for work already queued on the stream
@@ -133,11 +138,12 @@ class DeviceDecoder:
             # caching allocator, handed to the decoder): drain the stream first.
             torch.cuda.current_stream(self.device).synchronize()
         try:
-            decoded: list[torch.Tensor | BatchdError] = list(self._decode_all(list(images)))
+            fitted: list[torch.Tensor | BatchdError] = [
+                self._fit(image) for image in self._decode_all(list(images))]
+        except torch.cuda.OutOfMemoryError:
+            raise
         except RuntimeError:  # one bad image fails the whole call: decode each alone
-            decoded = [self._decode_one(image) for image in images]
-        fitted = [item if isinstance(item, BatchdError) or item.device != self.device
-                  else self._fit(item) for item in decoded]
+            fitted = [self._decode_one(image) for image in images]
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
         stats = self.stats
@@ -152,10 +158,12 @@ class DeviceDecoder:
         return [decode_jpeg(image, mode=self.mode) for image in images]
 
     def _decode_one(self, image: torch.Tensor) -> torch.Tensor | BatchdError:
-        """One image: on the device, else on the CPU as `decode = "cpu"` would (already
-        resized and cropped, on the host), else the request's BadInput."""
+        """One image, resized and cropped: on the device, else on the CPU exactly as
+        `decode = "cpu"` does, else the request's BadInput."""
         try:
-            return self._decode_all([image])[0]
+            return self._fit(self._decode_all([image])[0])
+        except torch.cuda.OutOfMemoryError:
+            raise
         except RuntimeError:
             self.stats.refused += 1
         try:

@@ -71,6 +71,13 @@ def test_route_sends_only_upright_baseline_jpegs_to_the_device(
     }
     for reason, data in cases.items():
         assert route(preprocessor.open(data)) == reason
+    # an orientation given only in XMP turns the image too, on the CPU path
+    xmp = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/'
+           b'1999/02/22-rdf-syntax-ns#"><rdf:Description xmlns:tiff="http://ns.adobe.com/'
+           b'tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
+    sideways = jpeg(Image.new("RGB", (16, 8), "red"), xmp=xmp)
+    assert preprocessor.decode(sideways).size == (8, 16)
+    assert route(preprocessor.open(sideways)) == "exif_orientation"
     assert route(preprocessor.open(jpeg(rotated, exif=upright))) is None
     assert route(preprocessor.open(jpeg(digits[0].convert("RGB")))) is None
 
@@ -104,6 +111,40 @@ def test_device_pixels_are_close_to_pillows() -> None:
     difference = (cpu.int() - device.int()).abs()
     assert difference.max().item() <= 1
     assert difference.float().mean().item() < 0.25
+
+
+def test_an_image_the_device_refuses_is_exactly_the_cpu_paths(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refused by the device decoder, an image is decoded, resized and cropped once, by
+    Pillow, as with decode = "cpu" (and not resized again after)."""
+    from batchd.bucket_runtimes import probe_jpeg
+
+    preprocessor = Preprocessor(PreprocessConfig())
+    decoder = DeviceDecoder(preprocessor, torch.device("cpu"))
+
+    def refuse(images: list[torch.Tensor]) -> list[torch.Tensor]:
+        raise RuntimeError("the decoder refuses it")
+
+    monkeypatch.setattr(decoder, "_decode_all", refuse)
+    data = probe_jpeg()
+    (result,) = decoder.decode([encoded(data)])
+    assert isinstance(result, torch.Tensor)
+    assert torch.equal(result, preprocessor.load(data))
+    assert (decoder.stats.refused, decoder.stats.failed) == (1, 0)
+
+
+def test_out_of_device_memory_is_not_a_refused_image(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Out of memory raises (the model's thread turns it into 503 model_overloaded and
+    counts the streak), rather than sending every image to Pillow."""
+    decoder = DeviceDecoder(Preprocessor(DIGITS_PREPROCESS), torch.device("cpu"))
+
+    def out_of_memory(images: list[torch.Tensor]) -> list[torch.Tensor]:
+        raise torch.cuda.OutOfMemoryError("no room")
+
+    monkeypatch.setattr(decoder, "_decode_all", out_of_memory)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        decoder.decode([encoded(b"\xff\xd8")])
+    assert decoder.stats.refused == 0
 
 
 def test_encoded_items_are_one_dimensional() -> None:
@@ -222,6 +263,8 @@ def test_cuda_decoding_never_corrupts_and_holds_its_memory() -> None:
     decoder = DeviceDecoder(Preprocessor(PreprocessConfig()), device)
     images = [encoded(probe_jpeg(640 - 32 * index, 480)) for index in range(8)]
     reference = [decoder.decode([image])[0] for image in images]
+    assert all(isinstance(item, torch.Tensor) and item.shape == (3, 224, 224)
+               and item.device.type == "cuda" for item in reference)
     mismatches, used_at_100 = 0, 0
     for round_ in range(2000):
         scratch = torch.randn(2048, 2048, device=device)
@@ -244,7 +287,23 @@ def test_cuda_batch_with_fallbacks_and_a_corrupt_jpeg(digits: list[Image.Image])
                             encoded(jpeg(digits[2]))])
     assert isinstance(batch[1], BadInput)
     assert all(isinstance(item, torch.Tensor) and item.device.type == "cuda"
-               for item in (batch[0], batch[2]))
+               and item.shape == (1, 8, 8) for item in (batch[0], batch[2]))
+
+
+@needs_cuda
+def test_cuda_model_serves_a_mixed_batch_at_its_input_shape(
+        tmp_path: Path, digits: list[Image.Image]) -> None:
+    """A model on "cuda" (no index) runs a batch of device-decoded and CPU-decoded
+    images: the rows are stacked on the device at the model's input shape."""
+    from batchd.model import ServedModel
+
+    config = load_config(device_decoding_config(tmp_path / "digits.toml"))
+    model = ServedModel.from_config(config.models[0])
+    assert model.device.type == "cuda" and model.device_decoder is not None
+    pixels = model.preprocessor.load(png_bytes(digits[1]))
+    rows = model.run_batch([encoded(jpeg(digits[0])), pixels, encoded(jpeg(digits[2]))], 4)
+    assert all(isinstance(row, torch.Tensor) and row.shape == (10,) for row in rows)
+    assert torch.allclose(rows[1], model.reference(pixels), atol=1e-4)  # type: ignore[arg-type]
 
 
 def test_routing_counts_nothing_for_cpu_models(tmp_path: Path,

@@ -18,7 +18,7 @@ import batchd.batch_runner as batch_runner_module
 import batchd.batcher as batcher_module
 from batchd.batch_stats import Arrival
 from batchd.batcher import Batcher
-from batchd.errors import DeadlineExceeded, QueueTimeout
+from batchd.errors import BadInput, DeadlineExceeded, QueueTimeout
 from batchd.estimates import (
     RECENT_BATCHES,
     SOJOURN_TARGET,
@@ -403,6 +403,24 @@ async def test_an_answer_computed_after_its_objective_is_a_504_never_a_200(
     # ...yet an idle server admits: its estimates may be stale, and refusing would keep
     # them so (nothing admitted, nothing measured)
     batcher.check_admission()
+    await batcher.drain(1)
+
+
+async def test_an_input_that_failed_in_its_batch_keeps_its_own_error_when_late(
+        clock: FakeClock) -> None:
+    """An output that is a BatchdError (an image that did not decode) answers its input
+    with that error, even past the objective: a 400 for a bad image, not a 504."""
+    def slow_model(items: Sequence[int], bucket: int) -> list[Any]:
+        clock.now += 0.5
+        return [BadInput("not an image") if item < 0 else item for item in items]
+
+    batcher = make(slow_model, executor=InlineExecutor())
+    bad, good = asyncio.ensure_future(batcher.submit(-1)), asyncio.ensure_future(batcher.submit(3))
+    await asyncio.sleep(0)
+    batcher.start()  # both queued: one batch
+    answers = await asyncio.gather(bad, good, return_exceptions=True)
+    assert isinstance(answers[0], BadInput) and isinstance(answers[1], DeadlineExceeded)
+    assert batcher.stats.batches == 1
     await batcher.drain(1)
 
 

@@ -140,7 +140,11 @@ async def cancel_on_disconnect(
     watcher = asyncio.ensure_future(disconnected())
     watcher.add_done_callback(client_left)
     try:
-        return False, await work
+        result = await work
+        if left:  # the work swallowed the cancellation: take it back all the same
+            this.uncancel()
+            return True, None
+        return False, result
     except asyncio.CancelledError:
         if not left:
             raise
