@@ -169,7 +169,12 @@ def offline_answer(config_path: Path, image: bytes) -> Expected:
     config = load_config(config_path)
     model_config = config.model(config.server.default_model)
     model = ServedModel.from_config(model_config.with_runtime(compile=False))
-    label, prob = model.top_k(model.reference(model.preprocessor.load(image)), 1)[0]
+    # through the served preprocessing: decoded on the device, with decode = "device"
+    from batchd.device_decode import encoded
+
+    item = (encoded(image) if model.device_decoder is not None
+            else model.preprocessor.load(image))
+    label, prob = model.top_k(model.reference(item), 1)[0]
     runtime = model_config.runtime
     tolerance = 1e-3 if runtime.dtype == "float32" else max(1e-3, runtime.dtype_tolerance)
     return Expected(label, prob, tolerance)
