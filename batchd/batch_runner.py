@@ -23,7 +23,7 @@ from typing import Generic, TypeVar
 
 from batchd.batch_stats import BatchObserver, BatchResult, BatchStats
 from batchd.errors import BatchdError, DeadlineExceeded, ModelFailed
-from batchd.scheduler import DeadlineController
+from batchd.scheduler import DeadlineController, smallest_bucket
 
 In = TypeVar("In")
 Out = TypeVar("Out")
@@ -56,12 +56,14 @@ class BatchRunner(Generic[In, Out]):
     """Runs batches on `executor` one at a time and settles every request of each."""
 
     def __init__(self, run_batch: Callable[[Sequence[In], int], Sequence[Out | BatchdError]],
-                 executor: Executor, bucket_for: Callable[[int], int], stats: BatchStats,
+                 executor: Executor, bucket_sizes: Sequence[int], stats: BatchStats,
                  name: str, slo_s: float, controller: DeadlineController | None,
                  observer: BatchObserver | None) -> None:
         self._run_batch = run_batch
         self._executor = executor
-        self._bucket_for = bucket_for
+        # Nothing of the batcher is held here (not even a bound method): a cycle would
+        # keep a retired model's memory until a collection (test_unload_returns_the_memory).
+        self._bucket_sizes = tuple(bucket_sizes)
         self._stats = stats
         self._name = name
         self._slo_s = slo_s
@@ -95,7 +97,7 @@ class BatchRunner(Generic[In, Out]):
         return None
 
     async def _run(self, live: list[PendingRequest[In, Out]]) -> None:
-        bucket = self._bucket_for(len(live))
+        bucket = smallest_bucket(self._bucket_sizes, len(live))
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         self.busy_since = started

@@ -134,7 +134,7 @@ class Batcher(Generic[In, Out]):
             sum(size for size, _ in self.level_limits) + max_batch_size,
         ) if slo_s > 0 else None
         self._runner: BatchRunner[In, Out] = BatchRunner(
-            run_batch, self._executor, self.bucket_for, self.stats, name, slo_s,
+            run_batch, self._executor, self.bucket_sizes, self.stats, name, slo_s,
             self.controller, observer)
 
     # -- life cycle ---------------------------------------------------------------------

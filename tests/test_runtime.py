@@ -57,7 +57,7 @@ def run_out_of_memory(slot: ModelSlot) -> None:
 
 def stall(slot: ModelSlot) -> None:
     warm(slot)
-    slot.batcher.busy_since = time.monotonic() - WATCHDOG_S - 1
+    slot.batcher._runner.busy_since = time.monotonic() - WATCHDOG_S - 1
 
 
 STATES: dict[ModelState, Callable[[ModelSlot], None]] = {
