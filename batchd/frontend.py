@@ -84,8 +84,7 @@ class RemoteSlot:
         self.preprocess_limiter = runtime.preprocess_limiter
         self._decode_gate = runtime.decode_gate
         self._runtime = runtime
-        self._count_fallback = (runtime.metrics.fallback_counter(info.config.name)
-                                if info.config.preprocess.decode == "device" else None)
+        self._count_fallback = runtime.metrics.fallback_counter(info.config)
         # Named by the client (?version=N): only that version may serve it. Else the
         # engine serves it with the version it serves now, which may be newer than the
         # one this front end's catalog showed when the request came.

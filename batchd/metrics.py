@@ -17,7 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from batchd.batch_stats import BatchStats
-from batchd.config import RUNTIME_NAMES
+from batchd.config import RUNTIME_NAMES, ModelConfig
 from batchd.scheduler import DeadlineController
 
 LATENCY_BUCKETS = (
@@ -121,12 +121,14 @@ class RequestMetrics:
             "computing); a drain waits for this to reach 0.", registry=registry,
             multiprocess_mode="livesum")
 
-    def fallback_counter(self, model: str) -> Callable[[str], None]:
-        """Counts, by reason, the images of `model` (whose preprocess.decode is "device")
-        that decode on the CPU; its series are made now, at 0."""
+    def fallback_counter(self, model: ModelConfig) -> Callable[[str], None] | None:
+        """Counts, by reason, the images of `model` that decode on the CPU, its series
+        made now, at 0; None unless its preprocess.decode is "device"."""
+        if model.preprocess.decode != "device":
+            return None
         from batchd.device_decode import FALLBACK_REASONS  # here: metrics needs no torch
 
-        series = {reason: self.decode_fallbacks.labels(model, reason)
+        series = {reason: self.decode_fallbacks.labels(model.name, reason)
                   for reason in FALLBACK_REASONS}
         return lambda reason: series[reason].inc()
 
@@ -230,7 +232,7 @@ class Metrics:
         are served by `runtime_of(bucket)`."""
         return _BatchObserver(self, model, str(version), runtime_of)
 
-    def fallback_counter(self, model: str) -> Callable[[str], None] | None:
+    def fallback_counter(self, model: ModelConfig) -> Callable[[str], None] | None:
         """See RequestMetrics.fallback_counter (None in the engine: its front ends count)."""
         if self.request_metrics is None:
             return None

@@ -212,8 +212,7 @@ class Runtime(Serving[ModelSlot]):
                     model_config.checkpoint or model_config.source.artifact, model.device)
         return ModelSlot(model_config, model, batcher, thread, self._limiter,
                          self._decode_gate, version, decode_observer=self._observe_decode,
-                         decode_fallback=self.metrics.fallback_counter(model_config.name)
-                         if model_config.preprocess.decode == "device" else None)
+                         decode_fallback=self.metrics.fallback_counter(model_config))
 
     def _observe_decode(self, cpu_s: float) -> None:
         if self.decoding_planner is not None:
