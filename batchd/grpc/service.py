@@ -53,8 +53,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request: pb.ModelReadyRequest,
                          context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
+        await self._authorized(context)
         try:
-            check_bearer(context, self.token, "this call")
             status = self.runtime.version_status(
                 request.name, parse_version(request.version, request.name))
         except BatchdError as error:
