@@ -82,13 +82,15 @@ class Preprocessor:
             raise BadInput(f"corrupt or truncated image: {exc}") from None
         return to_color_mode(image, self.config.color_mode)
 
-    def open_small(self, data: bytes) -> Image.Image | None:
-        """The image, opened (its header read and checked, nothing decoded), when it has
-        at most INLINE_PIXELS pixels; else None. Decoding so small an image costs less
-        than handing it to a thread: the caller may decode it where it is."""
+    def open_small(self, data: bytes, opened: Image.Image | None = None
+                   ) -> Image.Image | None:
+        """The image, opened (its header read and checked, nothing decoded; `opened`, when
+        the caller has opened `data` already), when it has at most INLINE_PIXELS pixels;
+        else None. Decoding so small an image costs less than handing it to a thread: the
+        caller may decode it where it is."""
         if len(data) > INLINE_BYTES:
             return None
-        image = self.open(data)
+        image = opened if opened is not None else self.open(data)
         return image if image.width * image.height <= INLINE_PIXELS else None
 
     def open(self, data: bytes) -> Image.Image:

@@ -170,13 +170,15 @@ async def preprocess_image(preprocessor: Preprocessor, data: bytes, gate: Priori
     decodes on the device, a JPEG that it takes (batchd.device_decode.route) is checked
     here and goes on encoded; any other image decodes here, and `count_fallback` is
     told why."""
+    opened = None
     if preprocessor.config.decode == "device":
-        reason = route(preprocessor.open(data))
+        opened = preprocessor.open(data)
+        reason = route(opened)
         if reason is None:
             return encoded(data)
         if count_fallback is not None:
             count_fallback(reason)
-    small = preprocessor.open_small(data)
+    small = preprocessor.open_small(data, opened)  # its header read once
     if small is not None:
         return preprocessor.load_opened(small)
     async with gate.hold(level):
