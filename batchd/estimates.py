@@ -53,6 +53,16 @@ class SojournEstimate:
     def bound(self) -> float:
         return self.mean + SPREAD * self.deviation
 
+    def copy(self) -> SojournEstimate:
+        twin = SojournEstimate()
+        twin.mean, twin.deviation, twin.samples = self.mean, self.deviation, self.samples
+        return twin
+
+    def shrink(self) -> None:
+        """A step of the uncertainty gone: the deviation shrinks as a sample equal to the
+        mean would shrink it."""
+        self.deviation *= 1.0 - DEVIATION_GAIN
+
 
 class BucketSlowdown:
     """One bucket's cost served under load against its warm-up cost: the ratio's
@@ -64,9 +74,7 @@ class BucketSlowdown:
     __slots__ = ("estimate", "recent", "seen_at", "slowest")
 
     def __init__(self, prior: SojournEstimate, batch: int) -> None:
-        self.estimate = SojournEstimate()
-        self.estimate.mean, self.estimate.deviation = prior.mean, prior.deviation
-        self.estimate.samples = prior.samples
+        self.estimate = prior.copy()
         self.recent: collections.deque[float] = collections.deque(maxlen=RECENT_BATCHES)
         self.slowest = 0.0
         self.seen_at = batch
@@ -80,7 +88,7 @@ class BucketSlowdown:
         """A step of the uncertainty gone, as if a batch had taken the mean: the
         deviation shrinks as an exact sample would shrink it, and the mean takes a place
         among the recent batches."""
-        self.estimate.deviation *= 1.0 - DEVIATION_GAIN
+        self.estimate.shrink()
         self._remember(self.estimate.mean)
 
     def _remember(self, ratio: float) -> None:

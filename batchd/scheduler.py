@@ -65,7 +65,6 @@ import math
 from collections.abc import Mapping, Sequence
 
 from batchd.estimates import (
-    DEVIATION_GAIN,
     SOJOURN_TARGET,
     SPREAD,
     BucketSlowdown,
@@ -277,7 +276,7 @@ class DeadlineController:
         if (self._warm_cost(bucket) is None
                 or now + self.predicted(size) + self._answer.mean > objective):
             return
-        self._slowdown.deviation *= 1.0 - DEVIATION_GAIN
+        self._slowdown.shrink()
         own = self._own(bucket)
         if own is not None:
             own.forget()
