@@ -29,6 +29,7 @@ import anyio
 import torch
 from prometheus_client import CollectorRegistry, Gauge, generate_latest, multiprocess
 
+from batchd import collector
 from batchd.batch_stats import BatchResult
 from batchd.batcher import level_for
 from batchd.config import Config, ModelConfig
@@ -233,6 +234,7 @@ class FrontendRuntime(Serving[RemoteSlot]):
         await self.client.connect(self.run_dir / ENGINE_SOCKET, self.worker)
         with anyio.fail_after(FIRST_CATALOG_S):
             await self._first_catalog.wait()
+        collector.settle()  # start-up's objects, out of the collector's sight
 
     def repository_manager(self) -> RemoteManager | None:
         """The repository API's way to the engine, which loads (None: no repository)."""

@@ -27,7 +27,6 @@ import contextlib
 import ctypes
 import ctypes.util
 import functools
-import gc
 import logging
 import time
 from collections.abc import Callable
@@ -37,6 +36,7 @@ import anyio
 import torch
 from prometheus_client import generate_latest
 
+from batchd import collector
 from batchd.batcher import Batcher
 from batchd.checkpoint import resolve_device
 from batchd.config import Config, ModelConfig
@@ -270,6 +270,8 @@ class Runtime(Serving[ModelSlot]):
                         slot.version, time.monotonic() - started)
             if slot.name == self.default_model and self.decoding_planner is None:
                 self._follow_stage_costs(slot)
+        # What start-up built is never walked by the collector again (batchd.collector).
+        await anyio.to_thread.run_sync(collector.settle)
 
     async def warm(self, slot: ModelSlot, executor: DeviceThread) -> None:
         """Choose each bucket's runtime and run every bucket on `executor` (beside as many
@@ -359,9 +361,10 @@ class Runtime(Serving[ModelSlot]):
 
 
 def release_memory() -> None:
-    """Hand freed memory back: the collector for the cycles a network leaves, the CUDA
-    allocator's cache, and glibc's free lists, which otherwise keep the pages resident."""
-    gc.collect()
+    """Hand freed memory back: the collector for the cycles a network leaves (the frozen
+    objects too: batchd.collector), the CUDA allocator's cache, and glibc's free lists,
+    which otherwise keep the pages resident."""
+    collector.settle()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     libc_name = ctypes.util.find_library("c")
