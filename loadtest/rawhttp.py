@@ -36,6 +36,7 @@ class _Connection(asyncio.Protocol):
         self._status = 0
         self._length = -1  # the body's length once the head is read
         self._close_after = False
+        self.answered = 0  # responses read on this connection
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -62,6 +63,7 @@ class _Connection(asyncio.Protocol):
         body = bytes(self._buffer[:self._length])
         del self._buffer[:self._length]
         status, self._length = self._status, -1
+        self.answered += 1
         if self._close_after:
             self.closed = True
             assert self.transport is not None
@@ -111,11 +113,21 @@ class RequestPool:
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
     async def send(self, head: bytes, body: bytes) -> tuple[int, bytes]:
-        """Send a prepared request; (status, body). ConnectionError when it broke off."""
+        """Send a prepared request; (status, body). ConnectionError when it broke off.
+
+        A kept-alive connection that the server closes as idle just as a request goes out
+        breaks before any answer, with the request unseen (as the server's books show):
+        that request goes once more on a new connection, as HTTP clients do."""
         async with self._open:
             connection = await self._connection()
             try:
-                answer = await connection.send(head, body)
+                try:
+                    answer = await connection.send(head, body)
+                except ConnectionError:
+                    if not connection.answered or connection._buffer:
+                        raise
+                    connection = await self._new_connection()
+                    answer = await connection.send(head, body)
             except BaseException:
                 if connection.transport is not None:
                     connection.transport.close()
@@ -133,6 +145,9 @@ class RequestPool:
             connection = self._idle.pop()
             if not connection.closed:
                 return connection
+        return await self._new_connection()
+
+    async def _new_connection(self) -> _Connection:
         _, connection = await asyncio.get_running_loop().create_connection(
             _Connection, self.host, self.port)
         return connection

@@ -97,3 +97,55 @@ def test_the_lean_client_reads_every_answer_and_counts_the_failures(
 
     statuses = asyncio.run(on_one_connection())
     assert [status for status, _ in statuses] == [200, 415, 200]
+
+
+def test_the_lean_client_resends_only_what_a_closing_idle_connection_never_answered(
+        ) -> None:
+    """A kept-alive connection that the server closes just as the next request goes out
+    (an idle timeout's race) costs the request nothing: it goes once more on a new
+    connection. A new connection that breaks before its answer is a failure, not resent."""
+    import asyncio
+
+    from loadtest.rawhttp import RequestPool
+
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+    async def scenario() -> tuple[int, int, list[int], bool]:
+        connections = 0
+        requests_seen: list[int] = []
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal connections
+            connections += 1
+            number = connections
+            while await reader.readuntil(b"\r\n\r\n"):
+                requests_seen.append(number)
+                # The first connection answers once, then drops the next request unread;
+                # the third drops its first.
+                if number == 3 or (number == 1 and requests_seen.count(1) == 2):
+                    writer.transport.abort()
+                    return
+                writer.write(answer)
+                await writer.drain()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        pool = RequestPool(f"http://127.0.0.1:{port}", limit=1)
+        head = pool.request("/predict", b"", {})
+        first, _ = await pool.send(head, b"")
+        second, _ = await pool.send(head, b"")  # on connection 1, dropped; then on 2
+        pool.close()
+        fresh = RequestPool(f"http://127.0.0.1:{port}", limit=1)
+        try:
+            await fresh.send(head, b"")  # connection 3 drops it: no second try
+            broke = False
+        except ConnectionError:
+            broke = True
+        fresh.close()
+        server.close()
+        return first, second, requests_seen, broke
+
+    first, second, requests_seen, broke = asyncio.run(scenario())
+    assert (first, second) == (200, 200)
+    assert requests_seen == [1, 1, 2, 3]
+    assert broke
