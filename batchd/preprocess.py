@@ -69,12 +69,7 @@ class Preprocessor:
     def decode(self, data: bytes | Image.Image) -> Image.Image:
         """Decode bytes (or an image `open` returned) into an upright image in the model's
         colour mode."""
-        if isinstance(data, bytes):
-            if not data:
-                raise BadInput("empty image payload")
-            image = open_image(data, self.max_image_pixels, self.max_aspect_ratio)
-        else:
-            image = data
+        image = self.open(data) if isinstance(data, bytes) else data
         try:
             image.load()
             image = ImageOps.exif_transpose(image)
