@@ -12,6 +12,7 @@ objective is a 504, never a success; a model that raises something that is not a
 from __future__ import annotations
 
 import asyncio
+import collections
 import enum
 import logging
 import math
@@ -82,9 +83,7 @@ class BatchRunner(Generic[In, Out]):
         if not live:
             return None
         self.running = live
-        self.running_by_level = {}
-        for request in live:
-            self.running_by_level[request.level] = self.running_by_level.get(request.level, 0) + 1
+        self.running_by_level = collections.Counter(request.level for request in live)
         try:
             await self._run(live)
         except _WorkerFault as fault:
@@ -93,8 +92,14 @@ class BatchRunner(Generic[In, Out]):
             return exc
         finally:
             self.busy_since = None
-        self.running, self.running_by_level = [], {}
+        self.take_running()
         return None
+
+    def take_running(self) -> list[PendingRequest[In, Out]]:
+        """The batch computing now (for the batcher to answer, when the worker died),
+        which this runner then holds no more."""
+        running, self.running, self.running_by_level = self.running, [], {}
+        return running
 
     async def _run(self, live: list[PendingRequest[In, Out]]) -> None:
         bucket = smallest_bucket(self._bucket_sizes, len(live))

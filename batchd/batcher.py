@@ -511,8 +511,7 @@ class Batcher(Generic[In, Out]):
 
     def _fail_all(self, error: BatchdError) -> None:
         """Answer every queued or computing request with `error`; nothing more will run."""
-        pending = [*self._runner.running, *self._queue]
-        self._runner.running, self._runner.running_by_level = [], {}
+        pending = [*self._runner.take_running(), *self._queue]
         self._queue.clear()
         for request in pending:
             if not request.future.done():
