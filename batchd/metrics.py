@@ -8,9 +8,9 @@ the BatchObserver callback, and counts and gauges are read from them at scrape t
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -19,6 +19,11 @@ from prometheus_client.registry import Collector
 from batchd.batch_stats import BatchStats
 from batchd.config import RUNTIME_NAMES, ModelConfig
 from batchd.scheduler import DeadlineController
+
+if TYPE_CHECKING:  # (metrics imports no torch)
+    from batchd.device_decode import DeviceDecodeStats
+
+T = TypeVar("T")
 
 LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
@@ -282,16 +287,8 @@ class _StateCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         watched = list(self._watched.items())  # a reload may change it between yields
-        for name, (doc, read) in self._GAUGES.items():
-            gauge = GaugeMetricFamily(name, doc, labels=["model", "version"])
-            for labels, one in watched:
-                gauge.add_metric(list(labels), read(one))
-            yield gauge
-        for name, (doc, read) in self._COUNTERS.items():
-            counter = CounterMetricFamily(name, doc, labels=["model", "version"])
-            for labels, one in watched:
-                counter.add_metric(list(labels), read(one))
-            yield counter
+        yield from _per_version(GaugeMetricFamily, self._GAUGES, watched)
+        yield from _per_version(CounterMetricFamily, self._COUNTERS, watched)
         settled = CounterMetricFamily(
             "batchd_batcher_requests",
             "Requests the batcher settled, by outcome; the accepted ones sum to "
@@ -305,21 +302,22 @@ class _StateCollector(Collector):
         yield from self._controller(watched)
         yield from self._device_decoding(watched)
 
-    _DECODING = {
+    _DECODING: dict[str, tuple[str, Callable[[DeviceDecodeStats], float]]] = {
         "batchd_device_decode_batches": ("Batches whose JPEGs were decoded on the device "
-                                         "(preprocess.decode = \"device\").", "batches"),
+                                         "(preprocess.decode = \"device\").",
+                                         lambda stats: stats.batches),
         "batchd_device_decode_images": ("Encoded JPEGs handed to the device decoder.",
-                                        "images"),
+                                        lambda stats: stats.images),
         "batchd_device_decode_seconds": ("Time spent decoding, resizing and cropping on the "
                                          "device, summed over its batches (divide by "
                                          "batchd_device_decode_batches_total for the mean "
-                                         "per batch).", "seconds"),
+                                         "per batch).", lambda stats: stats.seconds),
         "batchd_device_decode_refused": ("Images the device decoder refused; each then "
                                          "decoded on the CPU for its request alone.",
-                                         "refused"),
+                                         lambda stats: stats.refused),
         "batchd_device_decode_failed": ("Of those, images the CPU could not decode either: "
                                         "each answered 400, the rest of its batch served.",
-                                        "failed"),
+                                        lambda stats: stats.failed),
     }
 
     def _device_decoding(self, watched: list[tuple[tuple[str, str], _Watched]]
@@ -327,13 +325,8 @@ class _StateCollector(Collector):
         """The device decoder's counts, for models with preprocess.decode = "device"."""
         decoding = [(labels, decoder.stats) for labels, one in watched
                     if (decoder := getattr(one.model, "device_decoder", None)) is not None]
-        if not decoding:
-            return
-        for name, (doc, field) in self._DECODING.items():
-            counter = CounterMetricFamily(name, doc, labels=["model", "version"])
-            for labels, stats in decoding:
-                counter.add_metric(list(labels), getattr(stats, field))
-            yield counter
+        if decoding:
+            yield from _per_version(CounterMetricFamily, self._DECODING, decoding)
 
     _STAGES = (("before_body", "refused_before_body"), ("after_decode", "refused_after_decode"),
                ("at_dispatch", "shed_at_dispatch"))
@@ -376,3 +369,15 @@ class _StateCollector(Collector):
             for stage, seconds in controller.estimates().items():
                 estimate.add_metric([*labels, stage], seconds)
         yield from (refusals, late, limit, estimate)
+
+
+def _per_version(family: Callable[..., CounterMetricFamily | GaugeMetricFamily],
+                 table: Mapping[str, tuple[str, Callable[[T], float]]],
+                 rows: Sequence[tuple[tuple[str, str], T]]) -> Iterator[Metric]:
+    """One family per entry of `table` (name: its doc and how to read a row), a sample
+    per (model, version) row."""
+    for name, (doc, read) in table.items():
+        metric = family(name, doc, labels=["model", "version"])
+        for labels, row in rows:
+            metric.add_metric(list(labels), read(row))
+        yield metric
