@@ -136,9 +136,7 @@ def measure_ceiling(model: Any, image: bytes, seconds_per_size: float) -> dict[s
         per_size[size] = count / (time.perf_counter() - started)
         stage(f"ceiling: batch {size:>3}: {per_size[size]:8.1f} images/s")
     decoders.shutdown()
-    best = max(per_size, key=per_size.__getitem__)
-    return {"images_per_s": per_size[best], "best_batch": best,
-            "per_batch": {str(k): v for k, v in per_size.items()}}
+    return best_ceiling(per_size)
 
 
 def measure_device_decoding_ceiling(model: Any, image: bytes, seconds_per_size: float
@@ -155,8 +153,13 @@ def measure_device_decoding_ceiling(model: Any, image: bytes, seconds_per_size: 
             count += size
         per_size[size] = count / (time.perf_counter() - started)
         stage(f"ceiling (device decoding): batch {size:>3}: {per_size[size]:8.1f} images/s")
+    return {**best_ceiling(per_size), "decode": "device"}
+
+
+def best_ceiling(per_size: dict[int, float]) -> dict[str, Any]:
+    """A ceiling's summary: its best batch size and images/s, and every size's."""
     best = max(per_size, key=per_size.__getitem__)
-    return {"images_per_s": per_size[best], "best_batch": best, "decode": "device",
+    return {"images_per_s": per_size[best], "best_batch": best,
             "per_batch": {str(k): v for k, v in per_size.items()}}
 
 

@@ -62,7 +62,10 @@ def load_model(config_path: Path, device: str) -> Any:
 
     path = config_with(config_path, "models.runtime", "parity-decode", device=f'"{device}"',
                        dtype='"float32"', compile="false")
-    config = load_config(path)
+    try:
+        config = load_config(path)
+    finally:
+        path.unlink()
     model = ServedModel.from_config(config.model(config.server.default_model),
                                     config.server.max_image_pixels)
     model.inputs.decoder = DeviceDecoder(model.preprocessor, model.device)
