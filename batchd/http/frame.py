@@ -1,14 +1,13 @@
 """The frame every prediction shares, on the native API and the Open Inference Protocol
 alike: the one table that maps batchd's errors to HTTP status codes, request ids,
-disconnect handling, admission (draining, readiness), metrics and the access log."""
+admission (draining, readiness), metrics and the access log."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
@@ -36,7 +35,6 @@ from batchd.errors import (
 from batchd.request_log import AccessLine, request_id_from
 from batchd.views import AnyRuntime, AnySlot
 
-T = TypeVar("T")
 logger = logging.getLogger("batchd.http")
 
 TIMEOUT_HEADER = "x-request-timeout-ms"
@@ -109,50 +107,6 @@ def arrival_of(request: Request) -> float:
 
 def request_id_of(request: Request) -> str:
     return request_id_from(header(request, "x-request-id"))
-
-
-async def cancel_on_disconnect(
-    request: Request, work: Coroutine[Any, Any, T]
-) -> tuple[bool, T | None]:
-    """Await `work`, cancelling it if the client goes away first. Returns (disconnected, result).
-
-    Only call once the body has been read: after that, receive() yields nothing but the
-    disconnect message. `work` runs in this task (one task less a prediction than running
-    it beside the watcher: a task and a wait cost more than the rest of the hand-over);
-    the watcher cancels this task when the client leaves, and that cancellation is
-    taken back here.
-    """
-    this = asyncio.current_task()
-    assert this is not None, "called outside a task"
-    left = finished = False
-
-    async def disconnected() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    def client_left(watcher: asyncio.Task[None]) -> None:
-        nonlocal left
-        if watcher.cancelled() or watcher.exception() is not None or finished:
-            return  # (a callback already scheduled when the work ended must not cancel)
-        left = True
-        this.cancel()
-
-    watcher = asyncio.ensure_future(disconnected())
-    watcher.add_done_callback(client_left)
-    try:
-        result = await work
-        if left:  # the work swallowed the cancellation: take it back all the same
-            this.uncancel()
-            return True, None
-        return False, result
-    except asyncio.CancelledError:
-        if not left:
-            raise
-        this.uncancel()
-        return True, None
-    finally:
-        finished = True
-        watcher.cancel()
 
 
 PredictionHandler = Callable[[Request, AnySlot, dict[str, str]], Awaitable[Response | None]]

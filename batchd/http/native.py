@@ -12,12 +12,12 @@ from starlette.routing import Route
 
 from batchd.config import COMPILING_RUNTIMES
 from batchd.errors import InvalidParameter
+from batchd.http.disconnect import cancel_on_disconnect
 from batchd.http.frame import (
     PRIORITY_HEADER,
     RETRY_AFTER_S,
     TIMEOUT_HEADER,
     arrival_of,
-    cancel_on_disconnect,
     header,
     note_batch,
     runtime_of,

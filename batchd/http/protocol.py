@@ -27,6 +27,7 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from batchd.config import ServerConfig
+from batchd.http.disconnect import CONNECTION_WATCH, ConnectionWatch
 
 logger = logging.getLogger("batchd.http")
 
@@ -67,6 +68,7 @@ def guarded_protocol(limits: ServerConfig) -> type[HttpToolsProtocol]:
             self._violation: tuple[int, str] | None = None
             self._timer: asyncio.TimerHandle | None = None
             self._received_any = False
+            self._watch = ConnectionWatch()  # told to each request's prediction frame
 
         # -- connection ----------------------------------------------------------------
 
@@ -82,6 +84,7 @@ def guarded_protocol(limits: ServerConfig) -> type[HttpToolsProtocol]:
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
             super().connection_lost(exc)
+            self._watch.lose()
 
         def data_received(self, data: bytes) -> None:
             if self._violation is not None or self.transport.is_closing():
@@ -106,6 +109,7 @@ def guarded_protocol(limits: ServerConfig) -> type[HttpToolsProtocol]:
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
+            self.scope[CONNECTION_WATCH] = self._watch  # type: ignore[literal-required]
             self._in_head = True
             self._head_bytes = self._header_count = self._url_bytes = 0
             if self._timer is None:  # a pipelined or keep-alive request
@@ -146,6 +150,11 @@ def guarded_protocol(limits: ServerConfig) -> type[HttpToolsProtocol]:
             self._disarm()
             if self._violation is None:
                 super().on_message_complete()
+                # A large body may have paused reading; read on, so that the connection's
+                # loss reaches the watch while the prediction waits (uvicorn resumes only
+                # on the app's next receive(), and the frame no longer calls one).
+                if self.flow is not None:
+                    self.flow.resume_reading()
 
         # -- timers --------------------------------------------------------------------
 

@@ -25,9 +25,9 @@ from starlette.routing import Route
 
 from batchd import __version__
 from batchd.errors import UnknownModel
+from batchd.http.disconnect import cancel_on_disconnect
 from batchd.http.frame import (
     arrival_of,
-    cancel_on_disconnect,
     header,
     note_batch,
     runtime_of,
