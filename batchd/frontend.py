@@ -42,7 +42,7 @@ from batchd.model import top_k_labels
 from batchd.preprocess import Preprocessor
 from batchd.priority import PriorityGate
 from batchd.repository import read_repository
-from batchd.serving import Serving
+from batchd.serving import Admission, Serving
 from batchd.shared_slots import SlotArena, slot_layout
 from batchd.slot import ModelState, ModelStatus, preprocess_image
 
@@ -254,12 +254,12 @@ class FrontendRuntime(Serving[RemoteSlot]):
         return requests + engine
 
     @contextlib.contextmanager
-    def admit(self) -> Iterator[anyio.CancelScope]:
-        with super().admit() as scope:
+    def admit(self) -> Iterator[Admission]:
+        with super().admit() as admission:
             self.metrics.in_progress.inc()
             self._own_in_progress.inc()
             try:
-                yield scope
+                yield admission
             finally:
                 self.metrics.in_progress.dec()
                 self._own_in_progress.dec()
