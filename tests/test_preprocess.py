@@ -172,6 +172,29 @@ def test_small_images_decode_inline_to_the_same_pixels() -> None:
         preprocessor.open_small(b"\x89PNG\r\n\x1a\n broken")
 
 
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+@pytest.mark.parametrize("size", [(8, 8), (7, 7), (9, 8), (8, 9), (16, 16)])
+def test_an_image_at_the_input_size_skips_the_resize_with_the_same_pixels(
+    mode: str, size: tuple[int, int]
+) -> None:
+    """The shortcut for an image already crop x crop gives what torchvision's resize and
+    centre crop give, and every other size still goes through them."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as F
+
+    config = PreprocessConfig(resize=8, crop=8, mean=(0.5,) * len(mode),
+                              std=(0.5,) * len(mode), color_mode=mode)
+    generator = np.random.default_rng(sum(size))
+    pixels = generator.integers(0, 256, (size[1], size[0], len(mode)), dtype=np.uint8)
+    image = Image.fromarray(pixels.squeeze(-1) if mode == "L" else pixels, mode)
+    expected = F.center_crop(F.resize(image, 8, interpolation=InterpolationMode.BILINEAR),
+                             [8, 8])
+    expected_array = np.asarray(expected).reshape(8, 8, len(mode)).transpose(2, 0, 1)
+    served = Preprocessor(config).load(encoded(image))
+    assert served.shape == (len(mode), 8, 8)
+    assert np.array_equal(served.numpy(), expected_array)
+
+
 def test_top_k_labels_match_torch_softmax() -> None:
     from batchd.model import top_k_labels
 
