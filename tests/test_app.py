@@ -84,11 +84,16 @@ def test_bad_requests_get_json_4xx(digits_server: RunningServer) -> None:
                               headers={"content-type": "image/png"})
         bad_top_k = client.post("/predict?top_k=0", content=b"x",
                                 headers={"content-type": "image/png"})
+        empty_top_k, empty_version = (
+            client.post(f"/predict?{query}", content=b"x",
+                        headers={"content-type": "image/png"})
+            for query in ("top_k=", "version="))
     assert undecodable.status_code == 400
     assert "error" in undecodable.json()
     assert unknown.status_code == 404
     assert "nope" in unknown.json()["error"]
     assert bad_top_k.status_code == 422
+    assert empty_top_k.status_code == empty_version.status_code == 422
 
 
 def test_served_accuracy_equals_offline_accuracy(digits_server: RunningServer,

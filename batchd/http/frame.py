@@ -98,6 +98,14 @@ def header(request: Request, name: str) -> str | None:
     return None if value is None else value.decode("latin-1")
 
 
+def query_param(request: Request, name: str) -> str | None:
+    """Query parameter `name`, the first if repeated; most predictions send no query
+    string, and then Starlette's parse of it is skipped."""
+    if not request.scope.get("query_string"):
+        return None
+    return request.query_params.get(name)
+
+
 def arrival_of(request: Request) -> float:
     """When the prediction frame took `request` up, on the monotonic clock: a latency
     objective counts from it."""

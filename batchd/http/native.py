@@ -20,6 +20,7 @@ from batchd.http.frame import (
     arrival_of,
     header,
     note_batch,
+    query_param,
     runtime_of,
     serve_prediction,
 )
@@ -94,7 +95,9 @@ _DECIMAL = re.compile(r"[0-9]{1,9}(\.[0-9]{1,6})?")
 
 
 def parse_top_k(request: Request, num_labels: int) -> int:
-    raw = request.query_params.get("top_k", "3")
+    raw = query_param(request, "top_k")
+    if raw is None:
+        raw = "3"
     if not _INTEGER.fullmatch(raw):
         raise InvalidParameter(f"top_k must be a plain integer, not {raw[:20]!r}")
     top_k = int(raw)
@@ -130,7 +133,7 @@ def parse_timeout(request: Request) -> float | None:
 
 def parse_version(request: Request) -> int | None:
     """The model version a request names (?version=N), or None: the newest loaded."""
-    raw = request.query_params.get("version")
+    raw = query_param(request, "version")
     if raw is None:
         return None
     if not _INTEGER.fullmatch(raw) or int(raw) < 1:
