@@ -100,6 +100,8 @@ class RequestMetrics:
     prometheus-client's multiprocess mode; the engine keeps the rest (Metrics)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
+        self._series: dict[tuple[str, str, int | str, str],
+                           tuple[Counter, Histogram]] = {}
         self.request_duration = Histogram(
             "batchd_request_duration_seconds",
             "Time from a request's arrival to its response, by model, status code (HTTP's "
@@ -144,8 +146,17 @@ class RequestMetrics:
 
     def request_done(self, model: str, outcome: str, code: int | str, seconds: float,
                      protocol: str = "http") -> None:
-        self.requests.labels(model, outcome, protocol).inc()
-        self.request_duration.labels(model, str(code), protocol).observe(seconds)
+        # Each request's two series, looked up once (labels() takes a lock and builds its
+        # key every call); these series are never removed, and their labels are the
+        # loaded models' names, outcomes, status codes and protocols: a bounded set.
+        key = (model, outcome, code, protocol)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = (
+                self.requests.labels(model, outcome, protocol),
+                self.request_duration.labels(model, str(code), protocol))
+        series[0].inc()
+        series[1].observe(seconds)
 
 
 class Metrics:

@@ -101,6 +101,8 @@ class Serving(Generic[S]):
     def serving_slot(self, name: str) -> S:
         """The newest ready version of `name`, else its newest (KeyError: none loaded)."""
         versions = self.versions[name]
+        if len(versions) == 1:  # the common case, on every prediction: no readiness to weigh
+            return next(iter(versions.values()))
         newest_first = [versions[number] for number in sorted(versions, reverse=True)]
         return next((slot for slot in newest_first if self.slot_ready(slot)), newest_first[0])
 
