@@ -85,6 +85,24 @@ def test_exif_rotation_is_applied() -> None:
     assert top > 200 and bottom < 50
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_is_undone_as_pillow_undoes_it(orientation: int) -> None:
+    """decode undoes the orientation in place; the pixels are those of Pillow's copying
+    exif_transpose, for each of the eight orientations."""
+    from PIL import ImageOps
+
+    pixels = np.random.default_rng(orientation).integers(0, 256, (12, 20, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encoded(Image.fromarray(pixels), "JPEG", exif=exif, quality=95)
+    reference = Image.open(io.BytesIO(data))
+    reference.load()
+    expected = ImageOps.exif_transpose(reference)
+    decoded = Preprocessor(RGB).decode(data)
+    assert decoded.size == expected.size
+    assert np.array_equal(np.asarray(decoded), np.asarray(expected))
+
+
 def test_one_pixel_image() -> None:
     tensor = Preprocessor(RGB).load(encoded(Image.new("RGB", (1, 1), (9, 8, 7))))
     assert tensor.shape == (3, 16, 16)
