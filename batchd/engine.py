@@ -2,9 +2,11 @@
 ends (batchd.frontend) over one Unix socket each (batchd.messages, batchd.wire).
 
 Started by batchd.supervisor as `python -m batchd.engine RUN_DIR READY_FD`. It loads the
-models (a checkpoint mismatch stops start-up here), listens, says so on READY_FD, and
-warms in the background. Batches form across every front end: each Submit is queued in
-the same batcher, whichever front end it came from.
+models (a checkpoint mismatch stops start-up here), listens, says so on READY_FD, and,
+once its front ends have started (or FRONTENDS_START_S has passed), warms in the
+background: the front ends' start-up on the same cores would otherwise skew the timings
+that choose each bucket's runtime and the batches' sizes. Batches form across every
+front end: each Submit is queued in the same batcher, whichever front end it came from.
 
 A front end that goes away (killed, say) loses only its own requests: those still
 queued are cancelled, those computing finish and their answers are dropped, and once none
@@ -26,6 +28,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import anyio
 import numpy as np
 import torch
 from prometheus_client import Gauge
@@ -62,6 +65,9 @@ CONFIG_FILE = "config.pickle"
 # How often the engine looks for a change of readiness to tell its front ends (a
 # reload's install and remove tell them at once).
 CATALOG_CHECK_S = 0.05
+# How long the engine waits for its front ends to start before it warms all the same (a
+# front end that cannot start is the supervisor's to report).
+FRONTENDS_START_S = 60.0
 
 
 @dataclass
@@ -98,11 +104,27 @@ class Engine:
         self.run_dir = run_dir
         self.frontends: set[_Frontend] = set()
         self._last_catalog: Catalog | None = None
+        self._greeted = asyncio.Event()  # set at each Hello
         runtime.on_change.append(self.broadcast)
         Gauge("batchd_frontends_connected",
               "Front-end processes connected to the engine (server.workers when all are up).",
-              registry=runtime.metrics.registry).set_function(
-            lambda: sum(frontend.hello is not None for frontend in self.frontends))
+              registry=runtime.metrics.registry).set_function(lambda: self.connected)
+
+    @property
+    def connected(self) -> int:
+        """Front ends connected and introduced (Hello)."""
+        return sum(frontend.hello is not None for frontend in self.frontends)
+
+    async def wait_frontends(self, count: int, timeout_s: float) -> bool:
+        """Wait until `count` front ends have connected; False if `timeout_s` passed first."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                while self.connected < count:
+                    self._greeted.clear()
+                    await self._greeted.wait()
+        except TimeoutError:
+            return False
+        return True
 
     # -- the catalog ------------------------------------------------------------------
 
@@ -169,6 +191,7 @@ class Engine:
             logger.info("front end %d (pid %d) connected: %d shared slots of %d bytes",
                         message.worker, message.pid, message.slot_count, message.slot_bytes)
             frontend.send(self._last_catalog or self.catalog())
+            self._greeted.set()
         else:
             logger.error("unexpected message %s; closing that front end", type(message))
             frontend.stream.close()
@@ -320,7 +343,7 @@ async def serve_engine(config: Config, run_dir: Path, ready_fd: int) -> int:
 
     cpu_plan = configure_process(config, role="engine")
     runtime = Runtime(config, cpu_plan, count_requests=False)
-    await runtime.open()
+    await anyio.to_thread.run_sync(runtime.load)
     manager = ModelManager(runtime, runtime.repository) \
         if runtime.repository is not None else None
     engine = Engine(runtime, manager, run_dir)
@@ -333,9 +356,10 @@ async def serve_engine(config: Config, run_dir: Path, ready_fd: int) -> int:
         loop.add_signal_handler(sig, stop.set)
     os.write(ready_fd, b"ready\n")
     os.close(ready_fd)
+    stopper = loop.create_task(stop.wait())
+    await _warm_once_frontends_started(engine, cpu_plan.workers, stopper)
     watcher = loop.create_task(engine.watch_readiness())
     fatal = loop.create_task(_fatal(runtime))
-    stopper = loop.create_task(stop.wait())
     await asyncio.wait({fatal, stopper}, return_when=asyncio.FIRST_COMPLETED)
     code = 1 if runtime.fatal_error else 0
     if runtime.fatal_error:
@@ -347,6 +371,22 @@ async def serve_engine(config: Config, run_dir: Path, ready_fd: int) -> int:
         await manager.stop()
     await runtime.close()
     return code
+
+
+async def _warm_once_frontends_started(engine: Engine, frontends: int,
+                                       stopper: asyncio.Task[bool]) -> None:
+    """Start warming once `frontends` front ends have said hello, FRONTENDS_START_S has
+    passed, or a signal came. Warm-up times every bucket on every runtime to choose one
+    and to size batches; front ends importing torch beside it on a 2-core host made a
+    batch of 4 time 55 ms instead of 9, so that every batch was then cut to one."""
+    waiting = asyncio.ensure_future(engine.wait_frontends(frontends, FRONTENDS_START_S))
+    await asyncio.wait({waiting, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    if not waiting.done():
+        waiting.cancel()
+    elif not waiting.result():
+        logger.warning("%d of %d front ends connected within %.0f s; warming all the same",
+                       engine.connected, frontends, FRONTENDS_START_S)
+    await engine.runtime.start()
 
 
 async def _fatal(runtime: Runtime) -> None:

@@ -10,6 +10,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -151,6 +152,20 @@ async def hold_in_both_frontends(server: Processes, client: httpx.AsyncClient,
 
 def one_connection_each(count: int) -> httpx.Limits:
     return httpx.Limits(max_connections=count, max_keepalive_connections=0)
+
+
+def test_the_engine_warms_only_once_its_front_ends_have_started(tmp_path: Path) -> None:
+    """Warm-up's timings choose each bucket's runtime and size the batches: taken while the
+    front ends import torch on the same cores, they were noise (a batch of 4 timed 6x its
+    cost, and every batch was then cut to one)."""
+    with serve_processes(tmp_path) as server:
+        lines = server.log.read_text().splitlines()
+    engine = [line for line in lines if "[engine]" in line]
+    connected = [number for number, line in enumerate(engine)
+                 if re.search(r"front end \d \(pid \d+\) connected", line)]
+    warmed = [number for number, line in enumerate(engine) if "warmed bucket" in line]
+    assert len(connected) == 2 and warmed, "\n".join(engine)
+    assert max(connected) < min(warmed), "\n".join(engine)
 
 
 def test_a_batch_mixes_front_ends_and_answers_equal_the_offline_model(
