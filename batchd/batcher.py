@@ -482,20 +482,24 @@ class Batcher(Generic[In, Out]):
     def batch_count(self, queued: int) -> int:
         """How many queued requests the next batch takes.
 
-        As many as fit, unless a smaller bucket filled exactly costs less per request than
-        padding up to the next bucket (from the costs measured at warm-up): with 20
-        queued and buckets 16 and 32, running 16 now and 4 right after can beat computing
-        12 padding rows. Without measured costs, as many as fit.
+        As many as fit, unless the largest bucket below them, filled exactly, costs less
+        per request than padding up to the next bucket (from the costs measured at
+        warm-up): with 20 queued and buckets 16 and 32, running 16 now and 4 right after
+        can beat computing 12 padding rows. Only that bucket, never a smaller one: a
+        warm-up timed on busy cores can make a batch of one look the cheapest, and every
+        batch would then be cut to one, for as long as the server runs (the costs are not
+        measured again). Without measured costs, as many as fit.
         """
         count = min(queued, self.max_batch_size)
         costs = self._bucket_seconds
         if count < 2 or not costs or count in costs:
             return count
-        best, best_cost = count, costs.get(self.bucket_for(count), math.inf) / count
-        for size in self.bucket_sizes:
-            if size < count and size in costs and costs[size] / size < best_cost:
-                best, best_cost = size, costs[size] / size
-        return best
+        below = [size for size in self.bucket_sizes if size < count and size in costs]
+        if not below:
+            return count
+        smaller = max(below)
+        padded = costs.get(self.bucket_for(count), math.inf) / count
+        return smaller if costs[smaller] / smaller < padded else count
 
     def _worker_finished(self, task: asyncio.Task[None]) -> None:
         if task.cancelled() or task.exception() is None:

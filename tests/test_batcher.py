@@ -322,6 +322,17 @@ async def test_measured_costs_choose_an_exact_bucket_over_padding(
     await batcher.drain(1)
 
 
+def test_costs_timed_on_busy_cores_never_cut_a_batch_below_the_next_bucket_down() -> None:
+    """Timings an engine took while its front ends started beside it (ms a batch): a
+    batch of one looked cheapest per request. 5 queued run as 4 (then 1), not as 1."""
+    batcher: Batcher[int, int] = Batcher(RecordingModel(), max_batch_size=32,
+                                         bucket_sizes=(1, 2, 4, 8, 16, 32), max_wait_s=0,
+                                         max_queue_size=64, queue_timeout_s=1)
+    batcher.set_bucket_costs({1: 5.73, 2: 13.61, 4: 55.50, 8: 95.39, 16: 203.75,
+                              32: 282.13})
+    assert [batcher.batch_count(n) for n in (3, 5, 12, 20, 32)] == [2, 4, 8, 16, 32]
+
+
 def test_without_costs_a_batch_takes_all_that_fit() -> None:
     batcher: Batcher[int, int] = Batcher(RecordingModel(), max_batch_size=8,
                                          bucket_sizes=(1, 2, 4, 8), max_wait_s=0,
