@@ -3,9 +3,8 @@
 batchd's own protocol (batchd.http.protocol) puts a ConnectionWatch in every request's
 scope and fires it when the connection is lost: the prediction's task is told by a
 callback, with nothing scheduled while the client stays. Under another ASGI server the
-scope has no watch, and a watcher task waits for `http.disconnect` instead (a task, a wait
-and a cancellation per prediction: 10 % of the event loop's time on the digits model in a
-profile, see docs, Performance).
+scope has no watch, and a watcher task waits for `http.disconnect` instead: a task, a
+wait and a cancellation per prediction, which the watch saves (see docs, Performance).
 """
 
 from __future__ import annotations
