@@ -198,10 +198,11 @@ class Serving(Generic[S]):
                 except asyncio.CancelledError:
                     if not admission.take_back():
                         raise
-                    raise ShuttingDown("the server shut down before this request "
-                                       "finished") from None
-                if admission.take_back():  # the work had swallowed the cancellation
-                    raise ShuttingDown("the server shut down before this request finished")
+                    abandoned = True
+                else:  # (the work may have swallowed the cancellation)
+                    abandoned = admission.take_back()
+            if abandoned:
+                raise ShuttingDown("the server shut down before this request finished")
         return result
 
     async def wait_idle(self, timeout_s: float) -> bool:
