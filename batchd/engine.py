@@ -375,15 +375,17 @@ async def serve_engine(config: Config, run_dir: Path, ready_fd: int) -> int:
 
 async def _warm_once_frontends_started(engine: Engine, frontends: int,
                                        stopper: asyncio.Task[bool]) -> None:
-    """Start warming once `frontends` front ends have said hello, FRONTENDS_START_S has
-    passed, or a signal came. Warm-up times every bucket on every runtime to choose one
-    and to size batches; front ends importing torch beside it on a 2-core host made a
-    batch of 4 time 55 ms instead of 9, so that every batch was then cut to one."""
+    """Start warming once `frontends` front ends have said hello or FRONTENDS_START_S has
+    passed; not at all if a signal came first (the engine is stopping). Warm-up times
+    every bucket on every runtime to choose one and to size batches; front ends importing
+    torch beside it on a 2-core host made a batch of 4 time 55 ms instead of 9, so that
+    every batch was then cut to one."""
     waiting = asyncio.ensure_future(engine.wait_frontends(frontends, FRONTENDS_START_S))
     await asyncio.wait({waiting, stopper}, return_when=asyncio.FIRST_COMPLETED)
     if not waiting.done():
         waiting.cancel()
-    elif not waiting.result():
+        return
+    if not waiting.result():
         logger.warning("%d of %d front ends connected within %.0f s; warming all the same",
                        engine.connected, frontends, FRONTENDS_START_S)
     await engine.runtime.start()
