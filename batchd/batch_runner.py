@@ -24,6 +24,7 @@ from typing import Generic, TypeVar
 
 from batchd.batch_stats import BatchObserver, BatchResult, BatchStats
 from batchd.errors import BatchdError, DeadlineExceeded, ModelFailed
+from batchd.estimates import BucketCosts
 from batchd.scheduler import DeadlineController, smallest_bucket
 
 In = TypeVar("In")
@@ -58,8 +59,9 @@ class BatchRunner(Generic[In, Out]):
 
     def __init__(self, run_batch: Callable[[Sequence[In], int], Sequence[Out | BatchdError]],
                  executor: Executor, bucket_sizes: Sequence[int], stats: BatchStats,
-                 name: str, slo_s: float, controller: DeadlineController | None,
-                 observer: BatchObserver | None) -> None:
+                 name: str, slo_s: float, costs: BucketCosts,
+                 controller: DeadlineController | None, observer: BatchObserver | None
+                 ) -> None:
         self._run_batch = run_batch
         self._executor = executor
         # Nothing of the batcher is held here (not even a bound method): a cycle would
@@ -68,6 +70,7 @@ class BatchRunner(Generic[In, Out]):
         self._stats = stats
         self._name = name
         self._slo_s = slo_s
+        self._costs = costs
         self._controller = controller
         self._observer = observer
         # The batch computing now, until every request of it is answered, so that a drain
@@ -120,8 +123,7 @@ class BatchRunner(Generic[In, Out]):
         assert outputs is not None
         finished = time.monotonic()
         compute_s = finished - started
-        if self._controller is not None:
-            self._controller.observe_batch(bucket, compute_s)
+        self._costs.observe(bucket, compute_s)
         self._stats.batches += 1
         self._stats.computed_items += len(live)
         waits = [started - request.enqueued_at for request in live]

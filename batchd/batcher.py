@@ -41,6 +41,7 @@ from batchd.errors import (
     ShuttingDown,
     WorkerDead,
 )
+from batchd.estimates import BucketCosts
 from batchd.priority import PriorityQueues
 from batchd.scheduler import DeadlineController, smallest_bucket
 
@@ -127,15 +128,15 @@ class Batcher(Generic[In, Out]):
         self._task: asyncio.Task[None] | None = None
         self.dead_reason: str | None = None
         self.stats = BatchStats()
-        self._bucket_seconds: dict[int, float] = {}
+        self.costs = BucketCosts()  # each bucket's, from warm-up and the batches served
         self.slo_s = slo_s
         self.controller = DeadlineController(
             slo_s, self.bucket_sizes, max_batch_size, priority_levels,
-            sum(size for size, _ in self.level_limits) + max_batch_size,
+            sum(size for size, _ in self.level_limits) + max_batch_size, self.costs,
         ) if slo_s > 0 else None
         self._runner: BatchRunner[In, Out] = BatchRunner(
             run_batch, self._executor, self.bucket_sizes, self.stats, name, slo_s,
-            self.controller, observer)
+            self.costs, self.controller, observer)
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -474,32 +475,36 @@ class Batcher(Generic[In, Out]):
         return smallest_bucket(self.bucket_sizes, size)
 
     def set_bucket_costs(self, seconds: Mapping[int, float]) -> None:
-        """Measured seconds per batch of each bucket size, to choose batches by cost."""
-        self._bucket_seconds = dict(seconds)
+        """Seconds a batch of each bucket size took at warm-up, to choose batches by cost
+        (the batches served then correct them: BucketCosts)."""
         if self.controller is not None:
             self.controller.seed(seconds)
+        else:
+            self.costs.seed(seconds)
 
     def batch_count(self, queued: int) -> int:
         """How many queued requests the next batch takes.
 
         As many as fit, unless the largest bucket below them, filled exactly, costs less
-        per request than padding up to the next bucket (from the costs measured at
-        warm-up): with 20 queued and buckets 16 and 32, running 16 now and 4 right after
-        can beat computing 12 padding rows. Only that bucket, never a smaller one: a
-        warm-up timed on busy cores can make a batch of one look the cheapest, and every
-        batch would then be cut to one, for as long as the server runs (the costs are not
-        measured again). Without measured costs, as many as fit.
+        per request than padding up to the next bucket: with 20 queued and buckets 16
+        and 32, running 16 now and 4 right after can beat computing 12 padding rows.
+        The costs are warm-up's, corrected by the batches served (BucketCosts), so a
+        warm-up timed on busy cores is set right within a few batches. Only that bucket,
+        never a smaller one, so that even costs still wrong cut a batch by at most one
+        bucket. Without warm-up's costs, as many as fit.
         """
         count = min(queued, self.max_batch_size)
-        costs = self._bucket_seconds
-        if count < 2 or not costs or count in costs:
+        if count < 2 or not self.costs.seeded or count in self.bucket_sizes:
             return count
-        below = [size for size in self.bucket_sizes if size < count and size in costs]
+        below = [size for size in self.bucket_sizes if size < count]
         if not below:
             return count
         smaller = max(below)
-        padded = costs.get(self.bucket_for(count), math.inf) / count
-        return smaller if costs[smaller] / smaller < padded else count
+        smaller_cost = self.costs.mean(smaller)
+        padded_cost = self.costs.mean(self.bucket_for(count))
+        if smaller_cost is None or padded_cost is None:
+            return count
+        return smaller if smaller_cost / smaller < padded_cost / count else count
 
     def _worker_finished(self, task: asyncio.Task[None]) -> None:
         if task.cancelled() or task.exception() is None:

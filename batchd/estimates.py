@@ -1,11 +1,12 @@
-"""The measured estimates the overload controller decides from (batchd.scheduler): a
-duration's running mean and deviation, a bucket's slowdown under load, and the limit on
-requests in the server that the measured end-to-end sojourn holds. Standard library
-only."""
+"""The measured estimates that batching and the overload controller decide from
+(batchd.batcher, batchd.scheduler): a duration's running mean and deviation, each
+bucket's cost as served, and the limit on requests in the server that the measured
+end-to-end sojourn holds. Standard library only."""
 
 from __future__ import annotations
 
 import collections
+from collections.abc import Mapping
 
 # RFC 6298's gains and spread: the newest sample's weight in the mean, and in the
 # deviation, and how many deviations above the mean a decision allows for.
@@ -24,6 +25,9 @@ LIMIT_GAIN = 0.5
 LIMIT_STEP = (0.25, 2.0)
 # How many of a bucket's recent batches dispatch remembers; it allows for the slowest.
 RECENT_BATCHES = 16
+# A bucket not computed in this many batches has its own estimate set aside: until it is
+# computed again, the estimate pooled over all buckets stands for it.
+STALE_BATCHES = 64
 
 
 class SojournEstimate:
@@ -94,6 +98,85 @@ class BucketSlowdown:
     def _remember(self, ratio: float) -> None:
         self.recent.append(ratio)
         self.slowest = max(self.recent)
+
+
+class BucketCosts:
+    """Seconds a batch of each bucket computes as it is served now: warm-up's figure for
+    the bucket times its slowdown, the ratio of served to warm-up cost. A bucket is
+    judged by its own batches while it has recent ones, else by the ratio pooled over
+    all buckets, so that none keeps a stale figure because it is seldom chosen.
+
+    Warm-up times each bucket once, and on a busy or a different machine that figure can
+    be several times off (an engine warmed while its front ends imported torch on the
+    same cores timed a batch of 4 at 55 ms that serves in 9): the served batches correct
+    it within a few batches."""
+
+    def __init__(self) -> None:
+        self._warm: dict[int, float] = {}  # seconds a batch of each bucket took at warm-up
+        self.pooled = SojournEstimate(1.0)  # served / warm-up, pooled over buckets
+        self._buckets: dict[int, BucketSlowdown] = {}  # each bucket's own
+        self._batches = 0
+        self.seeded = False  # warm-up's figures are in (else only what serving measured)
+
+    def seed(self, seconds: Mapping[int, float]) -> None:
+        """Start afresh from the costs measured at warm-up (each bucket's, in seconds)."""
+        self._warm = {bucket: cost for bucket, cost in seconds.items() if cost > 0}
+        self.pooled = SojournEstimate(1.0)
+        self._buckets.clear()
+        self.seeded = bool(self._warm)
+
+    def observe(self, bucket: int, seconds: float) -> None:
+        """A batch of `bucket` computed in `seconds`."""
+        warm = self.warm(bucket)
+        if warm is None:  # no warm-up figure: this batch is one, at today's slowdown
+            self._warm[bucket] = seconds / max(self.pooled.mean, 1e-9)
+            return
+        ratio = seconds / warm
+        self._batches += 1
+        own = self.own(bucket)
+        if own is None:
+            own = self._buckets[bucket] = BucketSlowdown(self.pooled, self._batches)
+        own.observe(ratio, self._batches)
+        self.pooled.observe(ratio)
+
+    def warm(self, bucket: int) -> float | None:
+        """Warm-up's seconds for `bucket` (a larger bucket's bound it when it has none)."""
+        if bucket in self._warm:
+            return self._warm[bucket]
+        known = [size for size in self._warm if size >= bucket]
+        return self._warm[min(known)] if known else None
+
+    def own(self, bucket: int) -> BucketSlowdown | None:
+        """The bucket's own slowdown, if it has been computed lately."""
+        own = self._buckets.get(bucket)
+        if own is None or self._batches - own.seen_at > STALE_BATCHES:
+            return None
+        return own
+
+    def part(self, bucket: int) -> tuple[float, float]:
+        """(mean, deviation) of the seconds a batch of `bucket` computes now; (0, 0) when
+        nothing is known of it."""
+        warm = self.warm(bucket)
+        if warm is None:
+            return 0.0, 0.0
+        own = self.own(bucket)
+        slowdown = self.pooled if own is None else own.estimate
+        return warm * slowdown.mean, warm * slowdown.deviation
+
+    def mean(self, bucket: int) -> float | None:
+        """Mean seconds a batch of `bucket` computes now; None when nothing is known."""
+        return None if self.warm(bucket) is None else self.part(bucket)[0]
+
+    def forget(self, bucket: int) -> None:
+        """A step of the uncertainty about `bucket` gone (see BucketSlowdown.forget)."""
+        self.pooled.shrink()
+        own = self.own(bucket)
+        if own is not None:
+            own.forget()
+
+    def buckets(self) -> list[int]:
+        """The buckets with a cost, smallest first."""
+        return sorted(self._warm)
 
 
 class InSystemLimit:

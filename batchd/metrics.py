@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 
 from batchd.batch_stats import BatchStats
 from batchd.config import RUNTIME_NAMES, ModelConfig
+from batchd.estimates import BucketCosts
 from batchd.scheduler import DeadlineController
 
 if TYPE_CHECKING:  # (metrics imports no torch)
@@ -41,6 +42,7 @@ OUTCOMES = (
 class WatchedBatcher(Protocol):
     max_queue_size: int
     controller: DeadlineController | None
+    costs: BucketCosts
 
     @property
     def queue_depth(self) -> int: ...
@@ -310,6 +312,15 @@ class _StateCollector(Collector):
             for outcome in self._OUTCOMES:
                 settled.add_metric([*labels, outcome], getattr(one.batcher.stats, outcome))
         yield settled
+        costs = GaugeMetricFamily(
+            "batchd_bucket_cost_seconds",
+            "Mean seconds a batch of each bucket computes as served now: warm-up's time "
+            "corrected by the batches served. Batch sizes are chosen by it.",
+            labels=["model", "version", "bucket"])
+        for labels, one in watched:
+            for bucket in one.batcher.costs.buckets():
+                costs.add_metric([*labels, str(bucket)], one.batcher.costs.mean(bucket) or 0.0)
+        yield costs
         yield from self._controller(watched)
         yield from self._device_decoding(watched)
 

@@ -67,14 +67,10 @@ from collections.abc import Mapping, Sequence
 from batchd.estimates import (
     SOJOURN_TARGET,
     SPREAD,
-    BucketSlowdown,
+    BucketCosts,
     InSystemLimit,
     SojournEstimate,
 )
-
-# A bucket not computed in this many batches has its own estimate set aside: until it is
-# computed again, the estimate pooled over all buckets stands for it.
-STALE_BATCHES = 64
 
 
 def smallest_bucket(bucket_sizes: Sequence[int], size: int) -> int:
@@ -86,16 +82,14 @@ class DeadlineController:
     """The measured stage times of one model and the decisions made from them."""
 
     def __init__(self, slo_s: float, bucket_sizes: Sequence[int], max_batch_size: int,
-                 levels: int = 1, max_in_system: int = 1024) -> None:
+                 levels: int = 1, max_in_system: int = 1024,
+                 costs: BucketCosts | None = None) -> None:
         self.slo_s = slo_s
         self.bucket_sizes = tuple(sorted(bucket_sizes))
         self.max_batch_size = max_batch_size
         self.levels = levels
         self.max_in_system = max_in_system  # the limits' ceiling: every queue full and a batch
-        self._warm: dict[int, float] = {}  # seconds a batch of each bucket took at warm-up
-        self._slowdown = SojournEstimate(1.0)  # served / warm-up, pooled over buckets
-        self._buckets: dict[int, BucketSlowdown] = {}  # each bucket's own
-        self._batches = 0
+        self.costs = costs if costs is not None else BucketCosts()  # the batcher's own
         self._to_queue = [SojournEstimate() for _ in range(levels)]
         self._wait_error = [SojournEstimate() for _ in range(levels)]
         self._answer = SojournEstimate()
@@ -110,32 +104,13 @@ class DeadlineController:
         """Start from the costs measured at warm-up (each bucket's, in seconds), and each
         level's limit afresh: until its first answer it is where the stages' bounds put it
         (predicted_limit), then the answers move it."""
-        self._warm = {bucket: cost for bucket, cost in seconds.items() if cost > 0}
-        self._slowdown = SojournEstimate(1.0)
-        self._buckets.clear()
+        self.costs.seed(seconds)
         self._limits = [InSystemLimit(self.slo_s, 1, self.max_in_system)
                         for _ in range(self.levels)]
 
     def observe_batch(self, bucket: int, seconds: float) -> None:
-        """A batch of `bucket` computed in `seconds`."""
-        warm = self._warm_cost(bucket)
-        if warm is None:  # no warm-up figure: this batch is one, at today's slowdown
-            self._warm[bucket] = seconds / max(self._slowdown.mean, 1e-9)
-            return
-        ratio = seconds / warm
-        self._batches += 1
-        own = self._own(bucket)
-        if own is None:
-            own = self._buckets[bucket] = BucketSlowdown(self._slowdown, self._batches)
-        own.observe(ratio, self._batches)
-        self._slowdown.observe(ratio)
-
-    def _own(self, bucket: int) -> BucketSlowdown | None:
-        """The bucket's own slowdown, if it has been computed lately."""
-        own = self._buckets.get(bucket)
-        if own is None or self._batches - own.seen_at > STALE_BATCHES:
-            return None
-        return own
+        """A batch of `bucket` computed in `seconds` (BucketCosts.observe)."""
+        self.costs.observe(bucket, seconds)
 
     def observe_sojourn(self, level: int, seconds: float) -> None:
         """A request of `level` was answered in time, its answer taken up `seconds` after
@@ -163,12 +138,6 @@ class DeadlineController:
 
     # -- the estimates --------------------------------------------------------------------
 
-    def _warm_cost(self, bucket: int) -> float | None:
-        if bucket in self._warm:
-            return self._warm[bucket]
-        known = [b for b in self._warm if b >= bucket]  # a larger bucket bounds it
-        return self._warm[min(known)] if known else None
-
     def predicted(self, size: int) -> float:
         """Mean seconds a batch of `size` computes now (0 when unknown)."""
         return self._compute_part(size)[0]
@@ -189,13 +158,7 @@ class DeadlineController:
         return unit.mean * (decoding_ahead + 1), unit.deviation * math.sqrt(decoding_ahead + 1)
 
     def _compute_part(self, size: int) -> tuple[float, float]:
-        bucket = self.bucket_for(size)
-        warm = self._warm_cost(bucket)
-        if warm is None:
-            return 0.0, 0.0
-        own = self._own(bucket)
-        slowdown = self._slowdown if own is None else own.estimate
-        return warm * slowdown.mean, warm * slowdown.deviation
+        return self.costs.part(self.bucket_for(size))
 
     def queue_wait(self, ahead: int, busy_remaining_s: float) -> float:
         """Predicted seconds a request that joins `ahead` others waits to be dispatched:
@@ -220,7 +183,7 @@ class DeadlineController:
         answer = (self._answer.mean, self._answer.deviation)
         bound = _bound(self._compute_part(size), answer)
         bucket = self.bucket_for(size)
-        warm, own = self._warm_cost(bucket), self._own(bucket)
+        warm, own = self.costs.warm(bucket), self.costs.own(bucket)
         if warm is None or own is None:
             return bound
         return max(bound, warm * own.slowest + _bound(answer))
@@ -273,13 +236,10 @@ class DeadlineController:
         otherwise a bucket refused after one slow batch is never computed, never
         measured, and refused for ever."""
         bucket = self.bucket_for(size)
-        if (self._warm_cost(bucket) is None
+        if (self.costs.warm(bucket) is None
                 or now + self.predicted(size) + self._answer.mean > objective):
             return
-        self._slowdown.shrink()
-        own = self._own(bucket)
-        if own is not None:
-            own.forget()
+        self.costs.forget(bucket)
 
     def wait_until(self, oldest_objective: float, batch_size: int) -> float:
         """The latest moment to dispatch a batch of `batch_size` for the oldest request to
@@ -316,7 +276,7 @@ class DeadlineController:
         found.update({f"sojourn_level_{level}": limit.sojourn.bound
                       for level, limit in enumerate(self._limits, 1)})
         found.update({f"compute_bucket_{bucket}": self.compute_bound(bucket)
-                      for bucket in sorted(self._warm)})
+                      for bucket in self.costs.buckets()})
         found["answer"] = self._answer.bound
         return found
 

@@ -172,6 +172,8 @@ def test_metrics_add_up_after_load(tmp_path: Path,
         assert server.metric("batchd_queue_wait_seconds_count") == 64
         assert server.metric("batchd_request_duration_seconds_count", {"code": "400"}) == 1
         assert server.metric("batchd_model_ready") == 1
+        for bucket in (1, 2, 4, 8, 16, 32):  # warm-up's, or as the batches served set it
+            assert server.metric("batchd_bucket_cost_seconds", {"bucket": str(bucket)}) > 0
 
 
 def test_request_id_server_timing_and_access_log(tmp_path: Path, caplog: pytest.LogCaptureFixture,

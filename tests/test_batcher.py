@@ -333,6 +333,39 @@ def test_costs_timed_on_busy_cores_never_cut_a_batch_below_the_next_bucket_down(
     assert [batcher.batch_count(n) for n in (3, 5, 12, 20, 32)] == [2, 4, 8, 16, 32]
 
 
+def test_the_batches_served_correct_the_costs_warm_up_measured() -> None:
+    """Warm-up timed a batch of 8 at four times a batch of 4, so 6 queued ran as 4 + 2;
+    served, a batch of 8 costs little more than one of 4, and 6 then run as one batch
+    (padded to 8)."""
+    batcher: Batcher[int, int] = Batcher(RecordingModel(), max_batch_size=8,
+                                         bucket_sizes=(1, 2, 4, 8), max_wait_s=0,
+                                         max_queue_size=64, queue_timeout_s=1)
+    batcher.set_bucket_costs({1: 1.0, 2: 1.5, 4: 2.0, 8: 8.0})
+    assert batcher.batch_count(6) == 4
+    for _ in range(20):
+        batcher.costs.observe(4, 2.0)
+        batcher.costs.observe(8, 2.4)
+    assert batcher.batch_count(6) == 6  # padded to 8
+    # warm-up figures again (a new version warmed): served batches start over
+    batcher.set_bucket_costs({1: 1.0, 2: 1.5, 4: 2.0, 8: 8.0})
+    assert batcher.batch_count(6) == 4
+
+
+async def test_every_batch_served_is_measured_without_an_objective(
+        make_batcher: MakeBatcher) -> None:
+    model = BlockingModel()
+    batcher = make_batcher(model)
+    batcher.set_bucket_costs({1: 1e-6, 2: 1e-6, 4: 1e-6, 8: 1e-6})
+    assert batcher.controller is None
+    answer = asyncio.ensure_future(batcher.submit(1))
+    await until(model.started.is_set)
+    await asyncio.sleep(0.01)  # the batch of one takes at least 10 ms
+    model.release.set()
+    await answer
+    assert batcher.costs.mean(1) > 1e-3  # 1 us at warm-up, moved toward the 10 ms served
+    await batcher.drain(1)
+
+
 def test_without_costs_a_batch_takes_all_that_fit() -> None:
     batcher: Batcher[int, int] = Batcher(RecordingModel(), max_batch_size=8,
                                          bucket_sizes=(1, 2, 4, 8), max_wait_s=0,

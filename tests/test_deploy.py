@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from batchd.config import load_config
+from batchd.estimates import BucketCosts
 from batchd.metrics import Metrics
 from tests.conftest import ROOT
 
@@ -100,6 +101,7 @@ def metric_names() -> set[str]:
         queue_depth = in_flight = 0
         max_queue_size = 8
         controller = None
+        costs = BucketCosts()
 
         class stats:
             accepted = succeeded = failed = cancelled = expired = deadline_exceeded = 0
@@ -110,6 +112,7 @@ def metric_names() -> set[str]:
         recompiles = 0
         ready = True
 
+    Batcher.costs.seed({1: 0.01})
     metrics = Metrics(32)
     metrics.watch("m", 1, Batcher(), Model(), lambda: True)  # type: ignore[arg-type]
     metrics.request_done("m", "success", 200, 0.01)

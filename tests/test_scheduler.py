@@ -23,10 +23,11 @@ from batchd.estimates import (
     RECENT_BATCHES,
     SOJOURN_TARGET,
     SPREAD,
+    STALE_BATCHES,
     InSystemLimit,
     SojournEstimate,
 )
-from batchd.scheduler import STALE_BATCHES, DeadlineController
+from batchd.scheduler import DeadlineController
 from tests.conftest import BlockingModel
 
 pytestmark = pytest.mark.anyio
