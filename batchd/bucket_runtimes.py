@@ -19,6 +19,7 @@ import io
 import logging
 import os
 import pickle
+import re
 import subprocess
 import sys
 import threading
@@ -117,9 +118,21 @@ def export_apart(network: nn.Module, example: torch.Tensor, out: Path,
     except subprocess.TimeoutExpired:
         raise RuntimeError(f"the ONNX export took over {timeout_s:.0f}s") from None
     if finished.returncode != 0:
-        lines = finished.stderr.decode(errors="replace").strip().splitlines()
         raise RuntimeError(f"the ONNX export failed (exit {finished.returncode}): "
-                           f"{lines[-1] if lines else 'no message'}")
+                           f"{export_failure(finished.stderr.decode(errors='replace'))}")
+
+
+# a traceback's exception line, or torch.onnx's summary of one ("<class '...Error'>: ...")
+_EXCEPTION_LINE = re.compile(r"^[\w.<>' ]*(Error|Exception)\b['>]*: ")
+
+
+def export_failure(stderr: str) -> str:
+    """The telling line of a failed export's output: its last exception line (torch.onnx
+    ends with a summary of the exceptions and a pointer back up to them), else its last
+    line."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if _EXCEPTION_LINE.match(line)]
+    return (errors or lines or ["no message"])[-1][:300]
 
 
 def _export_from_stdin() -> None:

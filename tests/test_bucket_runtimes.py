@@ -15,6 +15,7 @@ from batchd.bucket_runtimes import (
     BUDGET_S,
     MIN_ROUNDS,
     choose_runtimes,
+    export_failure,
     logit_difference,
     onnx_available,
 )
@@ -247,6 +248,37 @@ def test_the_choice_is_shown_in_models_the_v2_config_and_the_batch_metrics(
 
 
 # -- the plan that follows the stage costs -------------------------------------------------
+
+
+# The end of what torch.onnx printed when it could not translate a network (torch 2.6
+# with onnxscript 0.7), abridged: the summary names the exception, the last line does not.
+ONNX_FAILURE = """Traceback (most recent call last):
+  File "/usr/lib/python3/dist-packages/torch/onnx/_internal/exporter/_core.py", line 519
+AttributeError: 'tuple' object has no attribute 'dtype'
+
+The above exception was the direct cause of the following exception:
+
+torch.onnx._internal.exporter._errors.ConversionError: Failed to convert the program.
+- If there is a missing ONNX function, implement it and register it to the registry.
+
+## Exception summary
+
+<class 'AttributeError'>: 'tuple' object has no attribute 'dtype'
+\u2b06\ufe0f
+<class 'torch.onnx._errors.ConversionError'>: Error when translating node %batch_norm
+
+(Refer to the full stack trace above for more information.)
+"""
+
+
+def test_a_failed_export_is_reported_by_its_exception_not_its_last_line() -> None:
+    assert export_failure(ONNX_FAILURE) == (
+        "<class 'torch.onnx._errors.ConversionError'>: Error when translating node "
+        "%batch_norm")
+    plain = 'Traceback (most recent call last):\n  File "x.py", line 1\nValueError: boom\n'
+    assert export_failure(plain) == "ValueError: boom"
+    assert export_failure("Killed\n") == "Killed"
+    assert export_failure("") == "no message"
 
 
 def test_the_decoding_share_follows_the_costs() -> None:
