@@ -95,6 +95,7 @@ def describe(point: dict[str, Any]) -> str:
             f"statuses {point['statuses']}  generator late p99 "
             f"{ms(point['generator_late_p99_ms'])} ms"
             + (f", {point['generator_cores']:.2f} cores" if "generator_cores" in point else "")
+            + (f"; server {point['server_cores']:.2f} cores" if "server_cores" in point else "")
             + (f"; mean batch {point['mean_batch']:.1f}" if point.get("mean_batch") else "")
             + ("; admission limit " + "/".join(f"{value:.0f}" for _, value in
                                                sorted(point["admission_limit"].items()))
@@ -131,6 +132,7 @@ def measure(url: str, pid: int, body: bytes, rate: float, seconds: float, arriva
     point = summary(results[warmup:], window_s, slo_s, capacity)
     client = Counter(status for _, _, status in results)
     point.update(rate=rate, arrivals=arrivals, server_cpu_s=server_cpu_s,
+                 server_cores=server_cpu_s / elapsed,
                  generator_cpu_ms=generator_cpu_s / len(results) * 1000,
                  generator_cores=generator_cpu_s / elapsed,
                  server_answered=sum(books.values()), client_answered=sum(client.values()),
