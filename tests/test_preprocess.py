@@ -213,14 +213,20 @@ def test_an_image_at_the_input_size_skips_the_resize_with_the_same_pixels(
     assert np.array_equal(served.numpy(), expected_array)
 
 
-def test_top_k_labels_match_torch_softmax() -> None:
-    from batchd.model import top_k_labels
+@pytest.mark.parametrize("classes", [5, 64, 65, 1000])  # plain Python up to 64, NumPy above
+def test_top_k_labels_match_torch_softmax_and_topk(classes: int) -> None:
+    from batchd.model import PYTHON_TOP_K_CLASSES, top_k_labels
 
-    logits = torch.tensor([0.5, 3.0, -1.0, 2.0, 3.0])
-    labels = ["a", "b", "c", "d", "e"]
-    got = top_k_labels(labels, logits, 3)
-    probs = torch.softmax(logits, 0)
-    assert [label for label, _ in got] == ["b", "e", "d"]
-    for label, prob in got:
-        assert prob == pytest.approx(float(probs[labels.index(label)]), abs=1e-6)
-    assert len(top_k_labels(labels, logits, 10)) == 5
+    assert PYTHON_TOP_K_CLASSES == 64
+    generator = torch.Generator().manual_seed(classes)
+    logits = torch.randn(classes, generator=generator) * 4
+    logits[classes // 2] = logits[classes // 3] = logits.max() + 1  # a tie at the top
+    labels = [f"class-{index}" for index in range(classes)]
+    probs = torch.softmax(logits.double(), 0)
+    ordered = torch.sort(probs, descending=True, stable=True)  # ties in index order
+    got = top_k_labels(labels, logits, 5)
+    assert [label for label, _ in got] == [labels[index] for index in ordered.indices[:5]]
+    assert [label for label, _ in got][:2] == [labels[classes // 3], labels[classes // 2]]
+    for (_, prob), want in zip(got, ordered.values[:5].tolist(), strict=True):
+        assert prob == pytest.approx(want, rel=1e-12)
+    assert len(top_k_labels(labels, logits, classes + 5)) == classes
