@@ -26,6 +26,7 @@ from torchvision.transforms import functional as F
 
 from batchd.config import PreprocessConfig
 from batchd.errors import BadInput, BatchdError, PayloadTooLarge, UnsupportedMediaType
+from batchd.plain_png import PlainPng, decode_plain_png, plain_png
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 
@@ -79,6 +80,16 @@ class Preprocessor:
             raise BadInput(f"corrupt or truncated image: {exc}") from None
         return to_color_mode(image, self.config.color_mode)
 
+    def load_small_plain_png(self, data: bytes) -> torch.Tensor | None:
+        """What `load` gives for `data`, decoded here and now, if it is a plain PNG
+        (batchd.plain_png) of at most INLINE_PIXELS pixels and INLINE_BYTES; else None."""
+        if len(data) > INLINE_BYTES:
+            return None
+        png = plain_png(data, self.config.color_mode)
+        if png is None or png.width * png.height > INLINE_PIXELS:
+            return None
+        return self._guarded(lambda: self._load_plain_png(png))
+
     def open_small(self, data: bytes, opened: Image.Image | None = None
                    ) -> Image.Image | None:
         """The image, opened (its header read and checked, nothing decoded; `opened`, when
@@ -123,10 +134,26 @@ class Preprocessor:
                            f"{str(exc)[:200]}") from None
 
     def _load(self, data: bytes | Image.Image) -> torch.Tensor:
+        if isinstance(data, bytes):
+            png = plain_png(data, self.config.color_mode)
+            pixels = None if png is None else self._load_plain_png(png)
+            if pixels is not None:
+                return pixels
         image = self.decode(data) if isinstance(data, bytes) else to_color_mode(
             data, self.config.color_mode
         )
         return self._resize(image)
+
+    def _load_plain_png(self, png: PlainPng) -> torch.Tensor | None:
+        """A plain PNG decoded, resized and cropped; None when Pillow must have its whole
+        say: an image over the limits (for the same 413), or pixels that do not decode
+        (for Pillow's own error)."""
+        width, height, _ = png
+        if (width * height > self.max_image_pixels
+                or max(width, height) > self.max_aspect_ratio * min(width, height)):
+            return None
+        image = decode_plain_png(png, self.config.color_mode)
+        return None if image is None else self._resize(image)
 
     def _resize(self, image: Image.Image) -> torch.Tensor:
         side = self.config.crop

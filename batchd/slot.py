@@ -166,10 +166,10 @@ async def preprocess_image(preprocessor: Preprocessor, data: bytes, gate: Priori
                            ) -> torch.Tensor:
     """Decode and preprocess one encoded image in the decoding thread pool, the more
     urgent levels getting the next free thread first, and tell `observe_cpu_s` the CPU
-    it took; a tiny image (Preprocessor.open_small) here and now. Where the model
-    decodes on the device, a JPEG that it takes (batchd.device_decode.route) is checked
-    here and goes on encoded; any other image decodes here, and `count_fallback` is
-    told why."""
+    it took; a tiny image (Preprocessor.load_small_plain_png, open_small) here and now.
+    Where the model decodes on the device, a JPEG that it takes
+    (batchd.device_decode.route) is checked here and goes on encoded; any other image
+    decodes here, and `count_fallback` is told why."""
     opened = None
     if preprocessor.config.decode == "device":
         opened = preprocessor.open(data)
@@ -178,6 +178,9 @@ async def preprocess_image(preprocessor: Preprocessor, data: bytes, gate: Priori
             return encoded(data)
         if count_fallback is not None:
             count_fallback(reason)
+    pixels = preprocessor.load_small_plain_png(data)  # no Pillow at all
+    if pixels is not None:
+        return pixels
     small = preprocessor.open_small(data, opened)  # its header read once
     if small is not None:
         return preprocessor.load_opened(small)
