@@ -47,7 +47,13 @@ from batchd.bucket_runtimes import (
 from batchd.checkpoint import load_network, resolve_device
 from batchd.config import RUNTIME_NAMES, ModelConfig
 from batchd.device_decode import DeviceDecoder
-from batchd.errors import BatchdError, CheckpointError, ConfigError, ModelOverloaded
+from batchd.errors import (
+    BatchdError,
+    CheckpointError,
+    ConfigError,
+    ModelFailed,
+    ModelOverloaded,
+)
 from batchd.preprocess import Preprocessor
 from batchd.runtime_cache import RuntimeCache, cpu_model, file_fingerprint, key_of, package_version
 
@@ -416,6 +422,8 @@ class ServedModel:
                 torch.cuda.empty_cache()
             raise ModelOverloaded(f"out of device memory for a batch of {bucket}") from exc
         self.consecutive_oom = 0
+        for index, error in not_finite(rows).items():
+            failed.setdefault(index, error)  # an input that did not decode says so
         return [failed.get(index, row) for index, row in enumerate(rows.unbind(0))]
 
     def assemble(self, items: Sequence[torch.Tensor], bucket: int) -> torch.Tensor:
@@ -444,6 +452,21 @@ class ServedModel:
     def top_k(self, logits: torch.Tensor, k: int) -> list[tuple[str, float]]:
         """The k most probable labels with their softmax probabilities, highest first."""
         return top_k_labels(self.labels, logits, k)
+
+
+def not_finite(rows: torch.Tensor) -> dict[int, BatchdError]:
+    """A ModelFailed for each row of logits that has no answer: a NaN or +inf in it, or
+    nothing but -inf (its softmax is NaN, which no JSON answer can carry). -inf beside
+    finite logits is a class ruled out, and is kept. One reduction a batch."""
+    highest = rows.amax(dim=1)
+    finite = torch.isfinite(highest)
+    if bool(finite.all()):
+        return {}
+    logger.warning("the model gave %d of %d inputs logits that are not finite",
+                   int((~finite).sum()), len(rows))
+    return {index: ModelFailed("the model's output for this input is not finite (a NaN or "
+                               f"infinity: its largest logit is {value})")
+            for index, value in enumerate(highest.tolist()) if not math.isfinite(value)}
 
 
 # Up to this many classes the softmax and the selection cost less in plain Python than in

@@ -47,6 +47,20 @@ def build_poisoned(delay_ms: float = 0.0, num_classes: int = 10) -> nn.Module:
     return PoisonedDigits(delay_ms, num_classes)
 
 
+class NotFiniteDigits(SlowDigits):
+    """The (slowed) digits CNN that answers NaN logits for an all-white image, and for
+    the rest of its batch what it always answers."""
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        logits = super().forward(batch)
+        poisoned = batch.flatten(1).min(dim=1).values > POISON_THRESHOLD
+        return torch.where(poisoned[:, None], torch.full_like(logits, float("nan")), logits)
+
+
+def build_not_finite(delay_ms: float = 0.0, num_classes: int = 10) -> nn.Module:
+    return NotFiniteDigits(delay_ms, num_classes)
+
+
 class OutOfMemoryDigits(nn.Sequential):
     """The digits CNN that runs out of 'device memory' on batches larger than `max_ok` that
     hold a real image; warm-up's batches pass (batchd.model.warming_up)."""

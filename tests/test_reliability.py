@@ -190,6 +190,41 @@ def test_poisoned_input_fails_alone(tmp_path: Path,
         books_balance(server)
 
 
+def test_logits_that_are_not_finite_fail_that_input_alone(
+    tmp_path: Path, held_out: tuple[list[Any], list[int]]
+) -> None:
+    """A model that answers NaN for one input of a batch: that request gets a counted 500
+    model_error with its JSON body (before, the answer's JSON could not be encoded and an
+    uncounted 'internal error' came back), and the rest of its batch its answers."""
+    config = write_config(tmp_path / "nan.toml", builder="tests.slow_model:build_not_finite",
+                          builder_kwargs={"delay_ms": 150},
+                          batching={"max_batch_size": 8, "buckets": [1, 2, 4, 8],
+                                    "max_wait_ms": 200})
+    poison = png_bytes(Image.new("L", (8, 8), 255))
+    bodies = [digit(held_out, i) for i in range(3)]
+    bodies.insert(1, poison)
+
+    async def scenario(url: str) -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            blocker = asyncio.ensure_future(post(client, digit(held_out, 8)))
+            while server.metric("batchd_in_flight_requests") < 1:
+                await asyncio.sleep(0.01)
+            responses = list(await asyncio.gather(*(post(client, body) for body in bodies)))
+            assert (await blocker).status_code == 200
+            return responses
+
+    with run_server(config) as server:
+        responses = asyncio.run(scenario(server.url))
+        assert responses[1].status_code == 500
+        assert responses[1].json()["reason"] == "model_error"
+        assert "not finite" in responses[1].json()["error"]
+        assert [r.status_code for i, r in enumerate(responses) if i != 1] == [200] * 3
+        assert server.metric("batchd_batch_size_count") < 4  # they shared a batch
+        assert server.metric("batchd_requests_total", {"outcome": "model_error"}) == 1
+        assert server.metric("batchd_requests_total", {"outcome": "success"}) == 4
+        books_balance(server)
+
+
 def test_out_of_memory_is_split_then_503_and_not_ready(
     tmp_path: Path, held_out: tuple[list[Any], list[int]]
 ) -> None:
