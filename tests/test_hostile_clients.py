@@ -152,7 +152,9 @@ def test_memory_error_while_decoding_is_a_counted_413(
         raise MemoryError
 
     counted = guarded.metric("batchd_requests_total", {"outcome": "payload_too_large"})
+    # every way an image decodes: Pillow's whole way, and a plain PNG's (this digit's)
     monkeypatch.setattr(Preprocessor, "_load", exhausted)
+    monkeypatch.setattr(Preprocessor, "_load_plain_png", exhausted)
     response = httpx.post(f"{guarded.url}/predict", content=png_bytes(held_out[0][0]),
                           headers={"content-type": "image/png"}, timeout=10)
     assert response.status_code == 413
