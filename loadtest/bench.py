@@ -351,15 +351,21 @@ def batchd_layouts(workers: list[int], decoding: list[int] | None = None
     return layouts
 
 
+def on_device(config_path: Path, device: str) -> Path:
+    """The config, or with `device` a copy serving the same model on that device (the GPU
+    host's 16 cores, say: "cpu")."""
+    if not device:
+        return config_path
+    return config_with(config_path, "models.runtime", f"device-{device}", device=f'"{device}"')
+
+
 def run_workload(workload: str, levels: list[int], generators: list[str], body_kind: str,
                  per_client: int, minimum: int, ceiling_seconds: float,
                  workers: list[int] | None = None, device: str = "",
                  decoding: list[int] | None = None, decode: str = "cpu") -> dict[str, Any]:
     config_path = WORKLOADS[workload]
     ensure_checkpoint(config_path)
-    if device:  # the same model on another device (the GPU host's 16 cores, say)
-        config_path = config_with(config_path, "models.runtime", f"device-{device}",
-                                  device=f'"{device}"')
+    config_path = on_device(config_path, device)
     named = workload if decode == "cpu" else f"{workload}-decode-{decode}"
     if decode != "cpu":  # JPEGs decoded in the batch on the device (batchd.device_decode)
         config_path = config_with(config_path, "models.preprocess", f"decode-{decode}",

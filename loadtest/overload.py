@@ -30,12 +30,13 @@ import json
 import os
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from loadtest import cpu
-from loadtest.bench import RESULTS, WORKLOADS, ensure_checkpoint, server, stage
+from loadtest.bench import RESULTS, WORKLOADS, ensure_checkpoint, on_device, server, stage
 from loadtest.images import photo_jpeg
 from loadtest.loadgen import aiohttp_load, closed_loop_calls
 from loadtest.openloop import CLIENTS, arrival_offsets, metric_sums, run_schedule, with_batching
@@ -165,22 +166,22 @@ def closed_loop(url: str, pid: int, body: bytes, clients: int, seconds: float,
     return result
 
 
-def measure_capacity(body: bytes, seconds: float, client: str
+def measure_capacity(workload: Path, body: bytes, seconds: float, client: str
                      ) -> dict[int, dict[str, Any]]:
     """batchd as configured by default (no objective), closed-loop at CLOSED_LOOP_CLIENTS."""
     stage(f"capacity: batchd without an objective, closed-loop ({client} client)")
-    with server("batchd", WORKLOADS["resnet18-64"], RESULTS / "overload-capacity.log") as served:
+    with server("batchd", workload, RESULTS / "overload-capacity.log") as served:
         aiohttp_load(served.url, body, "image/jpeg", 32, 300)  # warm connections and model
         return {clients: closed_loop(served.url, served.pid, body, clients, seconds / 2,
                                      client)
                 for clients in CLOSED_LOOP_CLIENTS}
 
 
-def refusal_cost(body: bytes, requests: int = 5000) -> dict[str, Any]:
+def refusal_cost(workload: Path, body: bytes, requests: int = 5000) -> dict[str, Any]:
     """Server CPU ms per 503 refused before the body, against per GET /health: batchd
     with an objective of 5 ms (no request can make it, so nearly every one is refused
     as soon as its headers are read), 32 closed-loop clients, the lean client."""
-    config = with_batching(WORKLOADS["resnet18-64"], "overload-refusals", slo_ms=5,
+    config = with_batching(workload, "overload-refusals", slo_ms=5,
                            queue_timeout_ms=1000)
     try:
         with server("batchd", config, RESULTS / "overload-refusals.log") as served:
@@ -217,9 +218,9 @@ def capacity_within(closed: dict[int, dict[str, Any]], slo_ms: float) -> float:
     return max(within) if within else closed[min(closed)]["rps"]
 
 
-def run_objective(slo_ms: float, args: argparse.Namespace, body: bytes,
+def run_objective(workload: Path, slo_ms: float, args: argparse.Namespace, body: bytes,
                   closed: dict[int, dict[str, Any]]) -> dict[str, Any]:
-    config = with_batching(WORKLOADS["resnet18-64"], f"overload-{slo_ms:g}", slo_ms=slo_ms,
+    config = with_batching(workload, f"overload-{slo_ms:g}", slo_ms=slo_ms,
                            queue_timeout_ms=slo_ms, priority_levels=2)
     slo_s = slo_ms / 1000
     capacity = capacity_within(closed, slo_ms)
@@ -311,16 +312,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--client", choices=CLIENTS, default="raw",
                         help="the load generator: loadtest.rawhttp's lean client (default: "
                              "it leaves the server more of the shared cores), or aiohttp")
+    parser.add_argument("--device", default="",
+                        help="serve on this device instead of the config's (auto), e.g. cpu "
+                             "for a GPU host's cores alone")
     args = parser.parse_args(argv)
     ensure_checkpoint(WORKLOADS["resnet18-64"])
+    workload = on_device(WORKLOADS["resnet18-64"], args.device)
     body = photo_jpeg()
     RESULTS.mkdir(parents=True, exist_ok=True)
     stage(f"{os.cpu_count()} cores; raw {len(body):,}-byte JPEG bodies; {args.seconds:g} s "
           "a point")
     started = time.perf_counter()
-    closed = measure_capacity(body, args.seconds, args.client)
-    refusals = refusal_cost(body)
-    reports = [run_objective(float(slo), args, body, closed) for slo in args.slo_ms.split(",")]
+    closed = measure_capacity(workload, body, args.seconds, args.client)
+    refusals = refusal_cost(workload, body)
+    reports = [run_objective(workload, float(slo), args, body, closed)
+               for slo in args.slo_ms.split(",")]
     print("\n## Overload against the objective (resnet18-64)\n\nCapacity without an objective, "
           "closed-loop: " + ", ".join(f"{clients} clients {run['rps']:.1f} req/s (p99 "
                                       f"{run['p99_ms']:.0f} ms)"
