@@ -157,20 +157,16 @@ def test_disconnect_while_queued_is_cancelled_and_never_computed(
     assert "Traceback" not in text
 
 
-def test_poisoned_input_fails_alone(tmp_path: Path,
-                                    held_out: tuple[list[Any], list[int]]) -> None:
-    config = write_config(tmp_path / "poison.toml", builder="tests.slow_model:build_poisoned",
-                          builder_kwargs={"delay_ms": 150},
-                          batching={"max_batch_size": 8, "buckets": [1, 2, 4, 8],
-                                    "max_wait_ms": 200})
-    poison = png_bytes(Image.new("L", (8, 8), 255))
-    bodies = [digit(held_out, i) for i in range(7)]
-    bodies.insert(3, poison)
+# An all-white digit: the input tests.slow_model's poisoned and not-finite models fail on.
+POISON = png_bytes(Image.new("L", (8, 8), 255))
 
-    async def scenario(url: str) -> list[httpx.Response]:
-        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-            # A first request keeps the worker busy while all eight queue behind it, so the
-            # poisoned one shares a batch with seven innocent ones.
+
+def batched_behind_a_blocker(server: RunningServer, bodies: list[bytes],
+                             held_out: tuple[list[Any], list[int]]) -> list[httpx.Response]:
+    """Post `bodies` at once while a first request keeps the worker busy, so that they
+    all queue behind it and share the next batch."""
+    async def scenario() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
             blocker = asyncio.ensure_future(post(client, digit(held_out, 8)))
             while server.metric("batchd_in_flight_requests") < 1:
                 await asyncio.sleep(0.01)
@@ -178,13 +174,28 @@ def test_poisoned_input_fails_alone(tmp_path: Path,
             assert (await blocker).status_code == 200
             return responses
 
-    with run_server(config) as server:
-        responses = asyncio.run(scenario(server.url))
+    return asyncio.run(scenario())
+
+
+def batch_of_eight(tmp_path: Path, builder: str) -> Path:
+    return write_config(tmp_path / "model.toml", builder=f"tests.slow_model:{builder}",
+                        builder_kwargs={"delay_ms": 150},
+                        batching={"max_batch_size": 8, "buckets": [1, 2, 4, 8],
+                                  "max_wait_ms": 200})
+
+
+def test_poisoned_input_fails_alone(tmp_path: Path,
+                                    held_out: tuple[list[Any], list[int]]) -> None:
+    bodies = [digit(held_out, i) for i in range(7)]
+    bodies.insert(3, POISON)  # in a batch with seven innocent ones
+    with run_server(batch_of_eight(tmp_path, "build_poisoned")) as server:
+        responses = batched_behind_a_blocker(server, bodies, held_out)
         assert responses[3].status_code == 500
         assert responses[3].json()["reason"] == "model_error"
         assert [r.status_code for i, r in enumerate(responses) if i != 3] == [200] * 7
         assert server.metric("batchd_batch_retries_total") >= 1
-        assert asyncio.run(scenario(server.url))[0].status_code == 200  # still serving
+        still_serving = batched_behind_a_blocker(server, bodies, held_out)
+        assert still_serving[0].status_code == 200
         assert server.metric("batchd_requests_total", {"outcome": "model_error"}) == 2
         assert server.metric("batchd_requests_total", {"outcome": "success"}) == 16
         books_balance(server)
@@ -196,25 +207,10 @@ def test_logits_that_are_not_finite_fail_that_input_alone(
     """A model that answers NaN for one input of a batch: that request gets a counted 500
     model_error with its JSON body (before, the answer's JSON could not be encoded and an
     uncounted 'internal error' came back), and the rest of its batch its answers."""
-    config = write_config(tmp_path / "nan.toml", builder="tests.slow_model:build_not_finite",
-                          builder_kwargs={"delay_ms": 150},
-                          batching={"max_batch_size": 8, "buckets": [1, 2, 4, 8],
-                                    "max_wait_ms": 200})
-    poison = png_bytes(Image.new("L", (8, 8), 255))
     bodies = [digit(held_out, i) for i in range(3)]
-    bodies.insert(1, poison)
-
-    async def scenario(url: str) -> list[httpx.Response]:
-        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-            blocker = asyncio.ensure_future(post(client, digit(held_out, 8)))
-            while server.metric("batchd_in_flight_requests") < 1:
-                await asyncio.sleep(0.01)
-            responses = list(await asyncio.gather(*(post(client, body) for body in bodies)))
-            assert (await blocker).status_code == 200
-            return responses
-
-    with run_server(config) as server:
-        responses = asyncio.run(scenario(server.url))
+    bodies.insert(1, POISON)
+    with run_server(batch_of_eight(tmp_path, "build_not_finite")) as server:
+        responses = batched_behind_a_blocker(server, bodies, held_out)
         assert responses[1].status_code == 500
         assert responses[1].json()["reason"] == "model_error"
         assert "not finite" in responses[1].json()["error"]
