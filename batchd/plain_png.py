@@ -6,11 +6,12 @@ for an 8x8 digit, about 100 us a prediction on a busy event loop; see docs,
 Performance), while the decoding itself, inflating the pixels and undoing the row
 filters, is one call into Pillow's C "zip" decoder. A *plain* PNG is one that Pillow
 would hand over without changing a sample: 8 bits a sample, grey or RGB in the model's
-own colour mode, not interlaced, no palette, transparency, EXIF orientation or
-animation, no compressed chunk beside the pixels, and every chunk whole with its CRC
-right. Its pixel chunks go to that same C decoder directly, so the samples are Pillow's
-by construction; every other PNG, and any that decoder refuses, goes Pillow's whole way,
-as before, with Pillow's answer.
+own colour mode, not interlaced, no palette, transparency, text (Pillow reads EXIF and
+XMP orientation from text), EXIF, colour profile or animation, every chunk whole with
+its CRC right, and a pixel stream that inflates to exactly its rows. Its pixel chunks go
+to that same C decoder directly, so the samples are Pillow's by construction; every
+other PNG, and any that decoder refuses, goes Pillow's whole way, as before, with
+Pillow's answer.
 
 (torchvision's libpng `decode_png` was measured too, and is as fast, but a PNG whose
 pixel data does not inflate crashed the process, torch 2.14 and torchvision 0.29: not
@@ -28,14 +29,14 @@ from PIL import Image
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # PNG colour types: 0 grey, 2 RGB (3, 4 and 6 are palette and alpha).
 _COLOR_TYPE = {"L": 0, "RGB": 2}
-# Chunks that change none of the samples Pillow gives: colour-space and gamma notes
-# (Pillow applies none), physical size, the time, plain text. Any other chunk (a palette,
-# tRNS, eXIf, acTL, a compressed iCCP, zTXt or iTXt, one we do not know) sends the image
-# Pillow's way.
-_INERT_CHUNKS = frozenset({b"gAMA", b"cHRM", b"sRGB", b"pHYs", b"tIME", b"tEXt"})
-# ...except text that Pillow reads as EXIF (ImageMagick's "Raw profile type exif"), whose
-# orientation exif_transpose would undo.
-_EXIF_TEXT = b"Raw profile type"
+_CHANNELS = {"L": 1, "RGB": 3}
+# Chunks that change none of the samples Pillow gives, each at the length the PNG
+# specification gives it (Pillow refuses some shorter ones): gamma and colour-space notes
+# (Pillow applies none), the physical size, the time. Any other chunk (a palette, tRNS,
+# eXIf, acTL, iCCP, one we do not know) sends the image Pillow's way, and so does any
+# text: Pillow reads EXIF and XMP, orientation included, from tEXt as well as zTXt and
+# iTXt, under several keywords.
+_INERT_CHUNKS = {b"gAMA": 4, b"cHRM": 32, b"sRGB": 1, b"pHYs": 9, b"tIME": 7}
 _CHUNK_HEAD = struct.Struct(">I4s")
 _HEADER = struct.Struct(">IIBBBBB")
 
@@ -83,8 +84,7 @@ def plain_png(data: bytes, color_mode: str) -> PlainPng | None:
             pixels.append(view[body:body + length])
         elif kind == b"IEND":
             return PlainPng(*size, b"".join(pixels)) if pixels else None
-        elif kind in _INERT_CHUNKS and not (kind == b"tEXt"
-                                            and data.startswith(_EXIF_TEXT, body)):
+        elif _INERT_CHUNKS.get(kind) == length:
             pixels_ended = bool(pixels)
         else:
             return None
@@ -93,10 +93,25 @@ def plain_png(data: bytes, color_mode: str) -> PlainPng | None:
 
 
 def decode_plain_png(png: PlainPng, color_mode: str) -> Image.Image | None:
-    """The plain PNG's pixels by Pillow's PNG decoder, or None if it refuses them (the
-    caller then opens the PNG the whole way, and Pillow's error is the answer)."""
+    """The plain PNG's pixels by Pillow's PNG decoder, or None where Pillow's whole way
+    must answer: more pixels than Pillow opens without complaint (Image.MAX_IMAGE_PIXELS,
+    its decompression-bomb check), a stream that does not inflate to exactly its rows
+    (given all at once, the decoder would fill rows that a stream ending early leaves
+    out, where Pillow's chunk-by-chunk reading calls the image truncated), or pixels the
+    decoder refuses. The caller then opens the PNG, and Pillow's answer is the server's."""
+    width, height, pixels = png
+    bomb = Image.MAX_IMAGE_PIXELS
+    if bomb is not None and width * height > bomb:
+        return None
+    row_bytes = 1 + width * _CHANNELS[color_mode]  # its filter type, then its samples
+    inflate = zlib.decompressobj()
     try:
-        return Image.frombytes(color_mode, (png.width, png.height), png.pixels, "zip",
-                               color_mode)
+        rows = inflate.decompress(pixels, row_bytes * height + 1)
+    except zlib.error:
+        return None
+    if not inflate.eof or len(rows) != row_bytes * height:
+        return None
+    try:
+        return Image.frombytes(color_mode, (width, height), pixels, "zip", color_mode)
     except (ValueError, OSError):
         return None

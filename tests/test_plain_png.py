@@ -18,7 +18,7 @@ from PIL import Image
 import batchd.preprocess
 from batchd.config import PreprocessConfig
 from batchd.errors import BadInput
-from batchd.plain_png import plain_png
+from batchd.plain_png import decode_plain_png, plain_png
 from batchd.preprocess import INLINE_PIXELS, Preprocessor
 
 
@@ -103,7 +103,6 @@ def test_a_small_plain_png_decodes_without_pillow(monkeypatch: pytest.MonkeyPatc
     (b"sRGB", b"\x00"),
     (b"cHRM", bytes(32)),
     (b"pHYs", struct.pack(">IIB", 3780, 3780, 1)),
-    (b"tEXt", b"Comment\x00made by a test"),
     (b"tIME", struct.pack(">HBBBBB", 2026, 12, 7, 12, 0, 0)),
 ])
 def test_inert_chunks_keep_a_png_plain(kind: bytes, payload: bytes,
@@ -121,6 +120,12 @@ def exif_rotated() -> bytes:
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise to view
     return png(image, exif=exif.tobytes())
+
+
+def orientation_6() -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to view
+    return exif.tobytes()
 
 
 def raw_profile_exif() -> bytes:
@@ -163,6 +168,16 @@ NOT_PLAIN = {
     "another colour mode": lambda: png(noise("RGB", 8, 8, seed=5)),
     "EXIF in text": lambda: with_chunk(png(noise("L", 8, 6, seed=5)),
                                        chunk(b"tEXt", raw_profile_exif()), b"IDAT"),
+    "EXIF in text, Pillow 13's keyword": lambda: with_chunk(
+        png(noise("L", 8, 6, seed=5)), chunk(b"tEXt", b"exif\x00" + orientation_6()),
+        b"IDAT"),
+    "XMP orientation in text": lambda: with_chunk(
+        png(noise("L", 12, 4, seed=5)),
+        chunk(b"tEXt", b'XML:com.adobe.xmp\x00<x tiff:Orientation="6"/>'), b"IEND"),
+    "any text": lambda: with_chunk(png(noise("L", 8, 8, seed=5)),
+                                   chunk(b"tEXt", b"Comment\x00made by a test"), b"IDAT"),
+    "a short pHYs": lambda: with_chunk(png(noise("L", 8, 8, seed=5)),
+                                       chunk(b"pHYs", b"\x00"), b"IDAT"),
     "bad CRC": lambda: bad_crc(png(noise("L", 8, 8, seed=5))),
     "truncated": lambda: png(noise("L", 8, 8, seed=5))[:-20],
     "text between the pixels": lambda: split_pixels(png(noise("L", 8, 8, seed=5)),
@@ -170,11 +185,30 @@ NOT_PLAIN = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(NOT_PLAIN))
+def early_end() -> bytes:
+    """Eight rows of a nine-row image, their stream ended in a second pixel chunk: given
+    all at once, Pillow's decoder would fill the ninth; Pillow's whole way says the image
+    is truncated."""
+    rows = b"".join(b"\x00" + bytes([200] * 8) for _ in range(8))
+    deflate = zlib.compressobj()
+    head = deflate.compress(rows) + deflate.flush(zlib.Z_FULL_FLUSH)
+    header = struct.pack(">IIBBBBB", 8, 9, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", head)
+            + chunk(b"IDAT", deflate.flush()) + chunk(b"IEND", b""))
+
+
+DECODES_NOT = {"a stream that ends early": early_end}
+
+
+@pytest.mark.parametrize("case", sorted(NOT_PLAIN) + sorted(DECODES_NOT))
 def test_other_pngs_go_pillows_way_with_pillows_answer(
         case: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    data = NOT_PLAIN[case]()
-    assert plain_png(data, "L") is None
+    data = NOT_PLAIN[case]() if case in NOT_PLAIN else DECODES_NOT[case]()
+    plain = plain_png(data, "L")
+    if case in NOT_PLAIN:
+        assert plain is None
+    else:  # plain by its chunks, but not for the decoder alone
+        assert plain is not None and decode_plain_png(plain, "L") is None
     prep = preprocessor("L")
     try:
         expected: torch.Tensor | type[BadInput] = pillows_answer(prep, data, monkeypatch)
@@ -217,6 +251,16 @@ def test_pixels_that_do_not_decode_get_pillows_answer(monkeypatch: pytest.Monkey
     with pytest.raises(BadInput):
         preprocessor("L").load(broken)
     assert preprocessor("L").load_small_plain_png(broken) is None
+
+
+def test_pillows_own_pixel_limit_still_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over Image.MAX_IMAGE_PIXELS Pillow's whole way answers (its decompression-bomb
+    413), even where the server's own limit is set higher."""
+    data = png(noise("L", 40, 40, seed=10))
+    plain = plain_png(data, "L")
+    assert plain is not None and decode_plain_png(plain, "L") is not None
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40 * 40 - 1)
+    assert decode_plain_png(plain, "L") is None
 
 
 def test_limits_still_answer_as_before() -> None:
