@@ -494,6 +494,9 @@ def top_k_labels(labels: Sequence[str], logits: torch.Tensor, k: int
     exp = np.exp(scores - scores.max())
     probs = exp / exp.sum()
     k = min(k, probs.size)
-    top = np.argpartition(-probs, k - 1)[:k]
-    order = top[np.lexsort((top, -probs[top]))]
+    # every class at least as probable as the k-th, ties at the k-th place included (a
+    # partition alone would pick among those at random), then the first k in order
+    kth = np.partition(probs, probs.size - k)[probs.size - k]
+    candidates = np.flatnonzero(probs >= kth)
+    order = candidates[np.lexsort((candidates, -probs[candidates]))][:k]
     return [(labels[index], float(probs[index])) for index in order.tolist()]

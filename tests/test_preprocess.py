@@ -230,3 +230,8 @@ def test_top_k_labels_match_torch_softmax_and_topk(classes: int) -> None:
     for (_, prob), want in zip(got, ordered.values[:5].tolist(), strict=True):
         assert prob == pytest.approx(want, rel=1e-12)
     assert len(top_k_labels(labels, logits, classes + 5)) == classes
+    # ties at the k-th place: in index order on both sides of the threshold too
+    ruled_out = torch.full((classes,), float("-inf"))
+    ruled_out[[classes - 1, classes // 2]] = torch.tensor([1.0, 2.0])
+    assert [label for label, _ in top_k_labels(labels, ruled_out, 4)] == [
+        labels[classes // 2], labels[classes - 1], labels[0], labels[1]]
