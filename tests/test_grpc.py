@@ -438,7 +438,9 @@ def test_tokens_health_and_reflection(tmp_path: Path,
                                       digits: Digits
                                       ) -> None:
     tensors = digits.inputs
-    repository = make_repository(tmp_path)
+    # eager alone: each version would otherwise export and time every runtime for every
+    # bucket on two busy cores (a minute); the reload under load is what is tested here
+    repository = make_repository(tmp_path, candidates=["eager"])
     grpc_port = free_port()
     gate = tmp_path / "gate"
     config = tmp_path / "server.toml"
@@ -541,7 +543,9 @@ def test_sigterm_drains_grpc_calls_in_flight(
 def test_reload_under_grpc_load_through_two_workers(
         tmp_path: Path, digits: Digits) -> None:
     tensors = digits.inputs
-    repository = make_repository(tmp_path)
+    # eager alone: each version would otherwise export and time every runtime for every
+    # bucket on two busy cores (a minute); the reload under load is what is tested here
+    repository = make_repository(tmp_path, candidates=["eager"])
     grpc_port = free_port()
     config = tmp_path / "server.toml"
     config.write_text(f"""[server]

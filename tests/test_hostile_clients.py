@@ -281,8 +281,10 @@ def test_a_large_v2_request_does_not_hold_up_a_small_one(
         tmp_path: Path, held_out: tuple[list[Any], list[int]]) -> None:
     """With a slow model, a 128-sample request queued first; a one-image request sent
     after it rides in the next batch, not after all 128 (4 batches of 32)."""
+    # one bucket: each batch warm-up times costs the slow model its second
     config = write_config(tmp_path / "slow.toml", builder="tests.slow_model:build_slow",
-                          builder_kwargs={"delay_ms": 1000})
+                          builder_kwargs={"delay_ms": 1000},
+                          batching={"buckets": [32]})
     with run_server(config) as server:
         async def scenario() -> tuple[float, float]:
             async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:

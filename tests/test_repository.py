@@ -39,9 +39,11 @@ ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 def model_config_text(compile: bool = False, policy: dict[str, Any] | None = None,
-                      batching: dict[str, Any] | None = None) -> str:
+                      batching: dict[str, Any] | None = None,
+                      candidates: list[str] | None = None) -> str:
     """The digits model's config.toml for a repository folder (its file comes from the
-    version folders; its labels from each checkpoint's classes)."""
+    version folders; its labels from each checkpoint's classes). `candidates` limits the
+    runtimes warm-up tries for each bucket (every version exports and times each)."""
     batching = {"max_batch_size": 8, "max_wait_ms": 2, "buckets": [1, 2, 4, 8],
                 **(batching or {})}
     policy_table = f"[version_policy]\n{toml_table(policy)}\n" if policy else ""
@@ -63,6 +65,7 @@ color_mode = "L"
 [runtime]
 device = "cpu"
 compile = {toml_value(compile)}
+{"" if candidates is None else f"candidates = {toml_value(candidates)}"}
 """
 
 
