@@ -134,23 +134,19 @@ class Preprocessor:
                            f"{str(exc)[:200]}") from None
 
     def _load(self, data: bytes | Image.Image) -> torch.Tensor:
-        if isinstance(data, bytes):
-            png = plain_png(data, self.config.color_mode)
-            pixels = None if png is None else self._load_plain_png(png)
-            if pixels is not None:
-                return pixels
-        image = self.decode(data) if isinstance(data, bytes) else to_color_mode(
-            data, self.config.color_mode
-        )
-        return self._resize(image)
+        if not isinstance(data, bytes):
+            return self._resize(to_color_mode(data, self.config.color_mode))
+        png = plain_png(data, self.config.color_mode)
+        pixels = None if png is None else self._load_plain_png(png)
+        return pixels if pixels is not None else self._resize(self.decode(data))
 
     def _load_plain_png(self, png: PlainPng) -> torch.Tensor | None:
         """A plain PNG decoded, resized and cropped; None when Pillow must have its whole
         say: an image over the limits (for the same 413), or pixels that do not decode
         (for Pillow's own error)."""
         width, height, _ = png
-        if (width * height > self.max_image_pixels
-                or max(width, height) > self.max_aspect_ratio * min(width, height)):
+        if size_refusal(width, height, self.max_image_pixels,
+                        self.max_aspect_ratio) is not None:
             return None
         image = decode_plain_png(png, self.config.color_mode)
         return None if image is None else self._resize(image)
@@ -206,17 +202,27 @@ def open_image(data: bytes, max_pixels: int, max_aspect_ratio: float = 20.0) -> 
     width, height = image.size
     if width < 1 or height < 1:
         raise BadInput(f"image has no pixels ({width}x{height})")
-    if width * height > max_pixels:
-        raise PayloadTooLarge(
-            f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
-        )
-    if max(width, height) > max_aspect_ratio * min(width, height):
-        raise PayloadTooLarge(f"image is {width}x{height}: more elongated than the limit of "
-                              f"{max_aspect_ratio:g}:1 (server.max_aspect_ratio)")
+    too_large = size_refusal(width, height, max_pixels, max_aspect_ratio)
+    if too_large is not None:
+        raise too_large
     if image.format == "JPEG" and len(data) < width * height * MIN_JPEG_BYTES_PER_PIXEL:
         raise BadInput(f"truncated JPEG: {len(data)} bytes cannot hold the {width}x{height} "
                        "image its header declares")
     return image
+
+
+def size_refusal(width: int, height: int, max_pixels: int, max_aspect_ratio: float
+                 ) -> PayloadTooLarge | None:
+    """Why an image of `width` x `height` is refused before it is decoded (more pixels
+    than `max_pixels`, or more elongated than `max_aspect_ratio`), or None."""
+    if width * height > max_pixels:
+        return PayloadTooLarge(
+            f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
+        )
+    if max(width, height) > max_aspect_ratio * min(width, height):
+        return PayloadTooLarge(f"image is {width}x{height}: more elongated than the limit of "
+                               f"{max_aspect_ratio:g}:1 (server.max_aspect_ratio)")
+    return None
 
 
 def to_color_mode(image: Image.Image, mode: str) -> Image.Image:
