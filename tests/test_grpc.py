@@ -438,8 +438,8 @@ def test_tokens_health_and_reflection(tmp_path: Path,
                                       digits: Digits
                                       ) -> None:
     tensors = digits.inputs
-    # eager alone: each version would otherwise export and time every runtime for every
-    # bucket on two busy cores (a minute); the reload under load is what is tested here
+    # eager alone: the runtimes are not what is tested here, and exporting and timing each
+    # for every bucket costs seconds on 2 cores
     repository = make_repository(tmp_path, candidates=["eager"])
     grpc_port = free_port()
     gate = tmp_path / "gate"
