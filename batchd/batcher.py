@@ -67,14 +67,17 @@ class Batcher(Generic[In, Out]):
 
     A batch is dispatched when it holds `max_batch_size` requests, or when `max_wait_s`
     has passed since its first request arrived, or sooner when no other request is on its
-    way (see `expecting`), so a lone request on an idle server is not held back.
+    way (see `expecting`), so a lone request on an idle server is not held back. Once
+    the window has passed, a batch waits a little longer for requests on their way only
+    while that fills the next bucket at a lower cost per request (`fill_target`).
 
     With `priority_levels` above 1, each level has its own queue, size and timeout
     (`level_limits`); batches seat the most urgent level first and keep `priority_share`
     of the seats for the less urgent ones while they wait (batchd.priority). With
     `expedite`, a batch that level 1 is waiting for is cut to the smallest bucket that
     holds level 1's queue: less urgent requests wait for the next batch, and level 1
-    waits for a small batch rather than a full one.
+    waits for a small batch rather than a full one. With `fill_buckets` false, a batch never waits
+    past its window to fill a bucket.
     """
 
     def __init__(
@@ -95,6 +98,7 @@ class Batcher(Generic[In, Out]):
         priority_share: float = 0.1,
         level_limits: Sequence[tuple[int, float]] = (),
         expedite: bool = False,
+        fill_buckets: bool = True,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
@@ -117,6 +121,7 @@ class Batcher(Generic[In, Out]):
             ((max_queue_size, queue_timeout_s),) * priority_levels)
         self.default_level = default_priority or priority_levels
         self.expedite = expedite
+        self.fill_buckets = fill_buckets
         self._queue: PriorityQueues[PendingRequest[In, Out]] = PriorityQueues(
             priority_levels, priority_share if priority_levels > 1 else 0.0)
         self._wakeup = asyncio.Event()
@@ -422,6 +427,7 @@ class Batcher(Generic[In, Out]):
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(remaining):
                         await self._wakeup.wait()
+            await self._wait_to_fill_a_bucket()
             batch: list[PendingRequest[In, Out]] = []
             count = self.batch_count(len(self._queue))
             if self.expedite and self._queue.levels > 1 and self._queue.depth(1):
@@ -455,6 +461,59 @@ class Batcher(Generic[In, Out]):
                 batch.append(request)
             if batch:
                 return batch
+
+    async def _wait_to_fill_a_bucket(self) -> None:
+        """With the window over and the worker free, wait a little for the requests being
+        decoded to fill the next bucket up, when that costs less per request than
+        dispatching now (fill_target); never past the oldest request's objective."""
+        fill = self.fill_target(len(self._queue), self._expected)
+        if fill is None:
+            return
+        target, worth_s = fill
+        until = time.monotonic() + worth_s
+        if self.controller is not None:
+            until = min(until, self.controller.wait_until(self._queue.peek().objective,
+                                                          target))
+        while (not self._closing and len(self._queue) < target
+               and len(self._queue) + self._expected >= target):
+            remaining = until - time.monotonic()
+            if remaining <= 0:
+                return
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining):
+                    await self._wakeup.wait()
+
+    def fill_target(self, queued: int, expected: int) -> tuple[int, float] | None:
+        """(bucket, seconds) when it pays to wait up to `seconds` for the `expected`
+        requests on their way to fill `bucket`, the next bucket above the batch the
+        worker would take now; None when dispatching now is the cheaper.
+
+        Under a steady backlog, what queues while a batch computes is seldom a bucket:
+        the next batch is cut to the bucket below or padded to the one above. When the
+        requests that fill the bucket above are already being decoded, a short wait buys
+        a batch that costs less per request. It pays while that batch, the model's idle
+        wait counted as part of its cost, still costs less per request than the batch
+        now: cost(now) / count * bucket - cost(bucket) at most. With the costs of
+        warm-up and of the batches served (BucketCosts); without them, never."""
+        if (not self.fill_buckets or not expected or not self.costs.seeded
+                or queued >= self.max_batch_size):
+            return None
+        if self.expedite and self._queue.levels > 1 and self._queue.depth(1):
+            return None  # level 1 rides in a batch of its own size now (_next_batch)
+        count = self.batch_count(queued)
+        larger = [size for size in self.bucket_sizes if size > count]
+        if count < 1 or not larger:
+            return None
+        target = min(min(larger), self.max_batch_size)
+        if queued + expected < target:
+            return None
+        cost_now = self.costs.mean(self.bucket_for(count))
+        cost_target = self.costs.mean(self.bucket_for(target))
+        if cost_now is None or cost_target is None:
+            return None
+        worth_s = cost_now / count * target - cost_target
+        return (target, worth_s) if worth_s > 0 else None
 
     def _window_end(self) -> float:
         """Until when the worker may wait for more requests to join the next batch: the

@@ -207,6 +207,7 @@ class Runtime(Serving[ModelSlot]):
             level_limits=[(size, timeout_ms / 1000.0)
                           for size, timeout_ms in batching.level_limits()],
             expedite=batching.expedite_level_1,
+            fill_buckets=batching.fill_buckets,
         )
         logger.info("model %s: version %d loaded from %s on %s", model_config.name, version,
                     model_config.checkpoint or model_config.source.artifact, model.device)

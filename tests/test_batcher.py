@@ -366,6 +366,72 @@ async def test_every_batch_served_is_measured_without_an_objective(
     await batcher.drain(1)
 
 
+def test_a_bucket_is_worth_filling_while_its_batch_costs_less_per_request() -> None:
+    """Batches of 4 cost 1 s a request and of 8, 0.75: with 5 queued the batch now is cut
+    to 4, and waiting for 3 more on their way is worth up to 1 * 8 - 6 = 2 s."""
+    batcher: Batcher[int, int] = Batcher(RecordingModel(), max_batch_size=8,
+                                         bucket_sizes=(1, 2, 4, 8), max_wait_s=0,
+                                         max_queue_size=64, queue_timeout_s=10)
+    assert batcher.fill_target(5, 3) is None  # no costs known: never
+    batcher.set_bucket_costs({1: 1.0, 2: 2.0, 4: 4.0, 8: 6.0})
+    assert batcher.batch_count(5) == 4
+    assert batcher.fill_target(5, 3) == (8, 2.0)
+    assert batcher.fill_target(5, 2) is None  # those on their way cannot fill it
+    assert batcher.fill_target(5, 0) is None
+    assert batcher.fill_target(8, 4) is None  # already the largest batch
+    assert batcher.fill_target(4, 4) == (8, 2.0)
+    assert batcher.fill_target(7, 1) == (8, 6.0 / 7 * 8 - 6.0)  # 7 padded to 8 now
+    batcher.set_bucket_costs({1: 1.0, 2: 2.0, 4: 4.0, 8: 8.0})
+    assert batcher.fill_target(5, 3) is None  # 8 costs no less a request than 4
+    batcher.set_bucket_costs({1: 1.0, 2: 2.0, 4: 4.0, 8: 6.0})
+    batcher.fill_buckets = False  # batching.fill_buckets = false
+    assert batcher.fill_target(5, 3) is None
+
+
+async def test_the_worker_waits_for_decodes_that_fill_the_bucket(
+        make_batcher: MakeBatcher) -> None:
+    model = BlockingModel()
+    batcher = make_batcher(model, max_wait_s=0)
+    batcher.set_bucket_costs({1: 1.0, 2: 2.0, 4: 4.0, 8: 6.0})  # worth 2 s for 5 + 3
+    running = asyncio.ensure_future(batcher.submit(0))
+    await until(model.started.is_set)
+    queued = [asyncio.ensure_future(batcher.submit(i)) for i in range(1, 6)]
+    await until(lambda: batcher.queue_depth == 5)
+    with batcher.expecting(3):
+        model.release.set()
+        await until(lambda: len(model.batches) == 1)
+        await asyncio.sleep(0.05)  # the worker is free, and waits for the 3
+        assert model.batches == [(1, 1)]
+        decoded = [asyncio.ensure_future(batcher.submit(i)) for i in range(6, 9)]
+        await until(lambda: batcher.queue_depth == 8 or len(model.batches) > 1)
+    await asyncio.gather(running, *queued, *decoded)
+    assert model.batches == [(1, 1), (8, 8)]
+    await batcher.drain(1)
+
+
+async def test_the_wait_to_fill_a_bucket_is_bounded_by_what_it_is_worth(
+        make_batcher: MakeBatcher) -> None:
+    model = BlockingModel()
+    batcher = make_batcher(model, max_wait_s=0)
+    # 5 queued with 3 on their way: worth 0.1 * 8 - 0.6 = 0.2 s
+    batcher.set_bucket_costs({1: 0.1, 2: 0.2, 4: 0.4, 8: 0.6})
+    running = asyncio.ensure_future(batcher.submit(0))
+    await until(model.started.is_set)
+    queued = [asyncio.ensure_future(batcher.submit(i)) for i in range(1, 6)]
+    await until(lambda: batcher.queue_depth == 5)
+    loop = asyncio.get_running_loop()
+    with batcher.expecting(3):  # decodes that never finish must not hold the batch
+        model.release.set()
+        await until(lambda: len(model.batches) == 1)
+        freed = loop.time()
+        await until(lambda: len(model.batches) == 2)
+        waited = loop.time() - freed
+    await asyncio.gather(running, *queued)
+    assert 0.15 <= waited < 2.0
+    assert model.batches[1] == (4, 4)  # then cut as it would have been
+    await batcher.drain(1)
+
+
 def test_without_costs_a_batch_takes_all_that_fit() -> None:
     batcher: Batcher[int, int] = Batcher(RecordingModel(), max_batch_size=8,
                                          bucket_sizes=(1, 2, 4, 8), max_wait_s=0,

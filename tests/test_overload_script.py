@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 from typing import Any
 
 import pytest
 
 from loadtest.overload import capacity_within, split_cpu, summary
+from loadtest.overload_ab import paired, parse_variant
 from tests.conftest import RunningServer, png_bytes
 
 
@@ -54,3 +56,26 @@ def test_the_server_books_are_read_in_one_scrape(digits_server: RunningServer,
     # for the mean batch
     assert {key for key in series if not key.startswith("batchd_batch_size")} == set()
     assert series["batchd_batch_size_sum"] >= 3
+
+
+def test_an_ab_variant_is_batching_keys_with_their_toml_literals() -> None:
+    assert parse_variant("fill_buckets=false, max_wait_ms = 10") == {
+        "fill_buckets": "false", "max_wait_ms": "10"}
+    for wrong in ("fill_buckets", "=false", "fill_buckets=", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_variant(wrong)
+
+
+def test_ab_rounds_are_compared_pair_by_pair() -> None:
+    def point(goodput: float) -> dict[str, float]:
+        return {"goodput": goodput}
+
+    rows = [{"baseline": {"1.5C": point(100), "3C": point(80)},
+             "variant": {"1.5C": point(90), "3C": point(90)}},
+            {"baseline": {"1.5C": point(200), "3C": point(100)},
+             "variant": {"1.5C": point(230), "3C": point(110)}}]
+    summary = paired(rows)
+    assert summary["1.5C"] == {"variant_served_more": 1, "rounds": 2,
+                               "goodput_ratio": pytest.approx(320 / 300)}
+    assert summary["3C"]["variant_served_more"] == 2
+    assert summary["3C"]["goodput_ratio"] == pytest.approx(200 / 180)

@@ -386,6 +386,43 @@ async def test_a_queued_request_past_saving_is_shed_and_the_batch_cut_for_the_ne
     await batcher.drain(1)
 
 
+async def test_the_wait_to_fill_a_bucket_ends_where_the_oldest_still_makes_its_objective(
+        clock: FakeClock) -> None:
+    seen: list[int] = []
+
+    costs = {1: 10.0, 2: 15.0, 4: 20.0}  # seconds, on the fake clock
+
+    def model(items: Sequence[int], bucket: int) -> list[int]:
+        seen.append(len(items))
+        clock.now += costs[bucket]
+        return [item * 2 for item in items]
+
+    batcher: Batcher[int, int] = Batcher(model, max_batch_size=4, bucket_sizes=(1, 2, 4),
+                                         max_wait_s=0.0, max_queue_size=100,
+                                         queue_timeout_s=600.0, slo_s=100.0)
+    batcher.set_bucket_costs(costs)
+    for bucket, cost in costs.items():
+        for _ in range(80):
+            batcher.costs.observe(bucket, cost)
+    # 3 queued and one on its way: a batch of 4 at 5 s a request beats 3 at 6.7, and
+    # waiting for the fourth would be worth up to 6.7 s
+    assert batcher.fill_target(3, 1) == (4, pytest.approx(20.0 / 3 * 4 - 20.0))
+    with batcher.expecting():
+        queued = [asyncio.ensure_future(batcher.submit(i)) for i in (1, 2, 3)]
+        await asyncio.sleep(0)
+        clock.now += 84.0  # 16 s left: a batch of 4 (20 s) can no longer make it
+        batcher.start()
+        async with asyncio.timeout(3.0):  # dispatched at once, not after the 6.7 s
+            while not seen:
+                await asyncio.sleep(0.001)
+    assert seen[0] == 2  # cut to what the oldest can make
+    assert [(await task).output for task in queued[:2]] == [2, 4]
+    with pytest.raises(QueueTimeout):  # 1 s left once they are answered
+        await queued[2]
+    assert (batcher.stats.shed_at_dispatch, batcher.stats.late) == (1, 0)
+    await batcher.drain(1)
+
+
 async def test_an_answer_computed_after_its_objective_is_a_504_never_a_200(
         clock: FakeClock) -> None:
     def slow_model(items: Sequence[int], bucket: int) -> list[int]:
