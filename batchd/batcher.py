@@ -414,19 +414,9 @@ class Batcher(Generic[In, Out]):
                     return None
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            window_end = self._window_end()
-            while (
-                len(self._queue) < self.max_batch_size
-                and self._expected > 0
-                and not self._closing
-            ):
-                remaining = window_end - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._wakeup.clear()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(remaining):
-                        await self._wakeup.wait()
+            await self._wait_while(lambda: (len(self._queue) < self.max_batch_size
+                                            and self._expected > 0 and not self._closing),
+                                   self._window_end())
             await self._wait_to_fill_a_bucket()
             batch: list[PendingRequest[In, Out]] = []
             count = self.batch_count(len(self._queue))
@@ -474,8 +464,14 @@ class Batcher(Generic[In, Out]):
         if self.controller is not None:
             until = min(until, self.controller.wait_until(self._queue.peek().objective,
                                                           target))
-        while (not self._closing and len(self._queue) < target
-               and len(self._queue) + self._expected >= target):
+        await self._wait_while(lambda: (not self._closing and len(self._queue) < target
+                                        and len(self._queue) + self._expected >= target),
+                               until)
+
+    async def _wait_while(self, waiting: Callable[[], bool], until: float) -> None:
+        """Wait for requests to queue or decodes to end while `waiting()` holds, until
+        `until` on the monotonic clock."""
+        while waiting():
             remaining = until - time.monotonic()
             if remaining <= 0:
                 return

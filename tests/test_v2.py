@@ -17,7 +17,9 @@ import tritonclient.http as triton
 import tritonclient.http.aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
+from batchd.batch_stats import BatchResult
 from batchd.config import load_config
+from batchd.http.v2_codec import HEADER_LENGTH, InferRequest, RequestedOutput, encode_response
 from batchd.model import ServedModel
 from tests.conftest import ROOT, RunningServer, png_bytes, run_server
 
@@ -413,3 +415,21 @@ def test_model_config_in_tritons_shape(two_models: RunningServer) -> None:
     with pytest.raises(InferenceServerException):
         client.get_model_config("nope")
     assert httpx.get(f"{two_models.url}/v2/models/digits/versions/2/config").status_code == 404
+
+
+def test_a_ruled_out_class_reaches_tritonclient_as_minus_infinity() -> None:
+    """A -inf logit beside finite ones is an answer: JSON data writes it -Infinity, as
+    Triton does and tritonclient reads back; binary data carries it exactly."""
+    logits = torch.tensor([2.0, float("-inf"), 0.5])
+    parsed = InferRequest(images=[b""], tensors=None, timeout_s=None, request_id=None,
+                          outputs=[RequestedOutput("logits", binary=False),
+                                   RequestedOutput("probabilities", binary=True)])
+    body, media_type, headers = encode_response(
+        "digits", 1, ("a", "b", "c"), parsed, [BatchResult(logits, 0.0, 0.0, 1)])
+    assert media_type == "application/octet-stream"
+    assert b"-Infinity" in body[:int(headers[HEADER_LENGTH])]
+    result = triton.InferResult.from_response_body(body, header_length=int(headers[HEADER_LENGTH]))
+    assert result.as_numpy("logits").tolist() == [[2.0, float("-inf"), 0.5]]
+    probabilities = result.as_numpy("probabilities")[0]
+    assert probabilities[1] == 0.0
+    assert probabilities.sum() == pytest.approx(1.0)
