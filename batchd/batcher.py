@@ -30,6 +30,7 @@ from concurrent.futures import Executor
 from typing import Generic, TypeVar
 
 from batchd.batch_runner import BatchRunner, PendingRequest, RequestState
+from batchd.batch_sizes import BatchSizes
 from batchd.batch_stats import Arrival, BatchObserver, BatchResult, BatchStats
 from batchd.device_thread import DeviceThread
 from batchd.errors import (
@@ -43,7 +44,7 @@ from batchd.errors import (
 )
 from batchd.estimates import BucketCosts
 from batchd.priority import PriorityQueues
-from batchd.scheduler import DeadlineController, smallest_bucket
+from batchd.scheduler import DeadlineController
 
 In = TypeVar("In")
 Out = TypeVar("Out")
@@ -76,8 +77,8 @@ class Batcher(Generic[In, Out]):
     of the seats for the less urgent ones while they wait (batchd.priority). With
     `expedite`, a batch that level 1 is waiting for is cut to the smallest bucket that
     holds level 1's queue: less urgent requests wait for the next batch, and level 1
-    waits for a small batch rather than a full one. With `fill_buckets` false, a batch never waits
-    past its window to fill a bucket.
+    waits for a small batch rather than a full one. How many a batch takes, and whether
+    to wait to fill a bucket (never, with `fill_buckets` false), is batchd.batch_sizes'.
     """
 
     def __init__(
@@ -121,7 +122,6 @@ class Batcher(Generic[In, Out]):
             ((max_queue_size, queue_timeout_s),) * priority_levels)
         self.default_level = default_priority or priority_levels
         self.expedite = expedite
-        self.fill_buckets = fill_buckets
         self._queue: PriorityQueues[PendingRequest[In, Out]] = PriorityQueues(
             priority_levels, priority_share if priority_levels > 1 else 0.0)
         self._wakeup = asyncio.Event()
@@ -134,6 +134,7 @@ class Batcher(Generic[In, Out]):
         self.dead_reason: str | None = None
         self.stats = BatchStats()
         self.costs = BucketCosts()  # each bucket's, from warm-up and the batches served
+        self.sizes = BatchSizes(self.bucket_sizes, max_batch_size, self.costs, fill_buckets)
         self.slo_s = slo_s
         self.controller = DeadlineController(
             slo_s, self.bucket_sizes, max_batch_size, priority_levels,
@@ -481,35 +482,12 @@ class Batcher(Generic[In, Out]):
                     await self._wakeup.wait()
 
     def fill_target(self, queued: int, expected: int) -> tuple[int, float] | None:
-        """(bucket, seconds) when it pays to wait up to `seconds` for the `expected`
-        requests on their way to fill `bucket`, the next bucket above the batch the
-        worker would take now; None when dispatching now is the cheaper.
-
-        Under a steady backlog, what queues while a batch computes is seldom a bucket:
-        the next batch is cut to the bucket below or padded to the one above. When the
-        requests that fill the bucket above are already being decoded, a short wait buys
-        a batch that costs less per request. It pays while that batch, the model's idle
-        wait counted as part of its cost, still costs less per request than the batch
-        now: cost(now) / count * bucket - cost(bucket) at most. With the costs of
-        warm-up and of the batches served (BucketCosts); without them, never."""
-        if (not self.fill_buckets or not expected or not self.costs.seeded
-                or queued >= self.max_batch_size):
-            return None
+        """(bucket, seconds) to wait for the `expected` requests on their way to fill the
+        next bucket up (BatchSizes.fill_target); None when level 1 waits and expedite
+        cuts its batch now."""
         if self.expedite and self._queue.levels > 1 and self._queue.depth(1):
-            return None  # level 1 rides in a batch of its own size now (_next_batch)
-        count = self.batch_count(queued)
-        larger = [size for size in self.bucket_sizes if size > count]
-        if count < 1 or not larger:
             return None
-        target = min(min(larger), self.max_batch_size)
-        if queued + expected < target:
-            return None
-        cost_now = self.costs.mean(self.bucket_for(count))
-        cost_target = self.costs.mean(self.bucket_for(target))
-        if cost_now is None or cost_target is None:
-            return None
-        worth_s = cost_now / count * target - cost_target
-        return (target, worth_s) if worth_s > 0 else None
+        return self.sizes.fill_target(queued, expected)
 
     def _window_end(self) -> float:
         """Until when the worker may wait for more requests to join the next batch: the
@@ -527,7 +505,7 @@ class Batcher(Generic[In, Out]):
 
     def bucket_for(self, size: int) -> int:
         """The smallest configured bucket that holds `size` inputs."""
-        return smallest_bucket(self.bucket_sizes, size)
+        return self.sizes.bucket_for(size)
 
     def set_bucket_costs(self, seconds: Mapping[int, float]) -> None:
         """Seconds a batch of each bucket size took at warm-up, to choose batches by cost
@@ -538,28 +516,8 @@ class Batcher(Generic[In, Out]):
             self.costs.seed(seconds)
 
     def batch_count(self, queued: int) -> int:
-        """How many queued requests the next batch takes.
-
-        As many as fit, unless the largest bucket below them, filled exactly, costs less
-        per request than padding up to the next bucket: with 20 queued and buckets 16
-        and 32, running 16 now and 4 right after can beat computing 12 padding rows.
-        The costs are warm-up's, corrected by the batches served (BucketCosts), so a
-        warm-up timed on busy cores is set right within a few batches. Only that bucket,
-        never a smaller one, so that even costs still wrong cut a batch by at most one
-        bucket. Without warm-up's costs, as many as fit.
-        """
-        count = min(queued, self.max_batch_size)
-        if count < 2 or not self.costs.seeded or count in self.bucket_sizes:
-            return count
-        below = [size for size in self.bucket_sizes if size < count]
-        if not below:
-            return count
-        smaller = max(below)
-        smaller_cost = self.costs.mean(smaller)
-        padded_cost = self.costs.mean(self.bucket_for(count))
-        if smaller_cost is None or padded_cost is None:
-            return count
-        return smaller if smaller_cost / smaller < padded_cost / count else count
+        """How many queued requests the next batch takes (BatchSizes.count)."""
+        return self.sizes.count(queued)
 
     def _worker_finished(self, task: asyncio.Task[None]) -> None:
         if task.cancelled() or task.exception() is None:

@@ -384,7 +384,7 @@ def test_a_bucket_is_worth_filling_while_its_batch_costs_less_per_request() -> N
     batcher.set_bucket_costs({1: 1.0, 2: 2.0, 4: 4.0, 8: 8.0})
     assert batcher.fill_target(5, 3) is None  # 8 costs no less a request than 4
     batcher.set_bucket_costs({1: 1.0, 2: 2.0, 4: 4.0, 8: 6.0})
-    batcher.fill_buckets = False  # batching.fill_buckets = false
+    batcher.sizes.fill_buckets = False  # batching.fill_buckets = false
     assert batcher.fill_target(5, 3) is None
 
 
