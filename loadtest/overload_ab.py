@@ -28,9 +28,19 @@ MULTIPLES = (1.5, 3.0)
 
 
 def parse_variant(text: str) -> dict[str, str]:
-    """`key=value,key=value` as [models.batching] keys and their TOML literals."""
+    """`key=value,key=value` as [models.batching] keys and their TOML literals (a comma
+    inside [] belongs to an array)."""
+    parts, depth, current = [], 0, ""
+    for char in text:
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    parts.append(current)
     settings: dict[str, str] = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
+    for item in filter(None, (part.strip() for part in parts)):
         key, sep, value = item.partition("=")
         if not sep or not key.strip() or not value.strip():
             raise argparse.ArgumentTypeError(f"{item!r} is not key=value")

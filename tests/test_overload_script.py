@@ -61,6 +61,8 @@ def test_the_server_books_are_read_in_one_scrape(digits_server: RunningServer,
 def test_an_ab_variant_is_batching_keys_with_their_toml_literals() -> None:
     assert parse_variant("fill_buckets=false, max_wait_ms = 10") == {
         "fill_buckets": "false", "max_wait_ms": "10"}
+    assert parse_variant("buckets=[1, 2, 4, 8, 12, 16],fill_buckets=true") == {
+        "buckets": "[1, 2, 4, 8, 12, 16]", "fill_buckets": "true"}
     for wrong in ("fill_buckets", "=false", "fill_buckets=", ""):
         with pytest.raises(argparse.ArgumentTypeError):
             parse_variant(wrong)
