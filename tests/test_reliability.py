@@ -7,7 +7,7 @@ import logging
 import random
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -128,21 +128,29 @@ def test_disconnect_while_queued_is_cancelled_and_never_computed(
     caplog: pytest.LogCaptureFixture, queued_body: str,
 ) -> None:
     """A 1 MB body (past uvicorn's 64 KiB high-water mark, so reading paused as it
-    arrived) must not hide the client's leaving either."""
+    arrived) must not hide the client's leaving either. The model's thread is held until
+    the queued request is cancelled, so that however slowly the machine decodes the
+    large body, it waits behind the first request's batch, never beside it."""
     caplog.set_level(logging.DEBUG)
     port = int(slow_server.url.rsplit(":", 1)[1])
     body = digit(held_out)
-    computing = raw_request(port, body)
-    deadline = time.monotonic() + 10
-    while slow_server.metric("batchd_in_flight_requests") < 1 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    queued = raw_request(port, body if queued_body == "digit" else noise_png(1000))
-    while slow_server.metric("batchd_queue_depth") < 1 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    queued.close()  # the client goes away while its request waits
-    computing.close()  # and this one while its batch runs
-    while slow_server.metric("batchd_in_flight_requests") > 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    deadline = time.monotonic() + 60
+
+    def wait_for(condition: Callable[[], bool]) -> None:
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    with slow_server.held_worker():
+        computing = raw_request(port, body)
+        # dispatched: in flight and out of the queue, its batch waiting for the thread
+        wait_for(lambda: slow_server.metric("batchd_in_flight_requests") >= 1
+                 and slow_server.metric("batchd_queue_depth") == 0)
+        queued = raw_request(port, body if queued_body == "digit" else noise_png(1000))
+        wait_for(lambda: slow_server.metric("batchd_queue_depth") >= 1)
+        queued.close()  # the client goes away while its request waits
+        computing.close()  # and this one while its batch is under way
+        wait_for(lambda: slow_server.metric("batchd_batcher_cancelled_queued_total") >= 1)
+    wait_for(lambda: slow_server.metric("batchd_in_flight_requests") == 0)
     time.sleep(0.4)
     assert slow_server.metric("batchd_batcher_cancelled_queued_total") == 1
     assert slow_server.metric("batchd_requests_total", {"outcome": "cancelled"}) == 2
