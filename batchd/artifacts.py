@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from batchd.config import ModelConfig, artifact_format
+from batchd.config import ModelConfig
+from batchd.config_checks import artifact_format
 from batchd.errors import CheckpointError, ConfigError
 
 

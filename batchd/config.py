@@ -1,7 +1,10 @@
 """Typed configuration, loaded from TOML and validated at start-up.
 
 Every error names the file and the dotted key that is wrong, so an operator can fix
-the config without reading batchd's source.
+the config without reading batchd's source. This module is the schema (frozen
+dataclasses whose field docstrings the configuration reference is generated from) and
+its loading; each table is built by batchd.toml_tables and checked by
+batchd.config_checks.
 """
 
 from __future__ import annotations
@@ -9,29 +12,27 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, Literal, get_args
 
+from batchd.config_checks import (
+    ArtifactFormat,
+    check_model,
+    check_repository,
+    check_server,
+    existing_file,
+)
 from batchd.errors import ConfigError
+from batchd.toml_tables import build_table, dotted, reject_unknown
 
 ColorMode = Literal["RGB", "L"]
 DecodeWhere = Literal["cpu", "device"]
-ArtifactFormat = Literal["torchscript", "exported", "onnx"]
-ARTIFACT_SUFFIXES: dict[str, ArtifactFormat] = {
-    ".ts": "torchscript", ".torchscript": "torchscript", ".pt2": "exported", ".onnx": "onnx",
-}
-# The most buckets one model may have: each is a graph compiled at warm-up, and the
-# compiler's recompile limit is set from this (batchd.process).
-MAX_BUCKETS = 64
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 # What may serve a bucket (batchd.bucket_runtimes); in the order a tie is broken in (the
 # simpler first), and with pick_faster false, the first after eager that passes parity.
 RuntimeName = Literal["eager", "channels_last", "compiled", "cuda_graphs", "onnx"]
 RUNTIME_NAMES: tuple[str, ...] = get_args(RuntimeName)
-COMPILING_RUNTIMES = frozenset({"compiled", "cuda_graphs"})  # need runtime.compile
 
 
 @dataclass(frozen=True)
@@ -419,10 +420,10 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 
 def parse_config(raw: dict[str, Any], path: Path) -> Config:
     """Build a Config from already-parsed TOML; relative paths resolve against the file's folder."""
-    _reject_unknown(raw, {"server", "models", "repository"}, "", path)
+    reject_unknown(raw, {"server", "models", "repository"}, "", path)
     server = build_table(ServerConfig, raw.get("server", {}), "server", path)
     repository = build_table(RepositoryConfig, raw.get("repository", {}), "repository", path)
-    repository = _check_repository(repository, path)
+    repository = check_repository(repository, path)
     raw_models = raw.get("models", [])
     if not isinstance(raw_models, list) or (not raw_models and repository.path is None):
         raise ConfigError(f"{path}: key 'models' must be a non-empty array of tables "
@@ -450,22 +451,8 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
             raise ConfigError(f"{path}: key 'server.auth_token_file': file not found: "
                               f"{token_file}")
         server = dataclasses.replace(server, auth_token_file=token_file)
-    _check_server(server, path)
+    check_server(server, path)
     return Config(server=server, models=tuple(models), path=path, repository=repository)
-
-
-def _check_repository(repository: RepositoryConfig, path: Path) -> RepositoryConfig:
-    if repository.path is None:
-        if repository.poll_s or repository.admin_token_env:
-            raise ConfigError(f"{path}: key 'repository.path' is required with "
-                              "poll_s or admin_token_env")
-        return repository
-    folder = (path.parent / repository.path).resolve()
-    if not folder.is_dir():
-        raise ConfigError(f"{path}: key 'repository.path': folder not found: {folder}")
-    if repository.poll_s < 0:
-        raise ConfigError(f"{path}: key 'repository.poll_s': must not be negative")
-    return dataclasses.replace(repository, path=folder)
 
 
 def build_model_config(raw: dict[str, Any], key: str, path: Path) -> ModelConfig:
@@ -474,223 +461,11 @@ def build_model_config(raw: dict[str, Any], key: str, path: Path) -> ModelConfig
     raw = dict(raw)
     checkpoint = raw.get("checkpoint")
     if isinstance(checkpoint, str):
-        raw["checkpoint"] = _existing_file(path, _dotted(key, "checkpoint"), checkpoint)
+        raw["checkpoint"] = existing_file(path, dotted(key, "checkpoint"), checkpoint)
     source = raw.get("source")
     if isinstance(source, dict) and isinstance(source.get("artifact"), str):
-        raw["source"] = {**source, "artifact": _existing_file(path, _dotted(key, "source.artifact"),
+        raw["source"] = {**source, "artifact": existing_file(path, dotted(key, "source.artifact"),
                                                               source["artifact"])}
     model = build_table(ModelConfig, raw, key, path)
-    _check_model(model, key, path)
+    check_model(model, key, path)
     return model
-
-
-def _existing_file(path: Path, key: str, value: str) -> Path:
-    resolved = (path.parent / value).resolve()
-    if not resolved.is_file():
-        raise ConfigError(f"{path}: key '{key}': file not found: {resolved}")
-    return resolved
-
-
-def artifact_format(source: SourceConfig) -> ArtifactFormat | None:
-    """The artifact's format: as configured, or from its file name."""
-    if source.artifact is None:
-        return None
-    return source.format or ARTIFACT_SUFFIXES.get(source.artifact.suffix)
-
-
-def _check_model(model: ModelConfig, key: str, path: Path) -> None:
-    def fail(subkey: str, message: str) -> typing.NoReturn:
-        raise ConfigError(f"{path}: key '{_dotted(key, subkey)}': {message}")
-
-    if not model.name or "/" in model.name:
-        fail("name", "must be a non-empty name without '/'")
-    source = model.source
-    kinds = [kind for kind in ("arch", "builder", "artifact") if getattr(source, kind)]
-    if len(kinds) != 1:
-        fail("source", "set exactly one of 'arch' (a torchvision architecture), 'builder' "
-             "('package.module:function') or 'artifact' (an exported file)")
-    if source.artifact is not None:
-        fmt = artifact_format(source)
-        if fmt is None:
-            fail("source.format", f"cannot tell the format of {source.artifact.name}: set "
-                 "format to 'torchscript', 'exported' or 'onnx'")
-        if model.checkpoint is not None:
-            fail("checkpoint", "an artifact carries its own weights; remove 'checkpoint'")
-        if model.runtime.compile and fmt in ("onnx", "torchscript"):
-            fail("runtime.compile", f"a {fmt} artifact cannot be compiled; set compile = false")
-    elif model.checkpoint is None:
-        fail("checkpoint", "is required (a state_dict file) unless the source is an artifact")
-    if source.builder is not None and ":" not in source.builder:
-        fail("source.builder", "must look like 'package.module:function'")
-    if source.num_classes is not None and source.num_classes < 1:
-        fail("source.num_classes", "must be at least 1")
-    if model.labels and source.num_classes is not None and len(model.labels) != source.num_classes:
-        fail("labels", f"has {len(model.labels)} labels but num_classes is {source.num_classes}")
-
-    pre = model.preprocess
-    if pre.resize < 1 or pre.crop < 1:
-        fail("preprocess", "resize and crop must be at least 1")
-    if pre.crop > pre.resize:
-        fail("preprocess.crop", f"{pre.crop} is larger than resize {pre.resize}")
-    channels = pre.input_shape[0]
-    for name in ("mean", "std"):
-        values = getattr(pre, name)
-        if len(values) != channels:
-            fail(f"preprocess.{name}", f"needs {channels} values for color_mode {pre.color_mode}")
-    if any(value <= 0 for value in pre.std):
-        fail("preprocess.std", "every value must be positive")
-
-    batching = model.batching
-    if batching.max_batch_size < 1:
-        fail("batching.max_batch_size", "must be at least 1")
-    if batching.max_wait_ms < 0:
-        fail("batching.max_wait_ms", "must not be negative")
-    if batching.max_queue_size < 1:
-        fail("batching.max_queue_size", "must be at least 1")
-    if batching.slo_ms < 0:
-        fail("batching.slo_ms", "must not be negative")
-    if batching.max_request_items < 0:
-        fail("batching.max_request_items", "must not be negative")
-    if batching.queue_timeout_ms <= 0:
-        fail("batching.queue_timeout_ms", "must be positive")
-    if batching.priority_levels < 1:
-        fail("batching.priority_levels", "must be at least 1")
-    if not 0 <= batching.default_priority <= batching.priority_levels:
-        fail("batching.default_priority", f"must be between 1 and priority_levels "
-             f"{batching.priority_levels} (or 0: the least urgent level)")
-    if not 0 <= batching.priority_share < 1:
-        fail("batching.priority_share", "must be at least 0 and below 1")
-    if len(batching.levels) > batching.priority_levels:
-        fail("batching.levels", f"has {len(batching.levels)} entries for "
-             f"{batching.priority_levels} priority levels")
-    for index, level in enumerate(batching.levels):
-        if level.max_queue_size < 0 or level.queue_timeout_ms < 0:
-            fail(f"batching.levels[{index}]", "max_queue_size and queue_timeout_ms must not "
-                 "be negative (0: the model's)")
-    if len(batching.bucket_sizes) > MAX_BUCKETS:
-        fail("batching.buckets", f"has {len(batching.bucket_sizes)} buckets; at most "
-             f"{MAX_BUCKETS}")
-    if any(size < 1 for size in batching.buckets):
-        fail("batching.buckets", "every bucket must be at least 1")
-    if batching.buckets and max(batching.buckets) > batching.max_batch_size:
-        fail(
-            "batching.buckets",
-            f"bucket {max(batching.buckets)} is larger than max_batch_size "
-            f"{batching.max_batch_size}",
-        )
-    if batching.buckets and max(batching.buckets) != batching.max_batch_size:
-        fail("batching.buckets", f"the largest bucket must equal max_batch_size "
-             f"{batching.max_batch_size}, so that every batch fits one")
-
-    device = model.runtime.device
-    if not (device in ("auto", "cpu", "cuda") or _is_cuda_index(device)):
-        fail("runtime.device", f"{device!r} is not 'auto', 'cpu', 'cuda' or 'cuda:N'")
-    if model.preprocess.decode == "device" and device == "cpu":
-        fail("preprocess.decode", "is 'device', which needs a CUDA device, but "
-             "runtime.device is 'cpu'")
-    compiling = COMPILING_RUNTIMES & set(model.runtime.candidates)
-    if compiling and not model.runtime.compile:
-        fail("runtime.candidates", f"lists {sorted(compiling)} but runtime.compile is false")
-    if len(set(model.runtime.candidates)) != len(model.runtime.candidates):
-        fail("runtime.candidates", "names a runtime twice")
-
-
-def _is_cuda_index(device: str) -> bool:
-    prefix, _, index = device.partition(":")
-    return prefix == "cuda" and index.isdigit()
-
-
-def _check_server(server: ServerConfig, path: Path) -> None:
-    checks = {
-        "port": 0 <= server.port <= 65535,
-        "grpc_port": 0 <= server.grpc_port <= 65535,
-        "max_body_bytes": server.max_body_bytes >= 1,
-        "max_image_pixels": server.max_image_pixels >= 1,
-        "max_aspect_ratio": server.max_aspect_ratio >= 1,
-        "max_header_bytes": server.max_header_bytes >= 1024,
-        "max_headers": server.max_headers >= 8,
-        "max_request_line_bytes": server.max_request_line_bytes >= 256,
-        "header_timeout_s": server.header_timeout_s > 0,
-        "body_timeout_s": server.body_timeout_s > 0,
-        "idle_timeout_s": server.idle_timeout_s > 0,
-        "max_connections": server.max_connections >= 1,
-        "preprocess_threads": server.preprocess_threads >= 0,
-        "workers": 0 <= server.workers <= 64,
-        "drain_timeout_s": server.drain_timeout_s >= 0,
-        "watchdog_s": server.watchdog_s > 0,
-        "torch_threads": server.torch_threads >= 0,
-        "gil_switch_interval_ms": 0.01 <= server.gil_switch_interval_ms <= 100,
-    }
-    for key, ok in checks.items():
-        if not ok:
-            value = getattr(server, key)
-            raise ConfigError(f"{path}: key 'server.{key}': value {value!r} is out of range")
-    if server.grpc_port and server.grpc_port == server.port:
-        raise ConfigError(f"{path}: key 'server.grpc_port': {server.grpc_port} is also "
-                          "server.port; HTTP and gRPC need a port each")
-
-
-def _dotted(key: str, subkey: str) -> str:
-    return f"{key}.{subkey}" if key else subkey
-
-
-def _reject_unknown(raw: dict[str, Any], known: set[str], key: str, path: Path) -> None:
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        where = f"{key}." if key else ""
-        names = ", ".join(f"'{where}{name}'" for name in unknown)
-        raise ConfigError(f"{path}: unknown key {names}; expected one of {sorted(known)}")
-
-
-def build_table(cls: type[Any], raw: Any, key: str, path: Path) -> Any:
-    """Construct dataclass `cls` from a TOML table, checking keys and types field by field."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: key '{key}' must be a table")
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    _reject_unknown(raw, set(fields), key, path)
-    hints = get_type_hints(cls)
-    values = {}
-    for name, f in fields.items():
-        subkey = _dotted(key, name)
-        if name not in raw:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ConfigError(f"{path}: key '{subkey}' is required")
-            continue
-        values[name] = _convert(hints[name], raw[name], subkey, path)
-    return cls(**values)
-
-
-def _convert(hint: Any, value: Any, key: str, path: Path) -> Any:
-    origin = get_origin(hint)
-    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
-        return build_table(hint, value, key, path)
-    if origin in (types.UnionType, typing.Union):
-        options = [arg for arg in get_args(hint) if arg is not type(None)]
-        return _convert(options[0], value, key, path)
-    if origin is Literal:
-        choices = get_args(hint)
-        if value not in choices:
-            raise ConfigError(f"{path}: key '{key}': {value!r} is not one of {list(choices)}")
-        return value
-    if origin is tuple:
-        if not isinstance(value, list):
-            raise ConfigError(f"{path}: key '{key}' must be an array")
-        item_hint = get_args(hint)[0]
-        return tuple(_convert(item_hint, item, f"{key}[{i}]", path) for i, item in enumerate(value))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path}: key '{key}' must be a table")
-        return dict(value)
-    if hint is Path:
-        if not isinstance(value, (str, Path)):
-            raise ConfigError(f"{path}: key '{key}' must be a path string")
-        return Path(value)
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path}: key '{key}' must be a number, not {value!r}")
-        return float(value)
-    if hint in (int, str, bool):
-        if isinstance(value, bool) != (hint is bool) or not isinstance(value, hint):
-            raise ConfigError(f"{path}: key '{key}' must be of type {hint.__name__}, not {value!r}")
-        return value
-    raise TypeError(f"unsupported config type {hint!r} at {key}")  # a batchd bug, not user error

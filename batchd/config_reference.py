@@ -3,7 +3,7 @@
 Every key, its type and its default come from the dataclasses in batchd.config (and the
 version policy of batchd.repository); its meaning from the attribute docstring under the
 field (PEP 257), read from the source with `ast`; its valid range from that docstring's
-`Range:` line, which the tests hold against the checks in batchd.config. A field without
+`Range:` line, which the tests hold against batchd.config_checks. A field without
 a docstring stops the generator, so no key goes undocumented.
 
     python -m batchd.config_reference > docs/configuration.md

@@ -15,7 +15,8 @@ import prometheus_client
 import torch
 
 from batchd.checkpoint import resolve_device
-from batchd.config import MAX_BUCKETS, Config
+from batchd.config import Config
+from batchd.config_checks import MAX_BUCKETS
 from batchd.cpu_plan import CpuPlan, plan
 from batchd.repository import read_repository
 

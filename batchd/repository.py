@@ -22,14 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from batchd.config import (
-    ARTIFACT_SUFFIXES,
-    Config,
-    ModelConfig,
-    build_model_config,
-    build_table,
-)
+from batchd.config import Config, ModelConfig, build_model_config
+from batchd.config_checks import ARTIFACT_SUFFIXES
 from batchd.errors import BadInput, ConfigError, UnknownModel
+from batchd.toml_tables import build_table
 
 MODEL_CONFIG = "config.toml"
 CHECKPOINT_SUFFIXES = (".pt", ".pth")

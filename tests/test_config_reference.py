@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from batchd import config, config_reference
+from batchd import config, config_checks, config_reference, toml_tables
 from batchd.errors import ConfigError
 from batchd.repository import VersionPolicy, _check_policy
 from tests.conftest import DIGITS_CHECKPOINT, ROOT
@@ -62,8 +62,8 @@ def test_check_mode_refuses_a_stale_page(tmp_path: Path) -> None:
 
 
 def test_every_server_check_has_a_range_the_probe_can_test() -> None:
-    """A check added to _check_server needs its range in the field's docstring."""
-    tree = ast.parse(inspect.getsource(config._check_server))
+    """A check added to check_server needs its range in the field's docstring."""
+    tree = ast.parse(inspect.getsource(config_checks.check_server))
     checked = {key.value for table in ast.walk(tree) if isinstance(table, ast.Dict)
                for key in table.keys if isinstance(key, ast.Constant)}
     ranges = {key.key: key.range for key in documented_keys()}
@@ -91,7 +91,7 @@ def accepts(key: str, value: Any, tmp_path: Path) -> bool:
     """Whether the checks accept `value` at dotted `key`, all else valid."""
     if key.startswith("version_policy."):
         name = key.removeprefix("version_policy.")
-        policy = config.build_table(VersionPolicy, {name: value}, "version_policy", tmp_path)
+        policy = toml_tables.build_table(VersionPolicy, {name: value}, "version_policy", tmp_path)
         try:
             _check_policy(policy, tmp_path)
         except ConfigError:

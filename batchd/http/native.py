@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from batchd.config import COMPILING_RUNTIMES
+from batchd.config_checks import COMPILING_RUNTIMES
 from batchd.errors import InvalidParameter
 from batchd.http.disconnect import cancel_on_disconnect
 from batchd.http.frame import (
