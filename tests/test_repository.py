@@ -241,8 +241,10 @@ def test_config_with_only_a_repository(tmp_path: Path) -> None:
 async def test_reload_under_load_switches_versions_without_an_error(
         tmp_path: Path, digit_png: bytes) -> None:
     """Requests queued on version 1 while version 2 loads are answered by version 1;
-    once the switch is made, only version 2 answers; nothing fails in between."""
-    repository = make_repository(tmp_path)
+    once the switch is made, only version 2 answers; nothing fails in between. They wait
+    while version 2 exports and times its runtimes, which took over 30 s on two busy
+    cores: their queue timeout is the 120 s that the test allows the load."""
+    repository = make_repository(tmp_path, batching={"queue_timeout_ms": 120_000})
     with run_server(server_config(tmp_path, repository)) as server:
         runtime = server.app.state.runtime
         offline = ServedModel.from_config(Repository(repository).read("digits").versions[1])
