@@ -421,7 +421,7 @@ class Batcher(Generic[In, Out]):
             await self._wait_to_fill_a_bucket()
             batch: list[PendingRequest[In, Out]] = []
             count = self.batch_count(len(self._queue))
-            if self.expedite and self._queue.levels > 1 and self._queue.depth(1):
+            if self._expediting():
                 # the most urgent ride in a batch of their own size, not a full one
                 count = min(count, self.bucket_for(self._queue.depth(1)))
             now = time.monotonic()
@@ -485,9 +485,14 @@ class Batcher(Generic[In, Out]):
         """(bucket, seconds) to wait for the `expected` requests on their way to fill the
         next bucket up (BatchSizes.fill_target); None when level 1 waits and expedite
         cuts its batch now."""
-        if self.expedite and self._queue.levels > 1 and self._queue.depth(1):
+        if self._expediting():
             return None
         return self.sizes.fill_target(queued, expected)
+
+    def _expediting(self) -> bool:
+        """Whether the next batch is cut to level 1's queue (`expedite`, with level 1
+        waiting)."""
+        return bool(self.expedite and self._queue.levels > 1 and self._queue.depth(1))
 
     def _window_end(self) -> float:
         """Until when the worker may wait for more requests to join the next batch: the
