@@ -263,6 +263,15 @@ def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 60) -> Non
             process.wait(timeout=30)
 
 
+def wait_for(check: Any, timeout_s: float = 60) -> None:
+    """Poll `check` until it holds; TimeoutError if it does not within `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met in time")
+        time.sleep(0.02)
+
+
 def wait_ready(url: str, timeout_s: float, thread: threading.Thread | None = None) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

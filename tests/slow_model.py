@@ -34,11 +34,16 @@ def build_slow(delay_ms: float = 50.0, num_classes: int = 10) -> nn.Module:
 POISON_THRESHOLD = 1.8
 
 
+def poisoned(batch: torch.Tensor) -> torch.Tensor:
+    """Which rows of a normalised batch are the all-white marker."""
+    return batch.flatten(1).min(dim=1).values > POISON_THRESHOLD
+
+
 class PoisonedDigits(SlowDigits):
     """The (slowed) digits CNN that raises on any batch holding an all-white image."""
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        if bool((batch.flatten(1).min(dim=1).values > POISON_THRESHOLD).any()):
+        if bool(poisoned(batch).any()):
             raise ValueError("poisoned input")
         return super().forward(batch)
 
@@ -53,8 +58,8 @@ class NotFiniteDigits(SlowDigits):
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         logits = super().forward(batch)
-        poisoned = batch.flatten(1).min(dim=1).values > POISON_THRESHOLD
-        return torch.where(poisoned[:, None], torch.full_like(logits, float("nan")), logits)
+        marked = poisoned(batch)[:, None]
+        return torch.where(marked, torch.full_like(logits, float("nan")), logits)
 
 
 def build_not_finite(delay_ms: float = 0.0, num_classes: int = 10) -> nn.Module:
@@ -102,7 +107,7 @@ class FaultyDigits(SlowDigits):
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         output = super().forward(batch)
-        if bool((batch.flatten(1).min(dim=1).values > POISON_THRESHOLD).any()):
+        if bool(poisoned(batch).any()):
             if self.fault == "hang":
                 threading.Event().wait()
             raise FAULTS[self.fault]("poisoned input")

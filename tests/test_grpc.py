@@ -42,7 +42,15 @@ from tritonclient.utils import InferenceServerException
 from batchd.config import load_config
 from batchd.model import ServedModel
 from loadtest.servers import free_port
-from tests.conftest import ROOT, png_bytes, scrape, stop_process, wait_ready, write_config
+from tests.conftest import (
+    ROOT,
+    png_bytes,
+    scrape,
+    stop_process,
+    wait_for,
+    wait_ready,
+    write_config,
+)
 from tests.test_app import LOGIT_TOLERANCE
 from tests.test_repository import ADMIN_TOKEN, make_repository, write_version
 
@@ -75,14 +83,6 @@ class GrpcServer:
     def access_log(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.log.read_text().splitlines()
                 if line.startswith("{")]
-
-
-def wait_for(check: Any, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met in time")
-        time.sleep(0.02)
 
 
 def gated_config(tmp_path: Path, workers: int = 1, server: dict[str, Any] | None = None,

@@ -7,7 +7,7 @@ import logging
 import random
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.conftest import RunningServer, png_bytes, run_server, write_config
+from tests.conftest import RunningServer, png_bytes, run_server, wait_for, write_config
 
 SLOW = "tests.slow_model:build_slow"
 
@@ -134,12 +134,6 @@ def test_disconnect_while_queued_is_cancelled_and_never_computed(
     caplog.set_level(logging.DEBUG)
     port = int(slow_server.url.rsplit(":", 1)[1])
     body = digit(held_out)
-    deadline = time.monotonic() + 60
-
-    def wait_for(condition: Callable[[], bool]) -> None:
-        while not condition() and time.monotonic() < deadline:
-            time.sleep(0.01)
-
     with slow_server.held_worker():
         computing = raw_request(port, body)
         # dispatched: in flight and out of the queue, its batch waiting for the thread
