@@ -29,6 +29,7 @@ from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor
 from typing import Generic, TypeVar
 
+from batchd.batch_forming import BatchForming
 from batchd.batch_runner import BatchRunner, PendingRequest, RequestState
 from batchd.batch_sizes import BatchSizes
 from batchd.batch_stats import Arrival, BatchObserver, BatchResult, BatchStats
@@ -70,15 +71,16 @@ class Batcher(Generic[In, Out]):
     has passed since its first request arrived, or sooner when no other request is on its
     way (see `expecting`), so a lone request on an idle server is not held back. Once
     the window has passed, a batch waits a little longer for requests on their way only
-    while that fills the next bucket at a lower cost per request (`fill_target`).
+    while that fills the next bucket at a lower cost per request.
 
     With `priority_levels` above 1, each level has its own queue, size and timeout
     (`level_limits`); batches seat the most urgent level first and keep `priority_share`
     of the seats for the less urgent ones while they wait (batchd.priority). With
     `expedite`, a batch that level 1 is waiting for is cut to the smallest bucket that
     holds level 1's queue: less urgent requests wait for the next batch, and level 1
-    waits for a small batch rather than a full one. How many a batch takes, and whether
-    to wait to fill a bucket (never, with `fill_buckets` false), is batchd.batch_sizes'.
+    waits for a small batch rather than a full one. When a batch is due and which
+    requests it takes is batchd.batch_forming's (`forming`); how many, and whether to
+    wait to fill a bucket (never, with `fill_buckets` false), batchd.batch_sizes'.
     """
 
     def __init__(
@@ -124,12 +126,8 @@ class Batcher(Generic[In, Out]):
         self.expedite = expedite
         self._queue: PriorityQueues[PendingRequest[In, Out]] = PriorityQueues(
             priority_levels, priority_share if priority_levels > 1 else 0.0)
-        self._wakeup = asyncio.Event()
-        self._expected = 0
-        self._expected_by_level = [0] * priority_levels
         self._in_flight = 0
         self._accepting = True
-        self._closing = False
         self._task: asyncio.Task[None] | None = None
         self.dead_reason: str | None = None
         self.stats = BatchStats()
@@ -140,6 +138,9 @@ class Batcher(Generic[In, Out]):
             slo_s, self.bucket_sizes, max_batch_size, priority_levels,
             sum(size for size, _ in self.level_limits) + max_batch_size, self.costs,
         ) if slo_s > 0 else None
+        self.forming = BatchForming(self._queue, self.sizes, max_wait_s=max_wait_s,
+                                    expedite=expedite, stats=self.stats,
+                                    controller=self.controller, slo_s=slo_s)
         self._runner: BatchRunner[In, Out] = BatchRunner(
             run_batch, self._executor, self.bucket_sizes, self.stats, name, slo_s,
             self.costs, self.controller, observer)
@@ -158,8 +159,7 @@ class Batcher(Generic[In, Out]):
         """Finish queued work within `timeout_s`, then answer whatever is left with
         ShuttingDown. True when everything finished in time."""
         self._accepting = False
-        self._closing = True
-        self._wakeup.set()
+        self.forming.close()
         finished = True
         if self._task is not None and not self._task.done():
             done, _ = await asyncio.wait({self._task}, timeout=timeout_s)
@@ -178,7 +178,7 @@ class Batcher(Generic[In, Out]):
         A batch still computing is left to finish on its thread; its outputs are dropped.
         """
         self._accepting = False
-        self._closing = True
+        self.forming.close()
         self._fail_all(ShuttingDown("the server shut down before this request finished"))
         if self._task is not None and not self._task.done():
             self._task.cancel()
@@ -217,15 +217,8 @@ class Batcher(Generic[In, Out]):
     def expecting(self, count: int = 1, priority: int = 0) -> Iterator[None]:
         """Mark `count` inputs as on their way (being decoded), so the worker waits for them
         and admission counts them."""
-        level = self.level_of(priority)
-        self._expected += count
-        self._expected_by_level[level - 1] += count
-        try:
+        with self.forming.expecting(self.level_of(priority), count):
             yield
-        finally:
-            self._expected -= count
-            self._expected_by_level[level - 1] -= count
-            self._wakeup.set()
 
     def level_of(self, priority: int) -> int:
         """The level a request asking for `priority` queues at (0: the default level);
@@ -249,7 +242,8 @@ class Batcher(Generic[In, Out]):
         if self._queue.depth(level) + count > max_queue_size:
             self._refuse_full(level, max_queue_size)
         now = time.monotonic()
-        decoding = sum(self._expected_by_level[:level])
+        on_their_way = self.forming.expected_by_level
+        decoding = sum(on_their_way[:level])
         arrival = Arrival(now if arrived_at is None else min(arrived_at, now), decoding)
         controller = self.controller
         if controller is None or self._idle():
@@ -257,7 +251,7 @@ class Batcher(Generic[In, Out]):
         queued = self._queue.ahead_of(level) + count - 1
         running = self._runner.running_by_level  # counted once a batch, not per request
         computing = sum(number for at, number in running.items() if at <= level)
-        own = (self._expected_by_level[level - 1] + self._queue.depth(level) + count - 1
+        own = (on_their_way[level - 1] + self._queue.depth(level) + count - 1
                + running.get(level, 0))
         if not controller.admits_before_body(now, arrival.at + self.slo_s, level,
                                              queued + decoding + computing, queued,
@@ -271,7 +265,7 @@ class Batcher(Generic[In, Out]):
         whatever the estimates say: they may be stale (nothing admitted, nothing measured),
         and if the model really is slower than the objective, the answer is a 504 that is
         counted as late, not a refusal for ever."""
-        return not self._queue and not self._expected and self.busy_since is None
+        return not self._queue and not self.forming.expected and self.busy_since is None
 
     def _refuse_if_closed(self) -> None:
         if not self._accepting:
@@ -331,10 +325,9 @@ class Batcher(Generic[In, Out]):
         request: PendingRequest[In, Out] = PendingRequest(
             item, loop.create_future(), now, now + timeout,
             object() if group is None else group, level, objective, predicted_wait)
-        self._queue.append(request)
+        self.forming.add(request)
         self.stats.accepted += 1
         self._in_flight += 1
-        self._wakeup.set()
         try:
             async with asyncio.timeout(timeout):
                 result = await request.future
@@ -400,117 +393,13 @@ class Batcher(Generic[In, Out]):
 
     async def _work(self) -> None:
         while True:
-            batch = await self._next_batch()
+            batch = await self.forming.next_batch()
             if batch is None:
                 return
             cause = await self._runner.compute(batch)
             if cause is not None:
                 self._die(cause)
                 return
-
-    async def _next_batch(self) -> list[PendingRequest[In, Out]] | None:
-        while True:
-            while not self._queue:
-                if self._closing:
-                    return None
-                self._wakeup.clear()
-                await self._wakeup.wait()
-            await self._wait_while(lambda: (len(self._queue) < self.max_batch_size
-                                            and self._expected > 0 and not self._closing),
-                                   self._window_end())
-            await self._wait_to_fill_a_bucket()
-            batch: list[PendingRequest[In, Out]] = []
-            count = self.batch_count(len(self._queue))
-            if self._expediting():
-                # the most urgent ride in a batch of their own size, not a full one
-                count = min(count, self.bucket_for(self._queue.depth(1)))
-            now = time.monotonic()
-            controller = self.controller
-            while self._queue and len(batch) < count:
-                request = self._queue.popleft()
-                # A future already done was cancelled or timed out, and its submit() has not
-                # resumed yet; one whose deadline has passed will time out before its batch
-                # could finish. Both stay QUEUED, so that submit() books them as never run
-                # (QueueTimeout, never computed and then answered 504).
-                if request.future.done() or request.deadline <= now:
-                    continue
-                if controller is not None:
-                    # the batch shrinks to what this request can still make; one that
-                    # cannot make even the batch as it stands is refused, never computed
-                    fits = controller.largest_batch_for(now, request.objective, count)
-                    if fits <= len(batch):
-                        self.stats.shed_at_dispatch += 1
-                        controller.shed(now, request.objective, len(batch) + 1)
-                        request.future.set_exception(QueueTimeout(
-                            "could no longer be answered within the latency objective of "
-                            f"{self.slo_s * 1000:.0f} ms"))
-                        continue
-                    count = fits
-                    controller.observe_wait(request.level, request.predicted_wait,
-                                            now - request.enqueued_at)
-                request.state = RequestState.RUNNING
-                batch.append(request)
-            if batch:
-                return batch
-
-    async def _wait_to_fill_a_bucket(self) -> None:
-        """With the window over and the worker free, wait a little for the requests being
-        decoded to fill the next bucket up, when that costs less per request than
-        dispatching now (fill_target); never past the oldest request's objective."""
-        fill = self.fill_target(len(self._queue), self._expected)
-        if fill is None:
-            return
-        target, worth_s = fill
-        until = time.monotonic() + worth_s
-        if self.controller is not None:
-            until = min(until, self.controller.wait_until(self._queue.peek().objective,
-                                                          target))
-        await self._wait_while(lambda: (not self._closing and len(self._queue) < target
-                                        and len(self._queue) + self._expected >= target),
-                               until)
-
-    async def _wait_while(self, waiting: Callable[[], bool], until: float) -> None:
-        """Wait for requests to queue or decodes to end while `waiting()` holds, until
-        `until` on the monotonic clock."""
-        while waiting():
-            remaining = until - time.monotonic()
-            if remaining <= 0:
-                return
-            self._wakeup.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(remaining):
-                    await self._wakeup.wait()
-
-    def fill_target(self, queued: int, expected: int) -> tuple[int, float] | None:
-        """(bucket, seconds) to wait for the `expected` requests on their way to fill the
-        next bucket up (BatchSizes.fill_target); None when level 1 waits and expedite
-        cuts its batch now."""
-        if self._expediting():
-            return None
-        return self.sizes.fill_target(queued, expected)
-
-    def _expediting(self) -> bool:
-        """Whether the next batch is cut to level 1's queue (`expedite`, with level 1
-        waiting)."""
-        return bool(self.expedite and self._queue.levels > 1 and self._queue.depth(1))
-
-    def _window_end(self) -> float:
-        """Until when the worker may wait for more requests to join the next batch: the
-        batching window, and with a latency objective no later than the latest dispatch
-        at which the next request in line still meets it in the larger batch. (Waiting
-        up to that latest moment would fill batches, but put every answer at the edge of
-        its objective, where any batch slower than its estimate makes it late.)"""
-        first = self._queue.peek()
-        window_end = first.enqueued_at + self.max_wait_s
-        if self.controller is None:
-            return window_end
-        # the batch it would take once what is on its way has queued
-        size = self.batch_count(len(self._queue) + self._expected)
-        return min(window_end, self.controller.wait_until(first.objective, size))
-
-    def bucket_for(self, size: int) -> int:
-        """The smallest configured bucket that holds `size` inputs."""
-        return self.sizes.bucket_for(size)
 
     def set_bucket_costs(self, seconds: Mapping[int, float]) -> None:
         """Seconds a batch of each bucket size took at warm-up, to choose batches by cost
@@ -519,10 +408,6 @@ class Batcher(Generic[In, Out]):
             self.controller.seed(seconds)
         else:
             self.costs.seed(seconds)
-
-    def batch_count(self, queued: int) -> int:
-        """How many queued requests the next batch takes (BatchSizes.count)."""
-        return self.sizes.count(queued)
 
     def _worker_finished(self, task: asyncio.Task[None]) -> None:
         if task.cancelled() or task.exception() is None:

@@ -263,6 +263,37 @@ def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 60) -> Non
             process.wait(timeout=30)
 
 
+class FakeClock:
+    """A monotonic clock that moves only when a test moves it (`now`)."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+@contextlib.contextmanager
+def fake_batching_clock(clock: FakeClock) -> Iterator[FakeClock]:
+    """While held, every module of the batching core that reads `time.monotonic()` reads
+    `clock` instead: the batcher (admission, deadlines), batch forming (the window and
+    the waits) and the batch runner (batch times). One list, so that a module split off
+    later cannot keep reading the real clock in a test that fakes it."""
+    import batchd.batch_forming
+    import batchd.batch_runner
+    import batchd.batcher
+
+    modules = (batchd.batcher, batchd.batch_forming, batchd.batch_runner)
+    originals = [module.time for module in modules]
+    for module in modules:
+        module.time = clock  # type: ignore[assignment]
+    try:
+        yield clock
+    finally:
+        for module, original in zip(modules, originals, strict=True):
+            module.time = original  # type: ignore[assignment]
+
+
 def wait_for(check: Any, timeout_s: float = 60) -> None:
     """Poll `check` until it holds; TimeoutError if it does not within `timeout_s`."""
     deadline = time.monotonic() + timeout_s

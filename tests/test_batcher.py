@@ -20,7 +20,13 @@ from batchd.errors import (
     ShuttingDown,
     WorkerDead,
 )
-from tests.conftest import BlockingModel, FailingModel, RecordingModel
+from tests.conftest import (
+    BlockingModel,
+    FailingModel,
+    FakeClock,
+    RecordingModel,
+    fake_batching_clock,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -311,7 +317,7 @@ async def test_measured_costs_choose_an_exact_bucket_over_padding(
     batcher = make_batcher(model)
     # Batches of 8 are dear (8 s) and of 4 cheap (2 s): 6 queued run as 4 + 2, not 8.
     batcher.set_bucket_costs({1: 1.0, 2: 1.5, 4: 2.0, 8: 8.0})
-    assert [batcher.batch_count(n) for n in (0, 1, 2, 3, 4, 6, 8, 20)] == [0, 1, 2, 3, 4, 4, 8, 8]
+    assert [batcher.sizes.count(n) for n in (0, 1, 2, 3, 4, 6, 8, 20)] == [0, 1, 2, 3, 4, 4, 8, 8]
     running = asyncio.ensure_future(batcher.submit(0))
     await until(model.started.is_set)
     queued = [asyncio.ensure_future(batcher.submit(i)) for i in range(1, 7)]
@@ -330,7 +336,7 @@ def test_costs_timed_on_busy_cores_never_cut_a_batch_below_the_next_bucket_down(
                                          max_queue_size=64, queue_timeout_s=1)
     batcher.set_bucket_costs({1: 5.73, 2: 13.61, 4: 55.50, 8: 95.39, 16: 203.75,
                               32: 282.13})
-    assert [batcher.batch_count(n) for n in (3, 5, 12, 20, 32)] == [2, 4, 8, 16, 32]
+    assert [batcher.sizes.count(n) for n in (3, 5, 12, 20, 32)] == [2, 4, 8, 16, 32]
 
 
 def test_the_batches_served_correct_the_costs_warm_up_measured() -> None:
@@ -341,14 +347,14 @@ def test_the_batches_served_correct_the_costs_warm_up_measured() -> None:
                                          bucket_sizes=(1, 2, 4, 8), max_wait_s=0,
                                          max_queue_size=64, queue_timeout_s=1)
     batcher.set_bucket_costs({1: 1.0, 2: 1.5, 4: 2.0, 8: 8.0})
-    assert batcher.batch_count(6) == 4
+    assert batcher.sizes.count(6) == 4
     for _ in range(20):
         batcher.costs.observe(4, 2.0)
         batcher.costs.observe(8, 2.4)
-    assert batcher.batch_count(6) == 6  # padded to 8
+    assert batcher.sizes.count(6) == 6  # padded to 8
     # warm-up figures again (a new version warmed): served batches start over
     batcher.set_bucket_costs({1: 1.0, 2: 1.5, 4: 2.0, 8: 8.0})
-    assert batcher.batch_count(6) == 4
+    assert batcher.sizes.count(6) == 4
 
 
 async def test_every_batch_served_is_measured_without_an_objective(
@@ -372,20 +378,20 @@ def test_a_bucket_is_worth_filling_while_its_batch_costs_less_per_request() -> N
     batcher: Batcher[int, int] = Batcher(RecordingModel(), max_batch_size=8,
                                          bucket_sizes=(1, 2, 4, 8), max_wait_s=0,
                                          max_queue_size=64, queue_timeout_s=10)
-    assert batcher.fill_target(5, 3) is None  # no costs known: never
+    assert batcher.forming.fill_target(5, 3) is None  # no costs known: never
     batcher.set_bucket_costs({1: 1.0, 2: 2.0, 4: 4.0, 8: 6.0})
-    assert batcher.batch_count(5) == 4
-    assert batcher.fill_target(5, 3) == (8, 2.0)
-    assert batcher.fill_target(5, 2) is None  # those on their way cannot fill it
-    assert batcher.fill_target(5, 0) is None
-    assert batcher.fill_target(8, 4) is None  # already the largest batch
-    assert batcher.fill_target(4, 4) == (8, 2.0)
-    assert batcher.fill_target(7, 1) == (8, 6.0 / 7 * 8 - 6.0)  # 7 padded to 8 now
+    assert batcher.sizes.count(5) == 4
+    assert batcher.forming.fill_target(5, 3) == (8, 2.0)
+    assert batcher.forming.fill_target(5, 2) is None  # those on their way cannot fill it
+    assert batcher.forming.fill_target(5, 0) is None
+    assert batcher.forming.fill_target(8, 4) is None  # already the largest batch
+    assert batcher.forming.fill_target(4, 4) == (8, 2.0)
+    assert batcher.forming.fill_target(7, 1) == (8, 6.0 / 7 * 8 - 6.0)  # 7 padded to 8 now
     batcher.set_bucket_costs({1: 1.0, 2: 2.0, 4: 4.0, 8: 8.0})
-    assert batcher.fill_target(5, 3) is None  # 8 costs no less a request than 4
+    assert batcher.forming.fill_target(5, 3) is None  # 8 costs no less a request than 4
     batcher.set_bucket_costs({1: 1.0, 2: 2.0, 4: 4.0, 8: 6.0})
     batcher.sizes.fill_buckets = False  # batching.fill_buckets = false
-    assert batcher.fill_target(5, 3) is None
+    assert batcher.forming.fill_target(5, 3) is None
 
 
 async def test_the_worker_waits_for_decodes_that_fill_the_bucket(
@@ -436,7 +442,7 @@ def test_without_costs_a_batch_takes_all_that_fit() -> None:
     batcher: Batcher[int, int] = Batcher(RecordingModel(), max_batch_size=8,
                                          bucket_sizes=(1, 2, 4, 8), max_wait_s=0,
                                          max_queue_size=10, queue_timeout_s=1)
-    assert [batcher.batch_count(n) for n in (1, 3, 6, 9)] == [1, 3, 6, 8]
+    assert [batcher.sizes.count(n) for n in (1, 3, 6, 9)] == [1, 3, 6, 8]
 
 
 class RaiseThenHang:
@@ -526,22 +532,20 @@ def test_a_hung_model_call_does_not_keep_the_process_alive() -> None:
 
 
 async def test_a_request_whose_deadline_passed_in_the_queue_is_never_dispatched(
-        make_batcher: MakeBatcher, monkeypatch: pytest.MonkeyPatch) -> None:
+        make_batcher: MakeBatcher) -> None:
     """With a fake clock: its deadline has passed when the worker takes a batch, while its
     own timeout has not fired yet; it must not be computed (and then answered 504)."""
-    import batchd.batch_runner as batch_runner_module
-    import batchd.batcher as batcher_module
+    with fake_batching_clock(FakeClock()) as clock:
+        await _deadline_passed_in_the_queue(make_batcher, clock)
 
-    now = [1000.0]
-    clock = type("Clock", (), {"monotonic": staticmethod(lambda: now[0])})
-    for module in (batcher_module, batch_runner_module):  # both read the clock
-        monkeypatch.setattr(module, "time", clock)
+
+async def _deadline_passed_in_the_queue(make_batcher: MakeBatcher, clock: FakeClock) -> None:
     model = RecordingModel()
     batcher = make_batcher(model, start=False)
     doomed = asyncio.ensure_future(batcher.submit(1, timeout_s=5.0))
     alive = asyncio.ensure_future(batcher.submit(2))
     await until(lambda: batcher.queue_depth == 2)
-    now[0] += 6.0  # past the doomed request's deadline, not the other's
+    clock.now += 6.0  # past the doomed request's deadline, not the other's
     batcher.start()
     assert (await alive).output == 4
     assert model.batches == [(1, 1)]

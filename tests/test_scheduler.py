@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future
 from typing import Any
 
@@ -14,8 +14,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import batchd.batch_runner as batch_runner_module
-import batchd.batcher as batcher_module
 from batchd.batch_stats import Arrival
 from batchd.batcher import Batcher
 from batchd.errors import BadInput, DeadlineExceeded, QueueTimeout
@@ -28,7 +26,7 @@ from batchd.estimates import (
     SojournEstimate,
 )
 from batchd.scheduler import DeadlineController
-from tests.conftest import BlockingModel
+from tests.conftest import BlockingModel, FakeClock, fake_batching_clock
 
 pytestmark = pytest.mark.anyio
 
@@ -303,20 +301,10 @@ def test_the_limit_grows_only_while_it_holds_admission_back() -> None:
 # -- the batcher, with a fake clock --------------------------------------------------------
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def monotonic(self) -> float:
-        return self.now
-
-
 @pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
-    fake = FakeClock()
-    for module in (batcher_module, batch_runner_module):  # both read the clock
-        monkeypatch.setattr(module, "time", fake)
-    return fake
+def clock() -> Iterator[FakeClock]:
+    with fake_batching_clock(FakeClock()) as fake:
+        yield fake
 
 
 def make(model: Any, slo_s: float = 0.32, **overrides: Any) -> Batcher[int, int]:
@@ -406,7 +394,7 @@ async def test_the_wait_to_fill_a_bucket_ends_where_the_oldest_still_makes_its_o
             batcher.costs.observe(bucket, cost)
     # 3 queued and one on its way: a batch of 4 at 5 s a request beats 3 at 6.7, and
     # waiting for the fourth would be worth up to 6.7 s
-    assert batcher.fill_target(3, 1) == (4, pytest.approx(20.0 / 3 * 4 - 20.0))
+    assert batcher.forming.fill_target(3, 1) == (4, pytest.approx(20.0 / 3 * 4 - 20.0))
     with batcher.expecting():
         queued = [asyncio.ensure_future(batcher.submit(i)) for i in (1, 2, 3)]
         await asyncio.sleep(0)
@@ -529,13 +517,8 @@ def test_no_answer_is_a_success_after_its_objective(
     each batch takes its warm-up cost times a random slowdown. Every request is answered
     exactly once: a success computed within its objective, or a refusal (503) or a late
     answer (504), never a late success; and the books balance."""
-    fake = FakeClock()
-    original = batcher_module.time
-    batcher_module.time = batch_runner_module.time = fake  # type: ignore[assignment]
-    try:
+    with fake_batching_clock(FakeClock()) as fake:
         asyncio.run(_schedule(fake, arrivals, slowdowns, slo_s))
-    finally:
-        batcher_module.time = batch_runner_module.time = original
 
 
 async def _schedule(clock: FakeClock, arrivals: list[tuple[float, float, int]],
