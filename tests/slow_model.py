@@ -15,19 +15,27 @@ from batchd.model import warming_up
 
 
 class SlowDigits(nn.Sequential):
-    """The digits CNN, sleeping `delay_ms` per batch: keeps requests in flight for a while."""
+    """The digits CNN, sleeping `delay_ms` per batch: keeps requests in flight for a while.
 
-    def __init__(self, delay_ms: float = 50.0, num_classes: int = 10) -> None:
+    Warm-up's batches sleep `warm_up_delay_ms` (default `delay_ms`, so that warm-up times
+    the buckets as served). A test that does not read those timings passes 0 to start in
+    a second rather than after warm-up's dozen or so slow batches."""
+
+    def __init__(self, delay_ms: float = 50.0, num_classes: int = 10,
+                 warm_up_delay_ms: float | None = None) -> None:
         super().__init__(*build_model(num_classes))
         self.delay_s = delay_ms / 1000.0
+        self.warm_up_delay_s = self.delay_s if warm_up_delay_ms is None else (
+            warm_up_delay_ms / 1000.0)
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        time.sleep(self.delay_s)
+        time.sleep(self.warm_up_delay_s if warming_up() else self.delay_s)
         return super().forward(batch)
 
 
-def build_slow(delay_ms: float = 50.0, num_classes: int = 10) -> nn.Module:
-    return SlowDigits(delay_ms, num_classes)
+def build_slow(delay_ms: float = 50.0, num_classes: int = 10,
+               warm_up_delay_ms: float | None = None) -> nn.Module:
+    return SlowDigits(delay_ms, num_classes, warm_up_delay_ms)
 
 
 # An all-white 8x8 digit normalises to (1 - 0.31) / 0.38 = 1.816 everywhere: the marker.
@@ -101,8 +109,9 @@ class FaultyDigits(SlowDigits):
     """The slowed digits CNN that misbehaves on any batch holding an all-white image, after
     its delay: raises (`fault` names what), or with fault "hang" never returns."""
 
-    def __init__(self, fault: str, delay_ms: float = 0.0, num_classes: int = 10) -> None:
-        super().__init__(delay_ms, num_classes)
+    def __init__(self, fault: str, delay_ms: float = 0.0, num_classes: int = 10,
+                 warm_up_delay_ms: float | None = None) -> None:
+        super().__init__(delay_ms, num_classes, warm_up_delay_ms)
         self.fault = fault
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
@@ -114,8 +123,9 @@ class FaultyDigits(SlowDigits):
         return output
 
 
-def build_faulty(fault: str, delay_ms: float = 0.0, num_classes: int = 10) -> nn.Module:
-    return FaultyDigits(fault, delay_ms, num_classes)
+def build_faulty(fault: str, delay_ms: float = 0.0, num_classes: int = 10,
+                 warm_up_delay_ms: float | None = None) -> nn.Module:
+    return FaultyDigits(fault, delay_ms, num_classes, warm_up_delay_ms)
 
 
 def build_wide(width: int = 6400, num_classes: int = 10) -> nn.Module:

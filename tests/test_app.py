@@ -122,7 +122,7 @@ def test_served_accuracy_equals_offline_accuracy(digits_server: RunningServer,
 def test_200_concurrent_requests_compiled(tmp_path: Path,
                                           held_out: tuple[list[Any], list[int]]) -> None:
     """All 200 OK, each equal to the offline answer, real batching, no recompiles."""
-    config_path = write_config(tmp_path / "compiled.toml", compile=True,
+    config_path = write_config(tmp_path / "compiled.toml", compile=True, candidates=None,
                                batching={"max_wait_ms": 20})
     images = held_out[0][:200]
     expected = offline_logits(config_path, images)

@@ -3,7 +3,6 @@ shown; and the CPU plan that follows the stage costs."""
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -137,12 +136,8 @@ def test_timing_takes_more_rounds_only_while_the_budget_lasts() -> None:
 
 def digits_model(tmp_path: Path, candidates: list[str] | None = None,
                  compile: bool = False) -> ServedModel:
-    path = write_config(tmp_path / "c.toml", compile=compile)
-    if candidates is not None:
-        text = path.read_text().replace(
-            f"compile = {str(compile).lower()}",
-            f"compile = {str(compile).lower()}\ncandidates = {json.dumps(candidates)}")
-        path.write_text(text)
+    path = write_config(tmp_path / "c.toml", compile=compile,
+                        candidates=None if candidates is None else tuple(candidates))
     return ServedModel.from_config(load_config(path).models[0])
 
 
@@ -227,9 +222,7 @@ def test_candidates_are_checked_when_the_config_loads(tmp_path: Path) -> None:
 def test_the_choice_is_shown_in_models_the_v2_config_and_the_batch_metrics(
         tmp_path: Path, held_out: tuple[list[Any], list[int]]) -> None:
     digit_png = png_bytes(held_out[0][0])
-    path = write_config(tmp_path / "c.toml")
-    path.write_text(path.read_text().replace("compile = false",
-                                             'compile = false\ncandidates = ["onnx"]'))
+    path = write_config(tmp_path / "c.toml", candidates=("onnx",))
     with run_server(path) as server:
         with server.client() as client:
             described = client.get("/models").json()["models"][0]

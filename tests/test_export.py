@@ -105,7 +105,7 @@ def test_a_train_mode_trace_is_the_trap_export_avoids(digits_config: Any) -> Non
 
 def artifact_config(tmp_path: Path, artifacts: dict[str, Path]) -> Path:
     blocks = [digits_model_table(f"digits-{fmt}", source={"artifact": str(path)},
-                                 checkpoint=None,
+                                 checkpoint=None, candidates=None,
                                  batching={"max_batch_size": 8, "buckets": [1, 4, 8],
                                            "max_wait_ms": 20})
               for fmt, path in artifacts.items()]

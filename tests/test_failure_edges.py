@@ -35,14 +35,16 @@ def innocent(held_out: tuple[list[Any], list[int]], index: int) -> bytes:
 
 @pytest.fixture
 def spawn(tmp_path: Path) -> Iterator[Any]:
-    """Starts `python -m batchd serve` over a faulty model; kills what is left on teardown."""
+    """Starts `python -m batchd serve` over a faulty model (warmed without its delay: these
+    tests order requests by metrics, not by warm-up's timings); kills what is left on
+    teardown."""
     processes: list[subprocess.Popen[str]] = []
 
     def spawn_server(fault: str, delay_ms: float, drain_timeout_s: float,
                      max_batch_size: int = 8) -> tuple[subprocess.Popen[str], str]:
         config = write_config(
             tmp_path / f"{fault}.toml", builder=FAULTY,
-            builder_kwargs={"fault": fault, "delay_ms": delay_ms},
+            builder_kwargs={"fault": fault, "delay_ms": delay_ms, "warm_up_delay_ms": 0},
             batching={"max_batch_size": max_batch_size, "buckets": [1, max_batch_size],
                       "max_wait_ms": 1, "queue_timeout_ms": 60_000},
             server={"drain_timeout_s": drain_timeout_s})

@@ -440,7 +440,7 @@ def test_tokens_health_and_reflection(tmp_path: Path,
     tensors = digits.inputs
     # eager alone: the runtimes are not what is tested here, and exporting and timing each
     # for every bucket costs seconds on 2 cores
-    repository = make_repository(tmp_path, candidates=["eager"])
+    repository = make_repository(tmp_path)
     grpc_port = free_port()
     gate = tmp_path / "gate"
     config = tmp_path / "server.toml"
@@ -545,7 +545,7 @@ def test_reload_under_grpc_load_through_two_workers(
     tensors = digits.inputs
     # eager alone: each version would otherwise export and time every runtime for every
     # bucket on two busy cores (a minute); the reload under load is what is tested here
-    repository = make_repository(tmp_path, candidates=["eager"])
+    repository = make_repository(tmp_path)
     grpc_port = free_port()
     config = tmp_path / "server.toml"
     config.write_text(f"""[server]

@@ -256,7 +256,7 @@ def test_hanging_model_fails_readiness_and_requests_end_at_deadline(
     tmp_path: Path, held_out: tuple[list[Any], list[int]]
 ) -> None:
     config = write_config(tmp_path / "hang.toml", builder=SLOW,
-                          builder_kwargs={"delay_ms": 2500},
+                          builder_kwargs={"delay_ms": 2500, "warm_up_delay_ms": 0},
                           batching={"queue_timeout_ms": 800, "max_batch_size": 1, "buckets": [1]},
                           server={"watchdog_s": 0.3})
     with run_server(config, ready_timeout_s=60) as server, server.client() as client:

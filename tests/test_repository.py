@@ -40,10 +40,15 @@ ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 def model_config_text(compile: bool = False, policy: dict[str, Any] | None = None,
                       batching: dict[str, Any] | None = None,
-                      candidates: list[str] | None = None) -> str:
+                      candidates: tuple[str, ...] | None = ("eager",)) -> str:
     """The digits model's config.toml for a repository folder (its file comes from the
     version folders; its labels from each checkpoint's classes). `candidates` limits the
-    runtimes warm-up tries for each bucket (every version exports and times each)."""
+    runtimes warm-up tries for each bucket: eager alone unless a test asks, since trying
+    every runtime (an ONNX export and timings) costs 6-7 s a version on 2 cores, and most
+    tests here load several versions to test the repository, not the runtime choice
+    (tests/test_bucket_runtimes.py does). None: the default, every runtime that can run
+    here, as a user's model gets; the reload under load, the compiled reloads, the
+    artifacts and the unloaded memory go that way."""
     batching = {"max_batch_size": 8, "max_wait_ms": 2, "buckets": [1, 2, 4, 8],
                 **(batching or {})}
     policy_table = f"[version_policy]\n{toml_table(policy)}\n" if policy else ""
@@ -65,7 +70,7 @@ color_mode = "L"
 [runtime]
 device = "cpu"
 compile = {toml_value(compile)}
-{"" if candidates is None else f"candidates = {toml_value(candidates)}"}
+{"" if candidates is None else f"candidates = {toml_value(list(candidates))}"}
 """
 
 
@@ -244,7 +249,8 @@ async def test_reload_under_load_switches_versions_without_an_error(
     once the switch is made, only version 2 answers; nothing fails in between. They wait
     while version 2 exports and times its runtimes, which took over 30 s on two busy
     cores: their queue timeout is the 120 s that the test allows the load."""
-    repository = make_repository(tmp_path, batching={"queue_timeout_ms": 120_000})
+    repository = make_repository(tmp_path, batching={"queue_timeout_ms": 120_000},
+                                 candidates=None)
     with run_server(server_config(tmp_path, repository)) as server:
         runtime = server.app.state.runtime
         offline = ServedModel.from_config(Repository(repository).read("digits").versions[1])
@@ -557,10 +563,10 @@ async def test_polling_reloads_changed_models(tmp_path: Path, digit_png: bytes) 
 def test_unload_returns_the_memory(tmp_path: Path) -> None:
     """A 164 MB model loaded and unloaded: resident memory comes back to within 40 MB
     of where it was before the load."""
-    repository = make_repository(tmp_path)
+    repository = make_repository(tmp_path, candidates=None)
     big = repository / "big"
     (big / "1").mkdir(parents=True)
-    (big / "config.toml").write_text(model_config_text().replace(
+    (big / "config.toml").write_text(model_config_text(candidates=None).replace(
         'builder = "batchd.digits:build_model"',
         'builder = "tests.slow_model:build_wide"\nkwargs = { width = 6400 }'))
     from tests.slow_model import build_wide
@@ -590,7 +596,7 @@ async def test_compiled_reloads_compile_every_bucket_and_free_the_old_network(
     """Each reloaded version compiles its own graphs for every bucket (through torch's
     shared wrapper they ran out of one recompile limit by the third version and fell back
     to eager), and the version it replaced is garbage once retired."""
-    repository = make_repository(tmp_path, compile=True)
+    repository = make_repository(tmp_path, compile=True, candidates=None)
     with run_server(server_config(tmp_path, repository)) as server:
         runtime = server.app.state.runtime
         buckets = len(runtime.slots["digits"].config.batching.bucket_sizes)
@@ -624,7 +630,7 @@ async def test_an_artifact_serves_only_after_its_parity_check(
     before goes on serving."""
     from batchd.export import export_model
 
-    repository = make_repository(tmp_path)
+    repository = make_repository(tmp_path, candidates=None)
     config = Repository(repository).read("digits").versions[1]
     state = torch.load(DIGITS_CHECKPOINT, map_location="cpu", weights_only=True)
     for version, reference in ((2, state),

@@ -29,7 +29,10 @@ TOLERANCE = 1e-4
 @pytest.fixture(scope="module")
 def two_models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     text = (ROOT / "config" / "two_models.toml").read_text()
+    # eager alone: this module tests the protocol, not the runtime chosen per bucket
+    # (trying every runtime on both models took 20 s of its set-up)
     text = text.replace("compile = true", "compile = false").replace(
+        "compile = false", 'compile = false\ncandidates = ["eager"]').replace(
         "../batchd/assets/", str(ROOT / "batchd" / "assets") + "/")
     path = tmp_path_factory.mktemp("v2") / "two.toml"
     path.write_text(text)
@@ -320,7 +323,7 @@ def test_timeout_parameter_is_the_queue_deadline(tmp_path: Path) -> None:
     from tests.conftest import write_config
 
     config = write_config(tmp_path / "slow.toml", builder="tests.slow_model:build_slow",
-                          builder_kwargs={"delay_ms": 400},
+                          builder_kwargs={"delay_ms": 400, "warm_up_delay_ms": 0},
                           batching={"max_batch_size": 1, "buckets": [1]})
     body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 8, 8],
                         "data": [0.0] * 64}], "parameters": {"timeout": 100_000}}
@@ -343,10 +346,12 @@ def test_timeout_parameter_is_the_queue_deadline(tmp_path: Path) -> None:
 def test_slow_model_does_not_stall_another(tmp_path: Path,
                                            held_out: tuple[list[Any], list[int]]) -> None:
     text = (ROOT / "config" / "two_models.toml").read_text().replace(
-        "compile = true", 'compile = false\ncandidates = ["eager"]').replace(
+        "compile = true", "compile = false").replace(
+        "compile = false", 'compile = false\ncandidates = ["eager"]').replace(
         "../batchd/assets/", str(ROOT / "batchd" / "assets") + "/").replace(
         'builder = "batchd.digits:build_model"',
-        'builder = "tests.slow_model:build_slow"\nkwargs = { delay_ms = 200 }')
+        'builder = "tests.slow_model:build_slow"\n'
+        'kwargs = { delay_ms = 200, warm_up_delay_ms = 0 }')
     path = tmp_path / "slow-and-fast.toml"
     path.write_text(text)
     body = png_bytes(held_out[0][0])
