@@ -1,13 +1,14 @@
-"""Two batching settings side by side under open-loop overload: goodput within the objective.
+"""Two settings side by side under open-loop overload: goodput within the objective.
 
 Each round measures C first (batchd without an objective, closed loop, 16 clients), then
 serves ResNet-18 at 64x64 with the objective twice, once as the config has it and once
-with `--variant`'s [models.batching] keys, the order alternating between rounds, and
-offers each the same open-loop schedule at 1.5 C and 3 C. This machine's speed moves by
-tens of percent within minutes (docs, Overload), so only the pairs measured in the same
-round are compared:
+with `--variant`'s keys, the order alternating between rounds, and offers each the same
+open-loop schedule at 1.5 C and 3 C. A key is one of [models.batching], or of [server]
+written `server.<key>`. This machine's speed moves by tens of percent within minutes
+(docs, Overload), so only the pairs measured in the same round are compared:
 
     python -m loadtest.overload_ab --slo-ms 250 --variant fill_buckets=false --rounds 3
+    python -m loadtest.overload_ab --variant server.torch_threads=1,server.preprocess_threads=1
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import json
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 from loadtest.bench import RESULTS, WORKLOADS, ensure_checkpoint, on_device, server, stage
@@ -23,6 +25,7 @@ from loadtest.images import photo_jpeg
 from loadtest.loadgen import aiohttp_load
 from loadtest.openloop import with_batching
 from loadtest.overload import closed_loop, measure
+from loadtest.servers import config_with
 
 MULTIPLES = (1.5, 3.0)
 
@@ -50,6 +53,21 @@ def parse_variant(text: str) -> dict[str, str]:
     return settings
 
 
+def variant_config(workload: Path, tag: str, objective: dict[str, Any],
+                   variant: dict[str, str]) -> Path:
+    """The workload's config with the objective and the variant's keys: `server.<key>`
+    in [server], the rest in [models.batching]."""
+    server_keys = {key.removeprefix("server."): value for key, value in variant.items()
+                   if key.startswith("server.")}
+    batching = {key: value for key, value in variant.items() if not key.startswith("server.")}
+    path = with_batching(workload, tag, **objective, **batching)
+    if not server_keys:
+        return path
+    with_server = config_with(path, "server", f"{tag}-server", **server_keys)
+    path.unlink()
+    return with_server
+
+
 def paired(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Per multiple of C: the rounds the variant served more in, and the mean of its
     goodput over the baseline's, each round's pair taken together."""
@@ -71,7 +89,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slo-ms", type=float, default=250.0)
     parser.add_argument("--variant", type=parse_variant, required=True,
-                        help="[models.batching] keys for the second server: key=value,...")
+                        help="keys for the second server: key=value,... ([models.batching], "
+                             "or [server] as server.key=value)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--arrivals", choices=("poisson", "bursty"), default="poisson")
     parser.add_argument("--seconds", type=float, default=10.0, help="per point")
@@ -82,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     body = photo_jpeg()
     objective = {"slo_ms": args.slo_ms, "queue_timeout_ms": args.slo_ms, "priority_levels": 2}
     configs = {"baseline": with_batching(workload, "ab-baseline", **objective),
-               "variant": with_batching(workload, "ab-variant", **objective, **args.variant)}
+               "variant": variant_config(workload, "ab-variant", objective, args.variant)}
     RESULTS.mkdir(parents=True, exist_ok=True)
     stage(f"{os.cpu_count()} cores; objective {args.slo_ms:g} ms; variant {args.variant}; "
           f"{args.rounds} rounds of {args.arrivals} arrivals, {args.seconds:g} s a point")

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from loadtest.overload import capacity_within, split_cpu, summary
-from loadtest.overload_ab import paired, parse_variant
-from tests.conftest import RunningServer, png_bytes
+from loadtest.overload_ab import paired, parse_variant, variant_config
+from tests.conftest import DIGITS_CHECKPOINT, ROOT, RunningServer, png_bytes
 
 
 def test_summary_counts_goodput_late_successes_and_refusals() -> None:
@@ -66,6 +67,23 @@ def test_an_ab_variant_is_batching_keys_with_their_toml_literals() -> None:
     for wrong in ("fill_buckets", "=false", "fill_buckets=", ""):
         with pytest.raises(argparse.ArgumentTypeError):
             parse_variant(wrong)
+
+
+def test_an_ab_variant_sets_server_keys_in_server_and_the_rest_in_batching(
+        tmp_path: Path) -> None:
+    from batchd.config import load_config
+
+    base = tmp_path / "model.toml"
+    base.write_text((ROOT / "config" / "resnet18-64.toml").read_text().replace(
+        "../checkpoints/resnet18-10.pt", str(DIGITS_CHECKPOINT)))
+    variant = parse_variant("server.torch_threads=1,server.preprocess_threads=1,"
+                            "fill_buckets=false")
+    path = variant_config(base, "test", {"slo_ms": 250, "priority_levels": 2}, variant)
+    config = load_config(path)
+    assert (config.server.torch_threads, config.server.preprocess_threads) == (1, 1)
+    batching = config.models[0].batching
+    assert (batching.fill_buckets, batching.slo_ms, batching.priority_levels) == (False, 250, 2)
+    assert sorted(file.name for file in tmp_path.iterdir()) == [path.name, "model.toml"]
 
 
 def test_ab_rounds_are_compared_pair_by_pair() -> None:
