@@ -333,21 +333,25 @@ def plot(workload: str, runs: dict[str, dict[str, dict[int, dict[str, Any]]]],
     plt.close(figure)
 
 
-def batchd_layouts(workers: list[int], decoding: list[int] | None = None
-                   ) -> dict[str, dict[str, int]]:
+def batchd_layouts(workers: list[int], decoding: list[int] | None = None,
+                   model_threads: list[int] | None = None) -> dict[str, dict[str, int]]:
     """The batchd servers to run, by name: the [server] settings of each, from every
-    server.workers and server.preprocess_threads asked for (0: the CPU plan's)."""
-    decoding = decoding or [0]
-    if workers == [0] and decoding == [0]:
+    server.workers, server.preprocess_threads and server.torch_threads asked for (0: the
+    CPU plan's)."""
+    decoding, model_threads = decoding or [0], model_threads or [0]
+    if workers == [0] and decoding == [0] and model_threads == [0]:
         return {"batchd": {}}
     layouts = {}
     for count in workers:
         for threads in decoding:
-            parts = [f"w={count or 'plan'}"] if workers != [0] else []
-            parts += [f"d={threads or 'plan'}"] if decoding != [0] else []
-            settings = {"workers": count} if count else {}
-            settings |= {"preprocess_threads": threads} if threads else {}
-            layouts["batchd " + " ".join(parts)] = settings
+            for model in model_threads:
+                parts = [f"w={count or 'plan'}"] if workers != [0] else []
+                parts += [f"d={threads or 'plan'}"] if decoding != [0] else []
+                parts += [f"m={model or 'plan'}"] if model_threads != [0] else []
+                settings = {"workers": count} if count else {}
+                settings |= {"preprocess_threads": threads} if threads else {}
+                settings |= {"torch_threads": model} if model else {}
+                layouts["batchd " + " ".join(parts)] = settings
     return layouts
 
 
@@ -362,7 +366,8 @@ def on_device(config_path: Path, device: str) -> Path:
 def run_workload(workload: str, levels: list[int], generators: list[str], body_kind: str,
                  per_client: int, minimum: int, ceiling_seconds: float,
                  workers: list[int] | None = None, device: str = "",
-                 decoding: list[int] | None = None, decode: str = "cpu") -> dict[str, Any]:
+                 decoding: list[int] | None = None, decode: str = "cpu",
+                 model_threads: list[int] | None = None) -> dict[str, Any]:
     config_path = WORKLOADS[workload]
     ensure_checkpoint(config_path)
     config_path = on_device(config_path, device)
@@ -383,7 +388,7 @@ def run_workload(workload: str, levels: list[int], generators: list[str], body_k
     RESULTS.mkdir(parents=True, exist_ok=True)
     runs: dict[str, dict[str, dict[int, dict[str, Any]]]] = {g: {} for g in generators}
     recompile_count = 0.0
-    layouts = batchd_layouts(workers or [0], decoding)
+    layouts = batchd_layouts(workers or [0], decoding, model_threads)
     for kind in (*layouts, "baseline"):
         served_config = config_path
         if layouts.get(kind):
@@ -435,6 +440,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--decoding-threads", default="0",
                         help="server.preprocess_threads of each batchd to run side by side "
                              "(0: the CPU plan's, which follows the stage costs), e.g. 0,1,2")
+    parser.add_argument("--model-threads", default="0",
+                        help="server.torch_threads of each batchd to run side by side (0: "
+                             "the CPU plan's), e.g. 0,1")
     parser.add_argument("--device", default="",
                         help="serve on this device instead of the config's (e.g. cpu)")
     parser.add_argument("--decode", choices=["cpu", "device"], default="cpu",
@@ -454,7 +462,8 @@ def main(argv: list[str] | None = None) -> None:
         run_workload(workload, levels, generators, args.body, args.requests_per_client,
                      args.min_requests, args.ceiling_seconds,
                      [int(value) for value in args.workers.split(",")], args.device,
-                     [int(value) for value in args.decoding_threads.split(",")], args.decode)
+                     [int(value) for value in args.decoding_threads.split(",")], args.decode,
+                     [int(value) for value in args.model_threads.split(",")])
     if args.grpc:
         from loadtest import grpc_point
 

@@ -64,3 +64,7 @@ def test_the_benchmark_runs_one_batchd_per_layout_and_decoding_setting() -> None
     assert batchd_layouts([1, 0], [2]) == {
         "batchd w=1 d=2": {"workers": 1, "preprocess_threads": 2},
         "batchd w=plan d=2": {"preprocess_threads": 2}}
+    assert batchd_layouts([0], [0, 1], [0, 1]) == {
+        "batchd d=plan m=plan": {}, "batchd d=plan m=1": {"torch_threads": 1},
+        "batchd d=1 m=plan": {"preprocess_threads": 1},
+        "batchd d=1 m=1": {"preprocess_threads": 1, "torch_threads": 1}}
