@@ -103,7 +103,11 @@ def digits_model_table(
     network it saves the runtime trial (an ONNX export and timings under load: 9.8 s of
     a start on 2 cores against 0.6) in tests of everything but that trial, which
     tests/test_bucket_runtimes.py tests. None: every runtime that can run here, as a
-    user's config gets (`digits_server`, the compiled server)."""
+    user's config gets (`digits_server`, the compiled server); `compile` needs it or
+    `compiled` among the candidates, or nothing would be compiled."""
+    if compile and candidates is not None and "compiled" not in candidates:
+        raise ValueError("compile=True with candidates that leave out 'compiled' compiles "
+                         "nothing: pass candidates=None")
     candidates_line = "" if candidates is None else (
         f"\ncandidates = {toml_value(list(candidates))}")
     batching = {"max_batch_size": 32, "max_wait_ms": 5, "buckets": [1, 2, 4, 8, 16, 32],
@@ -287,7 +291,8 @@ def fake_batching_clock(clock: FakeClock) -> Iterator[FakeClock]:
     """While held, every module of the batching core that reads `time.monotonic()` reads
     `clock` instead: the batcher (admission, deadlines), batch forming (the window and
     the waits) and the batch runner (batch times). One list, so that a module split off
-    later cannot keep reading the real clock in a test that fakes it."""
+    later cannot keep reading the real clock in a test that fakes it. asyncio's own
+    timers (`asyncio.timeout`, `sleep`) still run on the event loop's real clock."""
     import batchd.batch_forming
     import batchd.batch_runner
     import batchd.batcher

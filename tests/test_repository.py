@@ -48,7 +48,11 @@ def model_config_text(compile: bool = False, policy: dict[str, Any] | None = Non
     tests here load several versions to test the repository, not the runtime choice
     (tests/test_bucket_runtimes.py does). None: the default, every runtime that can run
     here, as a user's model gets; the reload under load, the compiled reloads, the
-    artifacts and the unloaded memory go that way."""
+    artifacts and the unloaded memory go that way, and `compile` must (with eager alone
+    nothing would be compiled)."""
+    if compile and candidates is not None and "compiled" not in candidates:
+        raise ValueError("compile=True with candidates that leave out 'compiled' compiles "
+                         "nothing: pass candidates=None")
     batching = {"max_batch_size": 8, "max_wait_ms": 2, "buckets": [1, 2, 4, 8],
                 **(batching or {})}
     policy_table = f"[version_policy]\n{toml_table(policy)}\n" if policy else ""
@@ -641,13 +645,13 @@ async def test_an_artifact_serves_only_after_its_parity_check(
         export_model(config, "torchscript", folder / "model.ts", progress=lambda line: None)
         torch.save(reference, folder / "reference.pt")
     (repository / "digits" / "config.toml").write_text(
-        model_config_text(policy={"kind": "specific", "versions": [1, 2]}))
+        model_config_text(policy={"kind": "specific", "versions": [1, 2]}, candidates=None))
     with run_server(server_config(tmp_path, repository)) as server:
         runtime = server.app.state.runtime
         assert list(runtime.versions["digits"]) == [1, 2]  # passed at start-up
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
             (repository / "digits" / "config.toml").write_text(model_config_text(
-                policy={"kind": "specific", "versions": [1, 3]}))
+                policy={"kind": "specific", "versions": [1, 3]}, candidates=None))
             failed = await client.post("/v2/repository/models/digits/load", headers=ADMIN)
             assert failed.status_code == 400
             assert "parity check" in failed.json()["error"], failed.text
