@@ -104,10 +104,10 @@ def digits_model_table(
     a start on 2 cores against 0.6) in tests of everything but that trial, which
     tests/test_bucket_runtimes.py tests. None: every runtime that can run here, as a
     user's config gets (`digits_server`, the compiled server); `compile` needs it or
-    `compiled` among the candidates, or nothing would be compiled."""
-    if compile and candidates is not None and "compiled" not in candidates:
-        raise ValueError("compile=True with candidates that leave out 'compiled' compiles "
-                         "nothing: pass candidates=None")
+    a compiling runtime among the candidates, or nothing would be compiled."""
+    if compile and candidates == ("eager",):
+        raise ValueError("compile=True with eager alone compiles nothing: pass "
+                         "candidates=None, or the compiling runtimes to try")
     candidates_line = "" if candidates is None else (
         f"\ncandidates = {toml_value(list(candidates))}")
     batching = {"max_batch_size": 32, "max_wait_ms": 5, "buckets": [1, 2, 4, 8, 16, 32],

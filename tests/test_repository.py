@@ -50,9 +50,9 @@ def model_config_text(compile: bool = False, policy: dict[str, Any] | None = Non
     here, as a user's model gets; the reload under load, the compiled reloads, the
     artifacts and the unloaded memory go that way, and `compile` must (with eager alone
     nothing would be compiled)."""
-    if compile and candidates is not None and "compiled" not in candidates:
-        raise ValueError("compile=True with candidates that leave out 'compiled' compiles "
-                         "nothing: pass candidates=None")
+    if compile and candidates == ("eager",):
+        raise ValueError("compile=True with eager alone compiles nothing: pass "
+                         "candidates=None, or the compiling runtimes to try")
     batching = {"max_batch_size": 8, "max_wait_ms": 2, "buckets": [1, 2, 4, 8],
                 **(batching or {})}
     policy_table = f"[version_policy]\n{toml_table(policy)}\n" if policy else ""
