@@ -108,9 +108,6 @@ class Batcher(Generic[In, Out]):
         if not bucket_sizes or max(bucket_sizes) < max_batch_size:
             raise ValueError("the largest bucket must hold max_batch_size")
         self.name = name
-        self.max_batch_size = max_batch_size
-        self.bucket_sizes = tuple(sorted(set(bucket_sizes)))
-        self.max_wait_s = max_wait_s
         self.max_queue_size = max_queue_size
         self.queue_timeout_s = queue_timeout_s
         self._owns_executor = executor is None
@@ -123,7 +120,6 @@ class Batcher(Generic[In, Out]):
         self.level_limits = tuple(level_limits) or (
             ((max_queue_size, queue_timeout_s),) * priority_levels)
         self.default_level = default_priority or priority_levels
-        self.expedite = expedite
         self._queue: PriorityQueues[PendingRequest[In, Out]] = PriorityQueues(
             priority_levels, priority_share if priority_levels > 1 else 0.0)
         self._in_flight = 0
@@ -132,17 +128,19 @@ class Batcher(Generic[In, Out]):
         self.dead_reason: str | None = None
         self.stats = BatchStats()
         self.costs = BucketCosts()  # each bucket's, from warm-up and the batches served
-        self.sizes = BatchSizes(self.bucket_sizes, max_batch_size, self.costs, fill_buckets)
+        # the buckets, sorted, and the batch sizes chosen over them; the window, expedite
+        # and the bucket wait are the forming's
+        self.sizes = BatchSizes(bucket_sizes, max_batch_size, self.costs, fill_buckets)
         self.slo_s = slo_s
         self.controller = DeadlineController(
-            slo_s, self.bucket_sizes, max_batch_size, priority_levels,
+            slo_s, self.sizes.bucket_sizes, max_batch_size, priority_levels,
             sum(size for size, _ in self.level_limits) + max_batch_size, self.costs,
         ) if slo_s > 0 else None
         self.forming = BatchForming(self._queue, self.sizes, max_wait_s=max_wait_s,
                                     expedite=expedite, stats=self.stats,
                                     controller=self.controller, slo_s=slo_s)
         self._runner: BatchRunner[In, Out] = BatchRunner(
-            run_batch, self._executor, self.bucket_sizes, self.stats, name, slo_s,
+            run_batch, self._executor, self.sizes.bucket_sizes, self.stats, name, slo_s,
             self.costs, self.controller, observer)
 
     # -- life cycle ---------------------------------------------------------------------
