@@ -105,11 +105,6 @@ def digits_model_table(
     tests/test_bucket_runtimes.py tests. None: every runtime that can run here, as a
     user's config gets (`digits_server`, the compiled server); `compile` needs it or
     a compiling runtime among the candidates, or nothing would be compiled."""
-    if compile and candidates == ("eager",):
-        raise ValueError("compile=True with eager alone compiles nothing: pass "
-                         "candidates=None, or the compiling runtimes to try")
-    candidates_line = "" if candidates is None else (
-        f"\ncandidates = {toml_value(list(candidates))}")
     batching = {"max_batch_size": 32, "max_wait_ms": 5, "buckets": [1, 2, 4, 8, 16, 32],
                 **(batching or {})}
     checkpoint_line = "" if checkpoint is None else f"checkpoint = {toml_value(str(checkpoint))}"
@@ -134,8 +129,20 @@ color_mode = "L"
 
 [models.runtime]
 device = "cpu"
-compile = {toml_value(compile)}{candidates_line}
+{runtime_keys(compile, candidates)}
 """
+
+
+def runtime_keys(compile: bool, candidates: tuple[str, ...] | None) -> str:
+    """A CPU runtime table's `compile` and `candidates` keys for a test's digits model
+    (candidates None: the key left out, every runtime that can run here). compile with
+    eager alone is refused: it would compile nothing."""
+    if compile and candidates == ("eager",):
+        raise ValueError("compile=True with eager alone compiles nothing: pass "
+                         "candidates=None, or the compiling runtimes to try")
+    keys = f"compile = {toml_value(compile)}"
+    return keys if candidates is None else (
+        f"{keys}\ncandidates = {toml_value(list(candidates))}")
 
 
 def write_config(

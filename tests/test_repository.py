@@ -28,8 +28,8 @@ from tests.conftest import (
     RunningServer,
     png_bytes,
     run_server,
+    runtime_keys,
     toml_table,
-    toml_value,
 )
 
 pytestmark = pytest.mark.anyio
@@ -48,11 +48,7 @@ def model_config_text(compile: bool = False, policy: dict[str, Any] | None = Non
     tests here load several versions to test the repository, not the runtime choice
     (tests/test_bucket_runtimes.py does). None: the default, every runtime that can run
     here, as a user's model gets; the reload under load, the compiled reloads, the
-    artifacts and the unloaded memory go that way, and `compile` must (with eager alone
-    nothing would be compiled)."""
-    if compile and candidates == ("eager",):
-        raise ValueError("compile=True with eager alone compiles nothing: pass "
-                         "candidates=None, or the compiling runtimes to try")
+    artifacts and the unloaded memory go that way, and `compile` must (runtime_keys)."""
     batching = {"max_batch_size": 8, "max_wait_ms": 2, "buckets": [1, 2, 4, 8],
                 **(batching or {})}
     policy_table = f"[version_policy]\n{toml_table(policy)}\n" if policy else ""
@@ -73,8 +69,7 @@ color_mode = "L"
 
 [runtime]
 device = "cpu"
-compile = {toml_value(compile)}
-{"" if candidates is None else f"candidates = {toml_value(list(candidates))}"}
+{runtime_keys(compile, candidates)}
 """
 
 

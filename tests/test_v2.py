@@ -26,16 +26,20 @@ from tests.conftest import ROOT, RunningServer, png_bytes, run_server
 TOLERANCE = 1e-4
 
 
-@pytest.fixture(scope="module")
-def two_models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    text = (ROOT / "config" / "two_models.toml").read_text()
-    # eager alone: this module tests the protocol, not the runtime chosen per bucket
-    # (trying every runtime on both models took 20 s of its set-up)
-    text = text.replace("compile = true", "compile = false").replace(
+def two_models_eager() -> str:
+    """config/two_models.toml served eager alone, its asset paths absolute: this module
+    tests the protocol, not the runtime chosen per bucket (trying every runtime on both
+    models took 20 s of its set-up)."""
+    return (ROOT / "config" / "two_models.toml").read_text().replace(
+        "compile = true", "compile = false").replace(
         "compile = false", 'compile = false\ncandidates = ["eager"]').replace(
         "../batchd/assets/", str(ROOT / "batchd" / "assets") + "/")
+
+
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     path = tmp_path_factory.mktemp("v2") / "two.toml"
-    path.write_text(text)
+    path.write_text(two_models_eager())
     with run_server(path) as server:
         yield server
 
@@ -345,10 +349,7 @@ def test_timeout_parameter_is_the_queue_deadline(tmp_path: Path) -> None:
 
 def test_slow_model_does_not_stall_another(tmp_path: Path,
                                            held_out: tuple[list[Any], list[int]]) -> None:
-    text = (ROOT / "config" / "two_models.toml").read_text().replace(
-        "compile = true", "compile = false").replace(
-        "compile = false", 'compile = false\ncandidates = ["eager"]').replace(
-        "../batchd/assets/", str(ROOT / "batchd" / "assets") + "/").replace(
+    text = two_models_eager().replace(
         'builder = "batchd.digits:build_model"',
         'builder = "tests.slow_model:build_slow"\n'
         'kwargs = { delay_ms = 200, warm_up_delay_ms = 0 }')
