@@ -316,6 +316,11 @@ class ServerConfig:
     torch_threads: int = 0
     """The model's intra-op threads; 0: the CPU plan decides.
     Range: >= 0"""
+    narrow_while_decoding: bool = True
+    """On a CPU device with one process, a batch that starts while images decode beside
+    it runs on half the cores' threads where that was measured faster at warm-up (each
+    runtime's twin, checked against eager: batchd.narrowing); false: every batch on all of
+    torch_threads."""
     cache_dir: str = ""
     """Where ONNX exports and warm-up's runtime choices are kept between restarts, keyed
     by the checkpoint's fingerprint, the model's settings, the machine and the CPU plan

@@ -56,6 +56,9 @@ class WatchedModel(Protocol):
     @property
     def recompiles(self) -> int: ...
 
+    @property
+    def narrowed_batches(self) -> int: ...
+
 
 @dataclass
 class _Watched:
@@ -278,6 +281,10 @@ class _StateCollector(Collector):
     _COUNTERS: dict[str, tuple[str, Callable[[_Watched], float]]] = {
         "batchd_recompiles": ("Graph compilations after warm-up (should stay 0).",
                               lambda w: w.model.recompiles),
+        "batchd_narrowed_batches": ("Batches computed on fewer intra-op threads because "
+                                    "images were decoding beside them as they started "
+                                    "(batchd.narrowing).",
+                                    lambda w: w.model.narrowed_batches),
         "batchd_batcher_accepted": ("Requests that entered the model's queue.",
                                     lambda w: w.batcher.stats.accepted),
         "batchd_items_computed": ("Inputs the model computed (padding excluded).",

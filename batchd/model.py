@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from batchd.artifacts import OnnxNetwork
 from batchd.batch_input import BatchInput
 from batchd.bucket_runtimes import (
     FLOAT32_TOLERANCE,
@@ -54,6 +55,7 @@ from batchd.errors import (
     ModelFailed,
     ModelOverloaded,
 )
+from batchd.narrowing import TORCH_NARROWABLE, NarrowPlan, Twins, torch_twin
 from batchd.preprocess import Preprocessor
 from batchd.runtime_cache import RuntimeCache, cpu_model, file_fingerprint, key_of, package_version
 
@@ -136,6 +138,12 @@ class ServedModel:
         self.bucket_runtime: dict[int, str] = {}
         self.bucket_seconds: dict[int, float] = {}
         self.decode_cpu_seconds: float | None = None  # a probe JPEG's, at warm-up
+        # Twins on fewer threads for batches that start while images decode beside them
+        # (batchd.narrowing): built at warm-up where the plan asks; `decoding_beside` is
+        # set by the runtime that decodes this model's images.
+        self.twins: Twins | None = None
+        self.decoding_beside: Callable[[], bool] = lambda: False
+        self.narrowed_batches = 0
         self._compiled_codes: list[types.CodeType] = []  # see release()
         self._guard_finalizers: set[weakref.finalize[Any, Any]] = set()
         self.num_classes = self._probe_num_classes()
@@ -231,6 +239,7 @@ class ServedModel:
         self._guard_finalizers = set()
         self._compiled_codes = []
         self._forwards = {"eager": self.network}
+        self.twins = None
 
     def _probe_num_classes(self) -> int:
         with torch.inference_mode():
@@ -247,44 +256,60 @@ class ServedModel:
         return self.compile_count - self.warm_compile_count if self.ready else 0
 
     def warm_up(self, progress: Callable[[str], None] | None = None,
-                decoding_threads: int = 0, cache: RuntimeCache | None = None) -> None:
+                decoding_threads: int = 0, cache: RuntimeCache | None = None,
+                narrow: NarrowPlan | None = None) -> None:
         """Choose each bucket's runtime and run every bucket, so that serving never compiles.
 
         Each candidate (batchd.bucket_runtimes) is checked against eager on seeded inputs
         and, with runtime.pick_faster, timed on every bucket while `decoding_threads`
-        decode as under load; the fastest serves the bucket. A choice kept in `cache` for
-        this model, machine and plan skips the timing, not the parity check.
+        decode as under load; the fastest serves the bucket. With a `narrow` plan, each
+        chosen runtime's twin on fewer threads is checked, and timed against it beside
+        the plan's decoding load (batchd.narrowing). A choice kept in `cache` for this
+        model, machine and plan skips the timing, not the parity check.
         """
         report = progress or logger.info
         cache = cache or RuntimeCache(None)
         buckets = self.config.batching.bucket_sizes
         names = self.candidate_names()
-        key = self.choice_key(names, decoding_threads)
+        self.twins = Twins(narrow) if narrow is not None else None
+        key = self.choice_key(names, decoding_threads, narrow)
         finalizers_before = _guard_finalizers()
         batches = {size: self.assemble(seeded_images(self.input_shape, size, seed=size), size)
                    for size in buckets}
         load = DecodingLoad(self.preprocessor.load, probe_jpeg(), decoding_threads)
         started = time.monotonic()
         with load.running(), _warming_up():
-            choices = self._cached_choices(cache.load_choices(key), names, batches, report,
-                                           cache)
+            saved = cache.load_choices(key)
+            choices = self._cached_choices(saved, names, batches, report, cache)
             if choices is None:
+                saved = None
                 forwards = self._build_runtimes(names, report, cache)
                 choices = choose_runtimes(forwards, batches, self._difference,
                                           self._tolerance, self.config.runtime.pick_faster,
                                           report)
-                cache.save_choices(key, {"buckets": {
-                    str(size): {"runtime": choice.runtime, "seconds": choice.seconds}
-                    for size, choice in choices.buckets.items()}, "refused": choices.refused})
             else:
                 report(f"model {self.name}: runtimes per bucket from the cache ({key})")
+        if self.twins is not None:
+            beside = DecodingLoad(self.preprocessor.load, probe_jpeg(), self.twins.plan.beside)
+            with beside.running(), _warming_up():
+                self.twins.choose({size: choice.runtime for size, choice
+                                   in choices.buckets.items()}, self._forwards, batches,
+                                  self._difference, self._tolerance,
+                                  Twins.from_saved((saved or {}).get("narrowed")),
+                                  lambda line: report(f"model {self.name}: {line}"))
+        if saved is None:
+            cache.save_choices(key, {"buckets": {
+                str(size): {"runtime": choice.runtime, "seconds": choice.seconds}
+                for size, choice in choices.buckets.items()}, "refused": choices.refused,
+                "narrowed": self.twins.saved() if self.twins is not None else {}})
         self.decode_cpu_seconds = load.median_cpu_seconds()
         for index, size in enumerate(buckets, start=1):
             choice = choices.buckets[size]
             self.bucket_runtime[size] = choice.runtime
             self.bucket_seconds[size] = choice.seconds[choice.runtime]
             report(f"model {self.name}: warmed bucket {index}/{len(buckets)} (batch {size}): "
-                   f"{choice.describe()}")
+                   f"{choice.describe()}"
+                   f"{self.twins.describe(size) if self.twins is not None else ''}")
         report(f"model {self.name}: runtimes chosen in {time.monotonic() - started:.1f}s")
         if self.device_decoder is not None:
             for size, seconds in self.device_decoder.warm(buckets, self.name, report).items():
@@ -310,13 +335,15 @@ class ServedModel:
                                                        if not reasons[name]}
         return ["eager", *(name for name in RUNTIME_NAMES if name in wanted and name != "eager")]
 
-    def choice_key(self, names: Sequence[str], decoding_threads: int) -> str:
+    def choice_key(self, names: Sequence[str], decoding_threads: int,
+                   narrow: NarrowPlan | None = None) -> str:
         """What a cached choice of runtimes must have been measured with."""
         device = str(self.device)
         if self.device.type == "cuda":
             device += f" {torch.cuda.get_device_name(self.device)}"
         return key_of({"network": self.network_key(), "device": device, "cpu": cpu_model(),
                        "torch_threads": torch.get_num_threads(), "decoding": decoding_threads,
+                       "narrow": None if narrow is None else [narrow.threads, narrow.beside],
                        "buckets": self.config.batching.bucket_sizes, "dtype": str(self.dtype),
                        "candidates": list(names), "mode": self.config.runtime.compile_mode,
                        "pick_faster": self.config.runtime.pick_faster})
@@ -344,6 +371,10 @@ class ServedModel:
                 first_line = ANSI_ESCAPE.sub("", str(exc)).strip().split("\n")[0][:300]
                 report(f"model {self.name}: runtime {name} left out: it cannot be built: "
                        f"{first_line or repr(exc)}")
+        if self.twins is not None and not isinstance(self.network, OnnxNetwork):
+            for name in TORCH_NARROWABLE:
+                if name in self._forwards and name not in self.twins.by_runtime:
+                    self.twins.add(name, torch_twin(self._forwards[name], self.twins.threads))
         return {name: self._forwards[name] for name in names if name in self._forwards}
 
     def _build_runtime(self, name: str, report: Callable[[str], None],
@@ -360,6 +391,9 @@ class ServedModel:
                 self._forwards[name] = onnx_runtime(
                     self.network, example, path, torch.get_num_threads(),
                     lambda line: report(f"model {self.name}: {line}"))
+                if self.twins is not None:  # while the export is at hand
+                    self.twins.add(name, onnx_runtime(self.network, example, path,
+                                                      self.twins.threads, report))
 
     def _cached_choices(self, saved: dict[str, Any] | None, names: Sequence[str],
                         batches: dict[int, torch.Tensor], report: Callable[[str], None],
@@ -412,6 +446,10 @@ class ServedModel:
         try:
             with torch.inference_mode():
                 forward = self._forwards[self.bucket_runtime.get(bucket, "eager")]
+                twin = self.twins.by_bucket.get(bucket) if self.twins is not None else None
+                if twin is not None and self.decoding_beside():
+                    forward = twin
+                    self.narrowed_batches += 1
                 pixels, failed = self.inputs.decoded(items)
                 output = forward(self.assemble(pixels, bucket))
                 rows = output[:len(items)].float().cpu()

@@ -46,6 +46,7 @@ from batchd.errors import ConfigError
 from batchd.export import check_served_artifact
 from batchd.metrics import Metrics
 from batchd.model import ServedModel
+from batchd.narrowing import narrow_plan
 from batchd.priority import PriorityGate
 from batchd.repository import Repository, RepositoryModel, read_repository
 from batchd.runtime_cache import RuntimeCache, cache_root
@@ -188,6 +189,8 @@ class Runtime(Serving[ModelSlot]):
                                      model.device).result()
             logger.info("model %s: version %d passed its parity check (worst %.1e)",
                         model_config.name, version, report.worst)
+        gate = self._decode_gate
+        model.decoding_beside = lambda: gate.held > 0  # read on the model's thread: an int
         batching = model_config.batching
         thread = self.device_thread(model_config)
         batcher: Batcher[torch.Tensor, torch.Tensor] = Batcher(
@@ -277,8 +280,12 @@ class Runtime(Serving[ModelSlot]):
     async def warm(self, slot: ModelSlot, executor: DeviceThread) -> None:
         """Choose each bucket's runtime and run every bucket on `executor` (beside as many
         decoding threads as serve: batchd.bucket_runtimes), then start the slot's batcher."""
-        warm_up = functools.partial(slot.model.warm_up, None, self.cpu_plan.preprocess_threads,
-                                    self.runtime_cache)
+        plan = self.cpu_plan
+        warm_up = functools.partial(
+            slot.model.warm_up, None, plan.preprocess_threads, self.runtime_cache,
+            narrow_plan(plan.cores, plan.torch_threads, slot.model.device.type == "cpu",
+                        decodes_here=plan.workers == 1)
+            if self.config.server.narrow_while_decoding else None)
         await asyncio.get_running_loop().run_in_executor(executor, warm_up)
         slot.batcher.set_bucket_costs(slot.model.bucket_seconds)
         slot.batcher.start()

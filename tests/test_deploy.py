@@ -109,7 +109,7 @@ def metric_names() -> set[str]:
             retried_batches = cancelled_queued = failed_unrun = 0
 
     class Model:
-        recompiles = 0
+        recompiles = narrowed_batches = 0
         ready = True
 
     Batcher.costs.seed({1: 0.01})
