@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import sys
@@ -334,24 +335,27 @@ def plot(workload: str, runs: dict[str, dict[str, dict[int, dict[str, Any]]]],
 
 
 def batchd_layouts(workers: list[int], decoding: list[int] | None = None,
-                   model_threads: list[int] | None = None) -> dict[str, dict[str, int]]:
+                   model_threads: list[int] | None = None, narrowing: list[bool] | None = None
+                   ) -> dict[str, dict[str, int | str]]:
     """The batchd servers to run, by name: the [server] settings of each, from every
     server.workers, server.preprocess_threads and server.torch_threads asked for (0: the
-    CPU plan's)."""
+    CPU plan's) and server.narrow_while_decoding (on: the default)."""
     decoding, model_threads = decoding or [0], model_threads or [0]
-    if workers == [0] and decoding == [0] and model_threads == [0]:
+    narrowing = narrowing or [True]
+    if workers == [0] and decoding == [0] and model_threads == [0] and narrowing == [True]:
         return {"batchd": {}}
     layouts = {}
-    for count in workers:
-        for threads in decoding:
-            for model in model_threads:
-                parts = [f"w={count or 'plan'}"] if workers != [0] else []
-                parts += [f"d={threads or 'plan'}"] if decoding != [0] else []
-                parts += [f"m={model or 'plan'}"] if model_threads != [0] else []
-                settings = {"workers": count} if count else {}
-                settings |= {"preprocess_threads": threads} if threads else {}
-                settings |= {"torch_threads": model} if model else {}
-                layouts["batchd " + " ".join(parts)] = settings
+    for count, threads, model, narrow in itertools.product(workers, decoding, model_threads,
+                                                           narrowing):
+        parts = [f"w={count or 'plan'}"] if workers != [0] else []
+        parts += [f"d={threads or 'plan'}"] if decoding != [0] else []
+        parts += [f"m={model or 'plan'}"] if model_threads != [0] else []
+        parts += [f"n={'on' if narrow else 'off'}"] if narrowing != [True] else []
+        settings: dict[str, int | str] = {"workers": count} if count else {}
+        settings |= {"preprocess_threads": threads} if threads else {}
+        settings |= {"torch_threads": model} if model else {}
+        settings |= {} if narrow else {"narrow_while_decoding": "false"}
+        layouts["batchd " + " ".join(parts)] = settings
     return layouts
 
 
@@ -367,7 +371,8 @@ def run_workload(workload: str, levels: list[int], generators: list[str], body_k
                  per_client: int, minimum: int, ceiling_seconds: float,
                  workers: list[int] | None = None, device: str = "",
                  decoding: list[int] | None = None, decode: str = "cpu",
-                 model_threads: list[int] | None = None) -> dict[str, Any]:
+                 model_threads: list[int] | None = None,
+                 narrowing: list[bool] | None = None) -> dict[str, Any]:
     config_path = WORKLOADS[workload]
     ensure_checkpoint(config_path)
     config_path = on_device(config_path, device)
@@ -388,7 +393,7 @@ def run_workload(workload: str, levels: list[int], generators: list[str], body_k
     RESULTS.mkdir(parents=True, exist_ok=True)
     runs: dict[str, dict[str, dict[int, dict[str, Any]]]] = {g: {} for g in generators}
     recompile_count = 0.0
-    layouts = batchd_layouts(workers or [0], decoding, model_threads)
+    layouts = batchd_layouts(workers or [0], decoding, model_threads, narrowing)
     for kind in (*layouts, "baseline"):
         served_config = config_path
         if layouts.get(kind):
@@ -443,6 +448,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-threads", default="0",
                         help="server.torch_threads of each batchd to run side by side (0: "
                              "the CPU plan's), e.g. 0,1")
+    parser.add_argument("--narrowing", default="on",
+                        help="server.narrow_while_decoding of each batchd to run side by "
+                             "side, e.g. on,off")
     parser.add_argument("--device", default="",
                         help="serve on this device instead of the config's (e.g. cpu)")
     parser.add_argument("--decode", choices=["cpu", "device"], default="cpu",
@@ -463,7 +471,8 @@ def main(argv: list[str] | None = None) -> None:
                      args.min_requests, args.ceiling_seconds,
                      [int(value) for value in args.workers.split(",")], args.device,
                      [int(value) for value in args.decoding_threads.split(",")], args.decode,
-                     [int(value) for value in args.model_threads.split(",")])
+                     [int(value) for value in args.model_threads.split(",")],
+                     [value == "on" for value in args.narrowing.split(",")])
     if args.grpc:
         from loadtest import grpc_point
 

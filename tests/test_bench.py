@@ -68,3 +68,5 @@ def test_the_benchmark_runs_one_batchd_per_layout_and_decoding_setting() -> None
         "batchd d=plan m=plan": {}, "batchd d=plan m=1": {"torch_threads": 1},
         "batchd d=1 m=plan": {"preprocess_threads": 1},
         "batchd d=1 m=1": {"preprocess_threads": 1, "torch_threads": 1}}
+    assert batchd_layouts([0], narrowing=[True, False]) == {
+        "batchd n=on": {}, "batchd n=off": {"narrow_while_decoding": "false"}}
