@@ -318,9 +318,9 @@ class ServerConfig:
     Range: >= 0"""
     narrow_while_decoding: bool = True
     """On a CPU device with one process, a batch that starts while images decode beside
-    it runs on half the cores' threads where that was measured faster at warm-up (each
-    runtime's twin, checked against eager: batchd.narrowing); false: every batch on all of
-    torch_threads."""
+    it runs on half the cores' threads where warm-up measured that no slower (each
+    runtime's twin, checked against eager: batchd.narrowing; an ONNX twin holds a second
+    copy of the weights); false: every batch on all of torch_threads."""
     cache_dir: str = ""
     """Where ONNX exports and warm-up's runtime choices are kept between restarts, keyed
     by the checkpoint's fingerprint, the model's settings, the machine and the CPU plan

@@ -25,10 +25,13 @@ _Call = tuple[Future[Any], Callable[..., Any], tuple[Any, ...], dict[str, Any]]
 class DeviceThread(Executor):
     """Runs submitted calls one at a time, in submission order, on one daemon thread."""
 
-    def __init__(self, name: str, niceness: int = 0) -> None:
+    def __init__(self, name: str, niceness: int = 0,
+                 initializer: Callable[[], object] | None = None) -> None:
+        """`initializer` runs first on the thread (the runtime sets its torch threads)."""
         self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
         self._closed = False
         self._niceness = niceness
+        self._initializer = initializer
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
 
@@ -62,6 +65,8 @@ class DeviceThread(Executor):
             with contextlib.suppress(OSError):
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
                                os.getpriority(os.PRIO_PROCESS, 0) + self._niceness)
+        if self._initializer is not None:
+            self._initializer()
         while True:
             call = self._calls.get()
             if call is None:

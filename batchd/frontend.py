@@ -30,6 +30,7 @@ import torch
 from prometheus_client import CollectorRegistry, Gauge, generate_latest, multiprocess
 
 from batchd import collector
+from batchd.answers import top_k_labels
 from batchd.batch_stats import BatchResult
 from batchd.batcher import level_for
 from batchd.config import Config, ModelConfig
@@ -38,7 +39,6 @@ from batchd.engine_client import ENGINE_GONE, EngineClient
 from batchd.errors import NotReady, WorkerDead
 from batchd.messages import Catalog, VersionInfo
 from batchd.metrics import RequestMetrics
-from batchd.model import top_k_labels
 from batchd.preprocess import Preprocessor
 from batchd.priority import PriorityGate
 from batchd.repository import read_repository

@@ -10,10 +10,8 @@ serving is visible.
 from __future__ import annotations
 
 import contextlib
-import heapq
 import itertools
 import logging
-import math
 import os
 import re
 import threading
@@ -21,12 +19,13 @@ import time
 import types
 import weakref
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
+from batchd.answers import not_finite, top_k_labels
 from batchd.artifacts import OnnxNetwork
 from batchd.batch_input import BatchInput
 from batchd.bucket_runtimes import (
@@ -52,7 +51,6 @@ from batchd.errors import (
     BatchdError,
     CheckpointError,
     ConfigError,
-    ModelFailed,
     ModelOverloaded,
 )
 from batchd.narrowing import TORCH_NARROWABLE, NarrowPlan, Twins, torch_twin
@@ -392,8 +390,19 @@ class ServedModel:
                     self.network, example, path, torch.get_num_threads(),
                     lambda line: report(f"model {self.name}: {line}"))
                 if self.twins is not None:  # while the export is at hand
-                    self.twins.add(name, onnx_runtime(self.network, example, path,
-                                                      self.twins.threads, report))
+                    self._build_onnx_twin(path, example, report)
+
+    def _build_onnx_twin(self, path: Path, example: torch.Tensor,
+                         report: Callable[[str], None]) -> None:
+        """onnx's twin: a second session on the narrow threads (a second copy of the
+        weights: batchd.narrowing). One that cannot be built only costs the narrowing."""
+        assert self.twins is not None
+        try:
+            self.twins.add("onnx", onnx_runtime(self.network, example, path, self.twins.threads,
+                                                lambda line: report(f"model {self.name}: {line}")))
+        except Exception as exc:  # onnxruntime raises its own, unexported, exception types
+            report(f"model {self.name}: onnx will not narrow: its {self.twins.threads}-thread "
+                   f"session cannot be built: {str(exc).strip()[:300]}")
 
     def _cached_choices(self, saved: dict[str, Any] | None, names: Sequence[str],
                         batches: dict[int, torch.Tensor], report: Callable[[str], None],
@@ -449,10 +458,10 @@ class ServedModel:
                 twin = self.twins.by_bucket.get(bucket) if self.twins is not None else None
                 if twin is not None and self.decoding_beside():
                     forward = twin
-                    self.narrowed_batches += 1
                 pixels, failed = self.inputs.decoded(items)
                 output = forward(self.assemble(pixels, bucket))
                 rows = output[:len(items)].float().cpu()
+                self.narrowed_batches += forward is twin
         except torch.cuda.OutOfMemoryError as exc:
             self.consecutive_oom += 1
             self.last_oom_at = time.monotonic()
@@ -490,51 +499,3 @@ class ServedModel:
     def top_k(self, logits: torch.Tensor, k: int) -> list[tuple[str, float]]:
         """The k most probable labels with their softmax probabilities, highest first."""
         return top_k_labels(self.labels, logits, k)
-
-
-def not_finite(rows: torch.Tensor) -> dict[int, BatchdError]:
-    """A ModelFailed for each row of logits that has no answer: a NaN or +inf in it, or
-    nothing but -inf (its softmax is NaN, which no JSON answer can carry). -inf beside
-    finite logits is a class ruled out, and is kept. One reduction a batch."""
-    highest = rows.amax(dim=1)
-    finite = torch.isfinite(highest)
-    if bool(finite.all()):
-        return {}
-    logger.warning("the model gave %d of %d inputs logits that are not finite",
-                   int((~finite).sum()), len(rows))
-    return {index: ModelFailed("the model's output for this input is not finite (a NaN or "
-                               f"infinity: its largest logit is {value})")
-            for index, value in enumerate(highest.tolist()) if not math.isfinite(value)}
-
-
-# Up to this many classes the softmax and the selection cost less in plain Python than in
-# NumPy, whose every call has a fixed dispatch cost: 4 us against 12 us for 10 classes,
-# even at 64 (and on a busy event loop, 55 us a prediction saved; see docs, Performance).
-PYTHON_TOP_K_CLASSES = 64
-
-
-def top_k_labels(labels: Sequence[str], logits: torch.Tensor, k: int
-                 ) -> list[tuple[str, float]]:
-    """The k most probable of `labels` with their softmax probabilities, highest first;
-    equal probabilities in index order (as a stable sort gives them).
-
-    Computed on the event loop, once per answer, where each torch call's dispatch costs
-    more than the arithmetic: in plain Python for a few classes, else in NumPy."""
-    if logits.numel() <= PYTHON_TOP_K_CLASSES:
-        values: list[float] = logits.tolist()
-        highest = max(values)
-        exps = [math.exp(value - highest) for value in values]
-        total = sum(exps)
-        # nlargest is sorted(..., reverse=True)[:k], stable: ties stay in index order
-        ranked = heapq.nlargest(k, range(len(exps)), key=exps.__getitem__)
-        return [(labels[index], exps[index] / total) for index in ranked]
-    scores = logits.detach().float().cpu().numpy().astype(np.float64)
-    exp = np.exp(scores - scores.max())
-    probs = exp / exp.sum()
-    k = min(k, probs.size)
-    # every class at least as probable as the k-th, ties at the k-th place included (a
-    # partition alone would pick among those at random), then the first k in order
-    kth = np.partition(probs, probs.size - k)[probs.size - k]
-    candidates = np.flatnonzero(probs >= kth)
-    order = candidates[np.lexsort((candidates, -probs[candidates]))][:k]
-    return [(labels[index], float(probs[index])) for index in order.tolist()]

@@ -10,16 +10,21 @@ step of OpenMP or onnxruntime runs as fast as its slowest thread. Measured on 2 
 giving the model one thread and decoding one served 5-9 % more within the objective, but
 made a lone request 1.29x slower. Narrowing only while decodes run keeps both.
 
-So each serving runtime that can run on fewer threads gets a twin on `narrow_threads`:
-onnxruntime a second session, torch's runtimes the same module under
-`torch.set_num_threads` (0.2 us to set and to set back; oneDNN keeps its primitives).
-A compiled runtime cannot: inductor writes its team size into each kernel when it
-compiles (`#pragma omp parallel num_threads(n)`). Like any runtime, a twin serves only
-after it matches eager on every bucket it would serve, and only on the buckets where it
-was no slower than the runtime it stands in for, timed in turns beside the same decoding
-load that the runtimes were chosen under. A batch takes the twin when a decode is in
-flight in this process as it starts (with front-end processes, the engine decodes
-nothing and never narrows).
+So each serving runtime that can run on fewer threads gets a twin on the plan's narrow
+count (`narrow_plan`): onnxruntime a second session (a second copy of the weights in
+memory), torch's runtimes the same module under `torch.set_num_threads` (0.2 us to set
+and to set back; oneDNN keeps its primitives). A compiled runtime cannot: inductor
+writes its team size into each kernel when it compiles (`#pragma omp parallel
+num_threads(n)`). Like any runtime, a twin serves only after it matches eager on every
+bucket it would serve. It is then timed in turns with its runtime on each of those
+buckets, beside a decode on every core, and serves them all if its batches, summed over
+them, were no slower (see Twins.choose for why not bucket by bucket). A batch takes the
+twin when a decode is in flight in this process as it starts (with front-end processes,
+the engine decodes nothing and never narrows).
+
+`torch.set_num_threads` also sets the default that a thread takes at its first torch
+call, so every thread that runs a model's torch calls sets its own count when it starts
+(batchd.runtime's device and loader threads).
 """
 
 from __future__ import annotations
@@ -42,8 +47,8 @@ TORCH_NARROWABLE = ("eager", "channels_last")
 
 @dataclass(frozen=True)
 class NarrowPlan:
-    """How a batch narrows: onto `threads` intra-op threads, chosen per bucket by timing
-    beside `beside` decoding threads."""
+    """How a batch narrows: onto `threads` intra-op threads, where a twin timed beside
+    `beside` decoding threads was no slower (per runtime, over its buckets)."""
 
     threads: int
     beside: int

@@ -116,7 +116,9 @@ class PriorityQueues(Generic[T]):
 class PriorityGate:
     """At most `tokens` holders at once; waiters are let in most urgent level first, then
     in arrival order. Decoding goes through one, so that an urgent request does not wait
-    behind a backlog of less urgent uploads for a decoding thread. Event-loop only."""
+    behind a backlog of less urgent uploads for a decoding thread. Event-loop only, but
+    for reading `held` (an int) from another thread, as the model's thread does to narrow
+    a batch (batchd.narrowing)."""
 
     def __init__(self, tokens: int) -> None:
         if tokens < 1:

@@ -158,15 +158,22 @@ class Runtime(Serving[ModelSlot]):
         device_key = str(resolve_device(model_config.runtime.device))
         thread = self._threads.get(device_key)
         if thread is None:
-            thread = self._threads[device_key] = DeviceThread(f"batchd-{device_key}")
+            thread = self._threads[device_key] = DeviceThread(
+                f"batchd-{device_key}", initializer=self._set_torch_threads)
         return thread
+
+    def _set_torch_threads(self) -> None:
+        """The plan's intra-op threads on this thread, whatever the process default is
+        as it starts: torch copies that default into a thread at its first torch call,
+        and a narrowed batch (batchd.narrowing) lowers it while it computes."""
+        torch.set_num_threads(self.cpu_plan.torch_threads)
 
     def loader_thread(self) -> DeviceThread:
         """The thread that builds and warms a new version while the old one serves."""
         thread = self._threads.get("loader")
         if thread is None:
-            thread = self._threads["loader"] = DeviceThread("batchd-loader",
-                                                            niceness=LOADER_NICENESS)
+            thread = self._threads["loader"] = DeviceThread(
+                "batchd-loader", niceness=LOADER_NICENESS, initializer=self._set_torch_threads)
         return thread
 
     def build_slot(self, model_config: ModelConfig, version: int, build_on: DeviceThread,

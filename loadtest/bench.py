@@ -424,6 +424,13 @@ def run_workload(workload: str, levels: list[int], generators: list[str], body_k
     return result
 
 
+def narrowing_values(parser: argparse.ArgumentParser, text: str) -> list[bool]:
+    values = text.split(",")
+    if unknown := set(values) - {"on", "off"}:
+        parser.error(f"--narrowing takes on and off, not {sorted(unknown)}")
+    return [value == "on" for value in values]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workload", choices=[*WORKLOADS, "all"], default="resnet18-64",
@@ -472,7 +479,7 @@ def main(argv: list[str] | None = None) -> None:
                      [int(value) for value in args.workers.split(",")], args.device,
                      [int(value) for value in args.decoding_threads.split(",")], args.decode,
                      [int(value) for value in args.model_threads.split(",")],
-                     [value == "on" for value in args.narrowing.split(",")])
+                     narrowing_values(parser, args.narrowing))
     if args.grpc:
         from loadtest import grpc_point
 

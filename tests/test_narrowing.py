@@ -4,12 +4,14 @@ signal and the metric."""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
-from batchd.bucket_runtimes import logit_difference
+from batchd.bucket_runtimes import logit_difference, onnx_available
 from batchd.config import load_config
 from batchd.cpu_plan import CpuPlan
 from batchd.model import ServedModel
@@ -18,6 +20,8 @@ from batchd.runtime import Runtime
 from batchd.runtime_cache import RuntimeCache
 from tests.conftest import write_config
 from tests.test_bucket_runtimes import FakeClock, batches, costing
+
+needs_onnx = pytest.mark.skipif(not onnx_available(), reason="needs onnxruntime")
 
 
 @pytest.mark.parametrize(("cores", "torch_threads", "on_cpu", "decodes_here", "want"), [
@@ -35,6 +39,19 @@ def test_the_narrow_count_is_the_half_the_plan_leaves_the_model(
     assert narrow_plan(cores, torch_threads, on_cpu, decodes_here) == want
 
 
+@pytest.fixture
+def two_torch_threads() -> Iterator[None]:
+    """Torch on 2 intra-op threads, as the plan of a 2-core host sets it, whatever the
+    machine running the tests has."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.usefixtures("two_torch_threads")
 def test_a_torch_twin_runs_on_its_threads_and_sets_them_back() -> None:
     seen: list[int] = []
 
@@ -50,7 +67,7 @@ def test_a_torch_twin_runs_on_its_threads_and_sets_them_back() -> None:
     with pytest.raises(RuntimeError):
         twin(torch.zeros(0, 3))
     assert seen == [1, 1]
-    assert torch.get_num_threads() == wide
+    assert torch.get_num_threads() == wide == 2
 
 
 def twins_of(clock: FakeClock, wide_s: dict[int, float], narrow_s: dict[int, float],
@@ -116,6 +133,7 @@ def warmed_digits(tmp_path: Path, narrow: NarrowPlan | None) -> ServedModel:
     return model
 
 
+@pytest.mark.usefixtures("two_torch_threads")
 def test_a_batch_takes_the_twin_only_while_decodes_run_and_answers_as_eager(
         tmp_path: Path) -> None:
     model = warmed_digits(tmp_path, narrow=NarrowPlan(1, 1))
@@ -128,7 +146,6 @@ def test_a_batch_takes_the_twin_only_while_decodes_run_and_answers_as_eager(
 
     buckets = model.config.batching.bucket_sizes
     model.twins.by_bucket = dict.fromkeys(buckets, torch_twin(watched, 1))  # whatever timed
-    assert torch.get_num_threads() > 1, "the test runs where torch has threads to narrow"
     generator = torch.Generator().manual_seed(3)
     items = list(torch.randint(0, 256, (3, *model.input_shape), dtype=torch.uint8,
                                generator=generator).unbind(0))
@@ -142,6 +159,64 @@ def test_a_batch_takes_the_twin_only_while_decodes_run_and_answers_as_eager(
         assert isinstance(got, torch.Tensor) and isinstance(want, torch.Tensor)
         torch.testing.assert_close(got, model.reference(item), atol=1e-4, rtol=0)
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+def test_a_restart_takes_the_twins_verdict_from_the_cache(tmp_path: Path) -> None:
+    cache = RuntimeCache(tmp_path / "cache")
+    path = write_config(tmp_path / "c.toml", candidates=("eager", "channels_last"))
+    models = [ServedModel.from_config(load_config(path).models[0]) for _ in range(2)]
+    logs: list[list[str]] = [[], []]
+    for model, lines in zip(models, logs, strict=True):
+        model.warm_up(lines.append, cache=cache, narrow=NarrowPlan(1, 2))
+    first, again = models
+    assert first.twins is not None and again.twins is not None
+    buckets = first.config.batching.bucket_sizes
+    assert set(first.twins.timings) == set(buckets)  # a twin for whichever runtime serves
+    assert again.twins.timings == first.twins.timings  # taken, not timed again
+    assert set(again.twins.by_bucket) == set(first.twins.by_bucket)
+    assert any("from the cache" in line for line in logs[1])
+    assert not any("from the cache" in line for line in logs[0])
+    assert all(("narrowed while decoding" in line) == (size in again.twins.by_bucket)
+               for size in buckets for line in logs[1] if f"(batch {size}):" in line)
+    again.release()
+    assert again.twins is None
+
+
+@needs_onnx
+def test_onnx_gets_a_one_thread_session_checked_against_eager(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path / "c.toml", candidates=("eager", "onnx")))
+    served = config.models[0]
+    # onnx serves every bucket untimed, whatever this machine's speed
+    served = dataclasses.replace(served, runtime=dataclasses.replace(served.runtime,
+                                                                     pick_faster=False))
+    model = ServedModel.from_config(served)
+    lines: list[str] = []
+    model.warm_up(lines.append, cache=RuntimeCache(tmp_path / "cache"),
+                  narrow=NarrowPlan(1, 2))
+    assert model.twins is not None
+    assert set(model.bucket_runtime.values()) == {"onnx"}
+    assert set(model.twins.timings) == set(model.config.batching.bucket_sizes)
+    verdict = [line for line in lines if "1-thread twin of onnx" in line]
+    assert len(verdict) == 1 and "refused" not in verdict[0]
+    if model.twins.by_runtime:
+        session = model.twins.by_runtime["onnx"].__self__.session  # type: ignore[attr-defined]
+        assert session.get_session_options().intra_op_num_threads == 1
+
+
+@pytest.mark.anyio
+async def test_a_thread_started_while_a_batch_is_narrowed_runs_on_the_plans_threads(
+        tmp_path: Path) -> None:
+    """torch gives a new thread the process default, which a narrowed batch lowers while
+    it runs; the runtime's model threads set the plan's count themselves."""
+    runtime = Runtime(load_config(write_config(tmp_path / "c.toml")), small_host_plan())
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as during a narrowed batch
+    try:
+        loader = runtime.loader_thread()
+        assert loader.submit(torch.get_num_threads).result() == 2
+    finally:
+        torch.set_num_threads(before)
+        await runtime.close()
 
 
 def test_no_twin_is_built_unless_asked(tmp_path: Path) -> None:

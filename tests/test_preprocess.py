@@ -215,7 +215,7 @@ def test_an_image_at_the_input_size_skips_the_resize_with_the_same_pixels(
 
 @pytest.mark.parametrize("classes", [5, 64, 65, 1000])  # plain Python up to 64, NumPy above
 def test_top_k_labels_match_torch_softmax_and_topk(classes: int) -> None:
-    from batchd.model import PYTHON_TOP_K_CLASSES, top_k_labels
+    from batchd.answers import PYTHON_TOP_K_CLASSES, top_k_labels
 
     assert PYTHON_TOP_K_CLASSES == 64
     generator = torch.Generator().manual_seed(classes)
