@@ -8,8 +8,9 @@ CONFIG ?= config/default.toml
 # torch and torchvision are pinned to the releases this project is tested with; pip takes
 # them from a local wheel cache where the machine has one.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
-# Two pytest workers (pytest-xdist) take the suite from about 9.5 to 6.5 minutes on 2 cores:
-# much of it waits on real servers starting and answering. A module's tests stay in one
+# Two pytest workers (pytest-xdist) took the suite from about 9.5 to 6.5 minutes on 2 cores
+# when they came in (about 6 now, with more tests): much of it waits on real servers
+# starting and answering. A module's tests stay in one
 # worker, in file order (--dist loadfile): several share a module-scoped server and read
 # its books. More workers than 2 only oversubscribe a small host; the suite was tested so.
 PYTEST_ARGS ?= -n 2 --dist loadfile
