@@ -317,8 +317,8 @@ class ServerConfig:
     """The model's intra-op threads; 0: the CPU plan decides.
     Range: >= 0"""
     narrow_while_decoding: bool = True
-    """On a CPU device with one process, a batch that starts while images decode beside
-    it runs on half the cores' threads where warm-up measured that no slower (each
+    """On a CPU device with one process, a batch that starts while every decoding thread
+    is busy runs on half the cores' threads where warm-up measured that no slower (each
     runtime's twin, checked against eager: batchd.narrowing; an ONNX twin holds a second
     copy of the weights); false: every batch on all of torch_threads."""
     cache_dir: str = ""

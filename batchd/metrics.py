@@ -282,7 +282,7 @@ class _StateCollector(Collector):
         "batchd_recompiles": ("Graph compilations after warm-up (should stay 0).",
                               lambda w: w.model.recompiles),
         "batchd_narrowed_batches": ("Batches computed on fewer intra-op threads because "
-                                    "images were decoding beside them as they started "
+                                    "every decoding thread was busy as they started "
                                     "(batchd.narrowing).",
                                     lambda w: w.model.narrowed_batches),
         "batchd_batcher_accepted": ("Requests that entered the model's queue.",

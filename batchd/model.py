@@ -136,7 +136,7 @@ class ServedModel:
         self.bucket_runtime: dict[int, str] = {}
         self.bucket_seconds: dict[int, float] = {}
         self.decode_cpu_seconds: float | None = None  # a probe JPEG's, at warm-up
-        # Twins on fewer threads for batches that start while images decode beside them
+        # Twins on fewer threads for batches that start while every decoding thread is busy
         # (batchd.narrowing): built at warm-up where the plan asks; `decoding_beside` is
         # set by the runtime that decodes this model's images.
         self.twins: Twins | None = None

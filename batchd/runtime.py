@@ -197,7 +197,9 @@ class Runtime(Serving[ModelSlot]):
             logger.info("model %s: version %d passed its parity check (worst %.1e)",
                         model_config.name, version, report.worst)
         gate = self._decode_gate
-        model.decoding_beside = lambda: gate.held > 0  # read on the model's thread: an int
+        # Read on the model's thread (ints). Every decoding thread busy: decoding has a
+        # backlog to fill the cores a narrowed batch leaves (batchd.narrowing).
+        model.decoding_beside = lambda: gate.held >= gate.tokens
         batching = model_config.batching
         thread = self.device_thread(model_config)
         batcher: Batcher[torch.Tensor, torch.Tensor] = Batcher(

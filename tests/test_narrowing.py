@@ -4,6 +4,7 @@ signal and the metric."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
@@ -232,18 +233,24 @@ def small_host_plan() -> CpuPlan:
 
 
 @pytest.mark.anyio
-async def test_the_runtime_narrows_while_its_decoding_gate_is_held_and_counts_it(
-        tmp_path: Path) -> None:
-    config = load_config(write_config(tmp_path / "c.toml"))
-    runtime = Runtime(config, small_host_plan())
+@pytest.mark.parametrize("decoding_threads", [1, 2])
+async def test_the_runtime_narrows_while_every_decoding_thread_is_busy_and_counts_it(
+        tmp_path: Path, decoding_threads: int) -> None:
+    config = load_config(write_config(tmp_path / "c.toml",
+                                      server={"preprocess_threads": decoding_threads}))
+    runtime = Runtime(config, dataclasses.replace(small_host_plan(),
+                                                  preprocess_threads=decoding_threads))
     runtime.load()
     try:
         await runtime.start()
         await runtime.wait_warm()
         slot = runtime.slots["digits"]
         assert slot.model.twins is not None and slot.model.twins.plan == NarrowPlan(1, 2)
-        assert not slot.model.decoding_beside()
-        async with slot.decode_gate.hold():
+        assert slot.decode_gate.tokens == decoding_threads
+        async with contextlib.AsyncExitStack() as holds:
+            for _ in range(decoding_threads):
+                assert not slot.model.decoding_beside()
+                await holds.enter_async_context(slot.decode_gate.hold())
             assert slot.model.decoding_beside()
         assert not slot.model.decoding_beside()
         slot.model.narrowed_batches = 3
