@@ -16,7 +16,8 @@ device, and logged. `server.torch_threads` and `server.preprocess_threads` overr
   imported, so `apply_openmp_waiting` must run before that; `batchd serve` does so
   first thing. A value already in the environment, or any OMP_WAIT_POLICY, is kept.
 - On a CPU device the model's intra-op threads take every core while a batch computes
-  (but for a batch that starts beside a decode: batchd.narrowing), and decoding gets
+  (but for a batch that starts while every decoding thread is busy: batchd.narrowing),
+  and decoding gets
   half the cores (at least one thread): every decoding thread that
   runs while a batch computes pre-empts one of the model's threads, and an OpenMP region
   runs as fast as its slowest thread. Measured on 2 cores (ResNet-18 at 64x64, 32

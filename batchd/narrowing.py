@@ -1,4 +1,4 @@
-"""A batch that starts while images decode beside it runs on fewer intra-op threads.
+"""A batch that starts while every decoding thread is busy runs on fewer intra-op threads.
 
 The CPU plan (batchd.cpu_plan) gives the model every core, so that a lone request
 computes as fast as the machine allows, and gives decoding half of them besides: in a
@@ -8,7 +8,8 @@ step of OpenMP or onnxruntime runs as fast as its slowest thread. Measured on 2 
 (ResNet-18 at 64x64, onnxruntime, overloaded at a 250 ms objective): a batch of 16 took
 57-61 ms on two threads beside the decodes, 54-57 ms on one with half the model's CPU;
 giving the model one thread and decoding one served 5-9 % more within the objective, but
-made a lone request 1.29x slower. Narrowing only while decodes run keeps both.
+made a lone request 1.29x slower. Narrowing only while decodes run beside a batch keeps
+both.
 
 So each serving runtime that can run on fewer threads gets a twin on the plan's narrow
 count (`narrow_plan`): onnxruntime a second session (a second copy of the weights in
@@ -21,14 +22,16 @@ buckets, beside a decode on every core, and serves them all if its batches, summ
 them, were no slower (see Twins.choose for why not bucket by bucket).
 
 A batch takes the twin when every decoding thread of this process is busy as it starts
-(the decoding gate's holders reach its tokens): decoding then has a backlog that keeps
-the cores the batch leaves busy through it. With front-end processes, the engine decodes
-nothing and never narrows. The first trigger, any decode in flight, cost 5 % at 1.5 C
-under bursty arrivals: after a burst the last decodes ended early in a narrowed batch,
-and a core idled until it ended. Side by side with it on 2 cores (250 ms objective,
-goodput at 1.5 C and 3 C), the busy gate served 1.07x and 1.14x under bursty arrivals
-(and 1.02x and 1.06x in a second run), 0.97x and 1.02x under Poisson arrivals, and 1.05x
-and 1.05x under Poisson arrivals at a 1,000 ms objective.
+(the decoding gate's holders reach its tokens): decoding is at its full width, as under
+sustained load, rather than finishing the tail of a burst. (With one decoding thread
+that is the same as any decode in flight.) It does not know whether more decodes will
+follow; a trigger on the decoding still to come would need the arrivals, and is not
+built. With front-end processes, the engine decodes nothing and never narrows. The first
+trigger, any decode in flight, cost 5 % at 1.5 C under bursty arrivals: after a burst
+the last decodes ended early in a narrowed batch, and a core idled until it ended. Side
+by side with it on 2 cores (250 ms objective, goodput at 1.5 C and 3 C), the busy gate
+served 1.07x and 1.14x under bursty arrivals (1.02x and 1.06x in a second run), 0.97x and
+1.02x under Poisson arrivals, and 1.05x and 1.05x under Poisson arrivals at 1,000 ms.
 
 `torch.set_num_threads` also sets the default that a thread takes at its first torch
 call, so every thread that runs a model's torch calls sets its own count when it starts
