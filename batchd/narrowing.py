@@ -127,7 +127,7 @@ class Twins:
         `saved` timings, from the runtime cache). A twin serves every bucket of its runtime
         if its batches, summed over those buckets, took no longer than the runtime's: one
         bucket's figures beside a decoding load flip from one warm-up to the next (on 2
-        cores, a batch of 8 or 16 went either way by 10-20 % across two warm-ups), their
+        cores, a batch of 8 or 16 went either way by 8-18 % across two warm-ups), their
         sum did not. A twin that differs from eager on one bucket serves none."""
         refused: set[str] = set()
         pairs = {size: bucket_runtime[size] for size in batches
