@@ -174,10 +174,13 @@ class BucketChoice:
 
 @dataclass
 class Choices:
-    """The choice for every bucket, and the candidates refused on parity, with why."""
+    """The choice for every bucket, the candidates refused on parity (with why), and
+    eager's logits on each bucket's seeded batch: the reference every runtime was
+    checked against (and batchd.narrowing's twins are)."""
 
     buckets: dict[int, BucketChoice] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)
+    references: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 def logit_difference(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -209,7 +212,7 @@ def choose_runtimes(forwards: dict[str, Forward], batches: dict[int, torch.Tenso
     reference = forwards["eager"]
     for bucket, batch in batches.items():
         with torch.inference_mode():
-            want = reference(batch).float().cpu()
+            want = choices.references[bucket] = reference(batch).float().cpu()
             for name, forward in forwards.items():
                 if name == "eager" or name in choices.refused:
                     continue

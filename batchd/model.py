@@ -292,7 +292,7 @@ class ServedModel:
             with beside.running(), _warming_up():
                 self.twins.choose({size: choice.runtime for size, choice
                                    in choices.buckets.items()}, self._forwards, batches,
-                                  self._difference, self._tolerance,
+                                  choices.references, self._difference, self._tolerance,
                                   Twins.from_saved((saved or {}).get("narrowed")),
                                   lambda line: report(f"model {self.name}: {line}"))
         if saved is None:
@@ -424,8 +424,8 @@ class ServedModel:
         with torch.inference_mode():
             for size, batch in batches.items():
                 name = chosen[size]
-                gap = self._difference(forwards[name](batch).float().cpu(),
-                                       forwards["eager"](batch).float().cpu())
+                want = choices.references[size] = forwards["eager"](batch).float().cpu()
+                gap = self._difference(forwards[name](batch).float().cpu(), want)
                 if not gap <= self._tolerance:
                     report(f"model {self.name}: the cached choice {name} for batch {size} "
                            f"differs from eager by {gap:.3e}; choosing again")

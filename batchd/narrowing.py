@@ -118,12 +118,13 @@ class Twins:
         self.by_runtime[runtime] = twin
 
     def choose(self, bucket_runtime: dict[int, str], forwards: dict[str, Forward],
-               batches: dict[int, torch.Tensor],
+               batches: dict[int, torch.Tensor], references: dict[int, torch.Tensor],
                difference: Callable[[torch.Tensor, torch.Tensor], float], tolerance: float,
                saved: dict[int, TwinTiming] | None = None,
                progress: Callable[[str], None] = logger.info,
                timer: Callable[[], float] = time.perf_counter) -> None:
-        """Check each bucket's twin against eager, and time it against its runtime (or take
+        """Check each bucket's twin against eager (`references`: its logits on `batches`,
+        as the runtimes were checked), and time it against its runtime (or take
         `saved` timings, from the runtime cache). A twin serves every bucket of its runtime
         if its batches, summed over those buckets, took no longer than the runtime's: one
         bucket's figures beside a decoding load flip from one warm-up to the next (on 2
@@ -136,8 +137,8 @@ class Twins:
             for size, name in pairs.items():
                 if name in refused:
                     continue
-                want = forwards["eager"](batches[size]).float().cpu()
-                gap = difference(self.by_runtime[name](batches[size]).float().cpu(), want)
+                gap = difference(self.by_runtime[name](batches[size]).float().cpu(),
+                                 references[size])
                 if not gap <= tolerance:
                     refused.add(name)
                     progress(f"the {self.threads}-thread twin of {name} refused: it differs "

@@ -197,8 +197,8 @@ class Runtime(Serving[ModelSlot]):
             logger.info("model %s: version %d passed its parity check (worst %.1e)",
                         model_config.name, version, report.worst)
         gate = self._decode_gate
-        # Read on the model's thread (ints). Every decoding thread busy: decoding has a
-        # backlog to fill the cores a narrowed batch leaves (batchd.narrowing).
+        # Read on the model's thread (ints). Every decoding thread busy: decoding at its full
+        # width, as under sustained load, not the tail of a burst (batchd.narrowing).
         model.decoding_beside = lambda: gate.held >= gate.tokens
         batching = model_config.batching
         thread = self.device_thread(model_config)

@@ -79,6 +79,12 @@ def twins_of(clock: FakeClock, wide_s: dict[int, float], narrow_s: dict[int, flo
     return twins, forwards
 
 
+def eager_logits(forwards: dict[str, object]) -> dict[int, torch.Tensor]:
+    """What warm-up's choice of runtimes hands the twins: eager's logits per bucket."""
+    eager = forwards["eager"]
+    return {size: eager(batch) for size, batch in batches().items()}  # type: ignore[operator]
+
+
 @pytest.mark.parametrize(("narrow_s", "serves"), [
     ({1: 0.011, 8: 0.025}, True),  # slower alone, faster in all: 36 ms against 38
     ({1: 0.011, 8: 0.028}, False),  # 39 ms against 38
@@ -89,6 +95,7 @@ def test_a_twin_serves_its_runtimes_buckets_if_their_sum_is_no_slower_beside_dec
     twins, forwards = twins_of(clock, {1: 0.008, 8: 0.030}, narrow_s)
     lines: list[str] = []
     twins.choose({1: "onnx", 8: "onnx"}, forwards, batches(),  # type: ignore[arg-type]
+                 eager_logits(forwards),
                  logit_difference, 1e-4, progress=lines.append, timer=clock)
     assert {size: (timing.wide_s, timing.narrow_s) for size, timing in twins.timings.items()
             } == {1: pytest.approx((0.008, narrow_s[1])), 8: pytest.approx((0.030, narrow_s[8]))}
@@ -109,6 +116,7 @@ def test_a_twin_that_differs_from_eager_serves_no_bucket() -> None:
                                narrow_offset=0.5)
     lines: list[str] = []
     twins.choose({1: "onnx", 8: "onnx"}, forwards, batches(),  # type: ignore[arg-type]
+                 eager_logits(forwards),
                  logit_difference, 1e-4, progress=lines.append, timer=clock)
     assert twins.by_bucket == {} and twins.by_runtime == {} and twins.timings == {}
     assert lines == ["the 1-thread twin of onnx refused: it differs from eager by "
@@ -122,6 +130,7 @@ def test_saved_timings_are_taken_untimed_and_a_bucket_on_another_runtime_has_no_
     saved = Twins.from_saved({"8": [0.030, 0.020]})
     assert saved == {8: TwinTiming(0.030, 0.020)}
     twins.choose({1: "eager", 8: "onnx"}, forwards, batches(),  # type: ignore[arg-type]
+                 eager_logits(forwards),
                  logit_difference, 1e-4, saved=saved, timer=clock)
     assert clock.now == pytest.approx(0.025)  # the twin's parity run only: nothing timed
     assert set(twins.by_bucket) == {8} and twins.saved() == {"8": [0.030, 0.020]}
