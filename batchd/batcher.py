@@ -135,6 +135,7 @@ class Batcher(Generic[In, Out]):
         self.controller = DeadlineController(
             slo_s, self.sizes.bucket_sizes, max_batch_size, priority_levels,
             sum(size for size, _ in self.level_limits) + max_batch_size, self.costs,
+            max_wait_s,
         ) if slo_s > 0 else None
         self.forming = BatchForming(self._queue, self.sizes, max_wait_s=max_wait_s,
                                     expedite=expedite, stats=self.stats,

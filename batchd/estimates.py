@@ -6,6 +6,7 @@ end-to-end sojourn holds. Standard library only."""
 from __future__ import annotations
 
 import collections
+import math
 from collections.abc import Mapping
 
 # RFC 6298's gains and spread: the newest sample's weight in the mean, and in the
@@ -16,6 +17,11 @@ SPREAD = 4.0
 # The share of the objective that the bound on the measured end-to-end sojourn is held to:
 # the rest covers the answer's way out and the round that the sojourn is measured late.
 SOJOURN_TARGET = 0.9
+# How many full batches' compute the mean wait in the queue is held to: one computing and
+# one forming behind it keep the worker busy with full batches (Little's law); a longer
+# queue only adds delay, and leaves the requests at its end to be shed at dispatch when a
+# batch runs long (CoDel's point: a standing queue adds latency, never throughput).
+QUEUE_TARGET_BATCHES = 2.0
 # How far one round of answers (as many as the limit) moves the limit toward its target,
 # in log: half way, so that a sojourn measured a round after its admission does not make
 # the limit overshoot and oscillate.
@@ -185,7 +191,8 @@ class InSystemLimit:
 
     By Little's law the count in the server and the rate it serves at set the sojourn,
     on any machine: the limit is moved, answer by answer, so that the bound on the
-    measured end-to-end sojourn sits at SOJOURN_TARGET of the objective. It is lowered
+    measured end-to-end sojourn sits at SOJOURN_TARGET of the objective, or lower where
+    the queue's own wait says the server needs no more (see `observe`). It is lowered
     whenever the sojourn is above its target, and raised only when it was what held
     admission back (the server reached the limit since the last answer), as a TCP window
     grows only while it limits sending (RFC 7661): a quiet spell does not leave a large
@@ -214,13 +221,17 @@ class InSystemLimit:
             self._reached = True  # this request fills the limit, or finds it full
         return in_system < self.count or own == 0
 
-    def observe(self, seconds: float) -> None:
+    def observe(self, seconds: float, queue_ratio: float = math.inf) -> None:
         """An answer of this level was taken up `seconds` after its request arrived (or,
         for one refused after admission because it could not make its objective, the
-        objective itself)."""
+        objective itself). `queue_ratio` is the queue's wait target over its measured
+        mean wait: below 1, requests queue longer than keeping the worker in full
+        batches needs, and the limit comes down by that ratio too, whatever room the
+        objective leaves."""
         self.sojourn.observe(seconds)
         low, high = LIMIT_STEP
-        ratio = min(max(self.target / max(self.sojourn.bound, 1e-9), low), high)
+        ratio = min(max(min(self.target / max(self.sojourn.bound, 1e-9), queue_ratio), low),
+                    high)
         if ratio > 1.0 and not self._reached:
             return
         self._reached = False

@@ -31,7 +31,8 @@ stage where it could no longer be answered in time:
 
 - before its body is read, when the requests of its level and the more urgent ones in the
   server (uploading, decoding, queued or computing) have reached the level's limit
-  (InSystemLimit: held where the measured end-to-end sojourn keeps within the objective),
+  (InSystemLimit: held where the measured end-to-end sojourn keeps within the objective,
+  and the measured queue wait no longer than keeping the worker in full batches needs),
   or when the stages' means already put its answer after its objective;
 - once decoded, when the means of the wait and its batch put it after its objective;
 - at dispatch, when its batch could end after its objective (the bound: means plus
@@ -65,6 +66,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 from batchd.estimates import (
+    QUEUE_TARGET_BATCHES,
     SOJOURN_TARGET,
     SPREAD,
     BucketCosts,
@@ -83,8 +85,9 @@ class DeadlineController:
 
     def __init__(self, slo_s: float, bucket_sizes: Sequence[int], max_batch_size: int,
                  levels: int = 1, max_in_system: int = 1024,
-                 costs: BucketCosts | None = None) -> None:
+                 costs: BucketCosts | None = None, max_wait_s: float = 0.0) -> None:
         self.slo_s = slo_s
+        self.max_wait_s = max_wait_s  # the batching window: a wait that is not a queue
         self.bucket_sizes = tuple(sorted(bucket_sizes))
         self.max_batch_size = max_batch_size
         self.levels = levels
@@ -92,6 +95,7 @@ class DeadlineController:
         self.costs = costs if costs is not None else BucketCosts()  # the batcher's own
         self._to_queue = [SojournEstimate() for _ in range(levels)]
         self._wait_error = [SojournEstimate() for _ in range(levels)]
+        self._queue_wait = [SojournEstimate() for _ in range(levels)]
         self._answer = SojournEstimate()
         self._limits = [InSystemLimit(slo_s, 1, self.max_in_system) for _ in range(levels)]
 
@@ -115,7 +119,20 @@ class DeadlineController:
     def observe_sojourn(self, level: int, seconds: float) -> None:
         """A request of `level` was answered in time, its answer taken up `seconds` after
         it arrived."""
-        self._limits[level - 1].observe(seconds)
+        self._limits[level - 1].observe(seconds, self.queue_ratio(level))
+
+    def queue_ratio(self, level: int) -> float:
+        """The queue's wait target for `level` over its measured mean wait (infinite
+        while either is unknown): the target is QUEUE_TARGET_BATCHES full batches'
+        compute as served now (one computing and one forming behind it) and the
+        batching window, which a request may wait with no queue at all. A queue that
+        holds more keeps the worker no busier; it only makes every request wait longer,
+        and leaves those at its end to be shed at dispatch when a batch runs long."""
+        full = self.predicted(self.max_batch_size)
+        waited = self._queue_wait[level - 1]
+        if full <= 0.0 or not waited.samples:
+            return math.inf
+        return (QUEUE_TARGET_BATCHES * full + self.max_wait_s) / max(waited.mean, 1e-9)
 
     def observe_missed(self, level: int) -> None:
         """A request of `level`, admitted, was refused or answered 504 because it could not
@@ -131,6 +148,7 @@ class DeadlineController:
         """A request of `level` waited `waited` seconds in the queue, `predicted` when it
         joined it."""
         self._wait_error[level - 1].observe(waited - predicted)
+        self._queue_wait[level - 1].observe(waited)
 
     def observe_answer(self, seconds: float) -> None:
         """A caller took its answer up `seconds` after its batch ended."""
@@ -275,6 +293,8 @@ class DeadlineController:
                  for level, estimate in enumerate(self._to_queue, 1)}
         found.update({f"sojourn_level_{level}": limit.sojourn.bound
                       for level, limit in enumerate(self._limits, 1)})
+        found.update({f"queue_wait_level_{level}": waited.bound
+                      for level, waited in enumerate(self._queue_wait, 1)})
         found.update({f"compute_bucket_{bucket}": self.compute_bound(bucket)
                       for bucket in self.costs.buckets()})
         found["answer"] = self._answer.bound

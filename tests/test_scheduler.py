@@ -298,6 +298,81 @@ def test_the_limit_grows_only_while_it_holds_admission_back() -> None:
     assert limit.count < grown
 
 
+def test_a_queue_longer_than_two_full_batches_brings_the_limit_down() -> None:
+    """With an objective of 2 s and batches of four taking 0.2 s, answers at 1 s are well
+    within the objective's target, but requests that waited 0.8 s in the queue waited
+    twice what one batch computing and one forming need: the limit comes down. Waits
+    within two batches and the window leave the objective's target in charge."""
+    rules = DeadlineController(2.0, (1, 2, 4), max_batch_size=4, max_wait_s=0.005)
+    rules.seed(COSTS)
+    settle(rules)
+    assert rules.queue_ratio(1) == math.inf  # no wait measured yet
+    for _ in range(40):
+        rules.admits_before_body(10.0, math.inf, 1, 50, 50, 0, 0.0)
+        rules.observe_sojourn(1, 0.3)
+    grown = rules.admission_limit(1)
+    for _ in range(40):
+        rules.observe_wait(1, 0.8, 0.8)
+    assert rules.queue_ratio(1) == pytest.approx((2 * 0.2 + 0.005) / 0.8, rel=0.01)
+    for _ in range(200):
+        rules.admits_before_body(10.0, math.inf, 1, 50, 50, 0, 0.0)
+        rules.observe_sojourn(1, 1.0)
+    shrunk = rules.admission_limit(1)
+    assert shrunk < grown / 2
+    for _ in range(40):  # waits back within two batches: the limit may grow again
+        rules.observe_wait(1, 0.3, 0.3)
+    for _ in range(200):
+        rules.admits_before_body(10.0, math.inf, 1, 50, 50, 0, 0.0)
+        rules.observe_sojourn(1, 1.0)
+    assert rules.admission_limit(1) > shrunk
+
+
+def serve_in_batches(rules: DeadlineController, slo_s: float, batch_s: float,
+                     offered_per_s: float, until_s: float) -> list[tuple[float, float]]:
+    """One worker computing batches of four in `batch_s` each, first come first served,
+    requests arriving every 1/offered_per_s seconds and admitted as `rules` decides
+    before their bodies; waits and sojourns observed as serving observes them. The
+    (finish, sojourn) of every answer."""
+    queue: collections.deque[float] = collections.deque()  # arrival times
+    computing: list[float] = []
+    answers: list[tuple[float, float]] = []
+    busy_until, now, step = 0.0, 0.0, 1.0 / offered_per_s
+    while now < until_s:
+        if computing and busy_until <= now + 1e-9:
+            rules.observe_batch(4, batch_s)
+            for arrived in computing:
+                rules.observe_sojourn(1, busy_until - arrived)
+                answers.append((busy_until, busy_until - arrived))
+            computing = []
+        if not computing and queue:
+            while queue and len(computing) < 4:
+                arrived = queue.popleft()
+                rules.observe_wait(1, 0.0, now - arrived)
+                computing.append(arrived)
+            busy_until = now + batch_s
+        in_system = len(queue) + len(computing)
+        if rules.admits_before_body(now, now + slo_s, 1, in_system, len(queue), 0,
+                                    max(busy_until - now, 0.0)):
+            queue.append(now)
+        now += step
+    return answers
+
+
+def test_with_a_long_objective_the_queue_holds_two_batches_and_the_worker_stays_busy(
+) -> None:
+    """Offered twice what the worker can do (20 a second, batches of four in 0.2 s) with
+    an objective of 2 s: the objective alone would let the sojourn grow to its target
+    (1.8 s). The queue's target holds it near two batches' compute instead, the worker
+    still computing full batches back to back."""
+    rules = DeadlineController(2.0, (1, 2, 4), max_batch_size=4)
+    rules.seed({4: 0.2})
+    answers = serve_in_batches(rules, 2.0, 0.2, 40.0, 60.0)
+    rate, longest = window(answers, 30.0, 60.0)
+    assert rate == pytest.approx(20.0, rel=0.02)  # never starved
+    assert longest < 0.9  # not the 1.8 s the objective alone allows
+    assert max(sojourn for _, sojourn in answers) <= 2.0
+
+
 # -- the batcher, with a fake clock --------------------------------------------------------
 
 
