@@ -298,6 +298,9 @@ class DeadlineController:
         found.update({f"compute_bucket_{bucket}": self.compute_bound(bucket)
                       for bucket in self.costs.buckets()})
         found["answer"] = self._answer.bound
+        full = self.predicted(self.max_batch_size)
+        if full > 0.0:
+            found["queue_target"] = QUEUE_TARGET_BATCHES * full + self.max_wait_s
         return found
 
 

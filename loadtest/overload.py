@@ -50,7 +50,10 @@ Result = tuple[float, float, int]  # (generator lateness s, latency s, status)
 # refusals by stage and late answers
 SERVER_SERIES = {"batchd_requests_total": "outcome", "batchd_overload_refusals_total": "stage",
                  "batchd_late_answers_total": None, "batchd_batch_size_sum": None,
-                 "batchd_batch_size_count": None, "batchd_admission_limit": "level"}
+                 "batchd_batch_size_count": None, "batchd_admission_limit": "level",
+                 "batchd_stage_estimate_seconds": "stage"}
+# Gauges: read as the point ends, not as a difference over it.
+GAUGES = ("batchd_admission_limit", "batchd_stage_estimate_seconds")
 
 
 def server_books(url: str) -> tuple[Counter[str], dict[str, float]]:
@@ -86,6 +89,10 @@ def summary(results: list[Result], window_s: float, slo_s: float, capacity: floa
     }
 
 
+# The controller's bounds a point's line shows (all are in its JSON): what sets the limit.
+WATCHED_STAGES = ("sojourn_level_", "queue_wait_level_", "queue_target", "compute_bucket_32")
+
+
 def describe(point: dict[str, Any]) -> str:
     def ms(value: float | None) -> str:
         return "-" if value is None else f"{value:.0f}"
@@ -100,7 +107,11 @@ def describe(point: dict[str, Any]) -> str:
             + (f"; mean batch {point['mean_batch']:.1f}" if point.get("mean_batch") else "")
             + ("; admission limit " + "/".join(f"{value:.0f}" for _, value in
                                                sorted(point["admission_limit"].items()))
-               if point.get("admission_limit") else ""))
+               if point.get("admission_limit") else "")
+            + ("; bounds ms: " + ", ".join(
+                f"{stage} {seconds * 1000:.0f}" for stage, seconds in sorted(
+                    point["stage_estimates"].items()) if stage.startswith(WATCHED_STAGES))
+               if point.get("stage_estimates") else ""))
 
 
 def measure(url: str, pid: int, body: bytes, rate: float, seconds: float, arrivals: str,
@@ -123,12 +134,14 @@ def measure(url: str, pid: int, body: bytes, rate: float, seconds: float, arriva
     books_after, series_after = server_books(url)
     books = books_after - books_before
     series = {key: value - series_before.get(key, 0.0) for key, value in series_after.items()
-              if not key.startswith("batchd_admission_limit")}
+              if not key.startswith(GAUGES)}
     # the controller's state, as the point ends: the mean batch over it, the limit now
     batches = series.pop("batchd_batch_size_count", 0.0)
     inputs = series.pop("batchd_batch_size_sum", 0.0)
     limits = {key.split("/")[1]: value for key, value in series_after.items()
               if key.startswith("batchd_admission_limit")}
+    estimates = {key.split("/")[1]: value for key, value in series_after.items()
+                 if key.startswith("batchd_stage_estimate_seconds")}
     window_s = float(offsets[-1] - offsets[warmup])
     point = summary(results[warmup:], window_s, slo_s, capacity)
     client = Counter(status for _, _, status in results)
@@ -138,7 +151,8 @@ def measure(url: str, pid: int, body: bytes, rate: float, seconds: float, arriva
                  generator_cores=generator_cpu_s / elapsed,
                  server_answered=sum(books.values()), client_answered=sum(client.values()),
                  books_by_outcome=dict(books), controller=series,
-                 mean_batch=inputs / batches if batches else None, admission_limit=limits)
+                 mean_batch=inputs / batches if batches else None, admission_limit=limits,
+                 stage_estimates=estimates)
     if levels is not None:
         for level in (1, 2):
             own = [result for result, at in zip(results[warmup:], levels[warmup:],

@@ -314,6 +314,9 @@ def test_a_queue_longer_than_two_full_batches_brings_the_limit_down() -> None:
     for _ in range(40):
         rules.observe_wait(1, 0.8, 0.8)
     assert rules.queue_ratio(1) == pytest.approx((2 * 0.2 + 0.005) / 0.8, rel=0.01)
+    shown = rules.estimates()  # what batchd_stage_estimate_seconds shows
+    assert shown["queue_target"] == pytest.approx(2 * 0.2 + 0.005, rel=0.01)
+    assert shown["queue_wait_level_1"] == pytest.approx(0.8, rel=0.01)  # no spread left
     for _ in range(200):
         rules.admits_before_body(10.0, math.inf, 1, 50, 50, 0, 0.0)
         rules.observe_sojourn(1, 1.0)
