@@ -56,8 +56,9 @@ class PoisonedDigits(SlowDigits):
         return super().forward(batch)
 
 
-def build_poisoned(delay_ms: float = 0.0, num_classes: int = 10) -> nn.Module:
-    return PoisonedDigits(delay_ms, num_classes)
+def build_poisoned(delay_ms: float = 0.0, num_classes: int = 10,
+                   warm_up_delay_ms: float | None = None) -> nn.Module:
+    return PoisonedDigits(delay_ms, num_classes, warm_up_delay_ms)
 
 
 class NotFiniteDigits(SlowDigits):
@@ -70,8 +71,9 @@ class NotFiniteDigits(SlowDigits):
         return torch.where(marked, torch.full_like(logits, float("nan")), logits)
 
 
-def build_not_finite(delay_ms: float = 0.0, num_classes: int = 10) -> nn.Module:
-    return NotFiniteDigits(delay_ms, num_classes)
+def build_not_finite(delay_ms: float = 0.0, num_classes: int = 10,
+                     warm_up_delay_ms: float | None = None) -> nn.Module:
+    return NotFiniteDigits(delay_ms, num_classes, warm_up_delay_ms)
 
 
 class OutOfMemoryDigits(nn.Sequential):

@@ -31,7 +31,8 @@ def slow_server(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
                           batching={"max_batch_size": 4, "buckets": [1, 2, 4],
                                     "max_wait_ms": 2},
                           server={"drain_timeout_s": 30},
-                          builder="tests.slow_model:build_slow", builder_kwargs={"delay_ms": 60})
+                          builder="tests.slow_model:build_slow",
+                          builder_kwargs={"delay_ms": 60, "warm_up_delay_ms": 0})
     port = free_port()
     process = start(config, port)
     try:

@@ -220,7 +220,8 @@ def test_slow_uploads_are_answered_503_json_at_the_drain_limit(spawn: Any) -> No
 def test_a_model_that_kills_its_worker_gets_every_request_answered(
         tmp_path: Path, held_out: tuple[list[Any], list[int]], fault: str) -> None:
     config = write_config(tmp_path / "c.toml", builder=FAULTY,
-                          builder_kwargs={"fault": fault, "delay_ms": 300},
+                          builder_kwargs={"fault": fault, "delay_ms": 300,
+                                          "warm_up_delay_ms": 0},
                           batching={"max_batch_size": 8, "buckets": [1, 8], "max_wait_ms": 1,
                                     "queue_timeout_ms": 60_000})
     with run_server(config) as server:

@@ -46,8 +46,10 @@ def books_balance(server: RunningServer) -> None:
 
 @pytest.fixture
 def slow_server(tmp_path: Path) -> Iterator[RunningServer]:
-    """One request per batch, 300 ms each, a queue of 2."""
-    config = write_config(tmp_path / "slow.toml", builder=SLOW, builder_kwargs={"delay_ms": 300},
+    """One request per batch, 300 ms each (warm-up's batches do not sleep), a queue of
+    2."""
+    config = write_config(tmp_path / "slow.toml", builder=SLOW,
+                          builder_kwargs={"delay_ms": 300, "warm_up_delay_ms": 0},
                           batching={"max_batch_size": 1, "buckets": [1], "max_queue_size": 2,
                                     "queue_timeout_ms": 5000})
     with run_server(config) as server:
@@ -181,7 +183,7 @@ def batched_behind_a_blocker(server: RunningServer, bodies: list[bytes],
 
 def batch_of_eight(tmp_path: Path, builder: str) -> Path:
     return write_config(tmp_path / "model.toml", builder=f"tests.slow_model:{builder}",
-                        builder_kwargs={"delay_ms": 150},
+                        builder_kwargs={"delay_ms": 150, "warm_up_delay_ms": 0},
                         batching={"max_batch_size": 8, "buckets": [1, 2, 4, 8],
                                   "max_wait_ms": 200})
 
