@@ -90,7 +90,8 @@ def summary(results: list[Result], window_s: float, slo_s: float, capacity: floa
 
 
 # The controller's bounds a point's line shows (all are in its JSON): what sets the limit.
-WATCHED_STAGES = ("sojourn_level_", "queue_wait_level_", "queue_target", "compute_bucket_32")
+WATCHED_STAGES = ("to_queue_level_", "queue_wait_level_", "queue_target", "sojourn_level_",
+                  "compute_bucket_16", "compute_bucket_32")
 
 
 def describe(point: dict[str, Any]) -> str:
