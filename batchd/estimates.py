@@ -17,10 +17,13 @@ SPREAD = 4.0
 # The share of the objective that the bound on the measured end-to-end sojourn is held to:
 # the rest covers the answer's way out and the round that the sojourn is measured late.
 SOJOURN_TARGET = 0.9
-# How many full batches' compute the mean wait in the queue is held to: one computing and
-# one forming behind it keep the worker busy with full batches (Little's law); a longer
-# queue only adds delay, and leaves the requests at its end to be shed at dispatch when a
-# batch runs long (CoDel's point: a standing queue adds latency, never throughput).
+# How many full batches' compute the mean wait in the queue (decoded to dispatched) is
+# held to: a request that waits that long finds about two full batches queued as it
+# joins, so every dispatch still finds a full batch behind it and the worker computes full
+# batches back to back (Little's law). A longer queue only adds delay, and leaves the
+# requests at its end to be shed at dispatch when a batch runs long (CoDel's point: a
+# standing queue adds latency, never throughput). A simulated worker still served at full
+# rate with 1; 0.5 starved it.
 QUEUE_TARGET_BATCHES = 2.0
 # How far one round of answers (as many as the limit) moves the limit toward its target,
 # in log: half way, so that a sojourn measured a round after its admission does not make

@@ -382,10 +382,11 @@ class _StateCollector(Collector):
         estimate = GaugeMetricFamily(
             "batchd_stage_estimate_seconds",
             "The controller's bound (mean + 4 deviations) on each measured stage: "
-            "to_queue_level_N (arrival to queued), queue_wait_level_N (queued to "
-            "dispatched), sojourn_level_N (arrival to answer), compute_bucket_N and "
-            "answer (a batch's end to its answer taken up); and queue_target, the mean "
-            "queue wait the admission limit holds to.",
+            "to_queue_level_N (arrival to queued), sojourn_level_N (arrival to answer), "
+            "compute_bucket_N and answer (a batch's end to its answer taken up); and two "
+            "means: queue_wait_level_N (queued to dispatched, for level N and the more "
+            "urgent ones) and queue_target, the mean queue wait the admission limit holds "
+            "to.",
             labels=["model", "version", "stage"])
         for labels, one in watched:
             controller = one.batcher.controller

@@ -95,6 +95,7 @@ class DeadlineController:
         self.costs = costs if costs is not None else BucketCosts()  # the batcher's own
         self._to_queue = [SojournEstimate() for _ in range(levels)]
         self._wait_error = [SojournEstimate() for _ in range(levels)]
+        # each level's, with the more urgent levels' waits in it, as its limit counts them
         self._queue_wait = [SojournEstimate() for _ in range(levels)]
         self._answer = SojournEstimate()
         self._limits = [InSystemLimit(slo_s, 1, self.max_in_system) for _ in range(levels)]
@@ -122,12 +123,14 @@ class DeadlineController:
         self._limits[level - 1].observe(seconds, self.queue_ratio(level))
 
     def queue_ratio(self, level: int) -> float:
-        """The queue's wait target for `level` over its measured mean wait (infinite
-        while either is unknown): the target is QUEUE_TARGET_BATCHES full batches'
-        compute as served now (one computing and one forming behind it) and the
-        batching window, which a request may wait with no queue at all. A queue that
-        holds more keeps the worker no busier; it only makes every request wait longer,
-        and leaves those at its end to be shed at dispatch when a batch runs long."""
+        """The queue's wait target over the mean wait measured for `level` and the more
+        urgent levels (infinite while either is unknown). The target is
+        QUEUE_TARGET_BATCHES full batches' compute as served now, and the batching window,
+        which a request may wait with no queue at all. A queue that holds more keeps the
+        worker no busier; it only makes every request wait longer, and leaves those at
+        its end to be shed at dispatch when a batch runs long. A level's own waits alone
+        would not do: a less urgent level waits while the more urgent ones pass it, a
+        wait its own limit cannot shorten, and its limit would fall to one."""
         full = self.predicted(self.max_batch_size)
         waited = self._queue_wait[level - 1]
         if full <= 0.0 or not waited.samples:
@@ -148,7 +151,8 @@ class DeadlineController:
         """A request of `level` waited `waited` seconds in the queue, `predicted` when it
         joined it."""
         self._wait_error[level - 1].observe(waited - predicted)
-        self._queue_wait[level - 1].observe(waited)
+        for scope in self._queue_wait[level - 1:]:  # its level's, and each less urgent one's
+            scope.observe(waited)
 
     def observe_answer(self, seconds: float) -> None:
         """A caller took its answer up `seconds` after its batch ended."""
@@ -293,7 +297,8 @@ class DeadlineController:
                  for level, estimate in enumerate(self._to_queue, 1)}
         found.update({f"sojourn_level_{level}": limit.sojourn.bound
                       for level, limit in enumerate(self._limits, 1)})
-        found.update({f"queue_wait_level_{level}": waited.bound
+        # the mean, not a bound: what the queue's target holds (queue_ratio)
+        found.update({f"queue_wait_level_{level}": waited.mean
                       for level, waited in enumerate(self._queue_wait, 1)})
         found.update({f"compute_bucket_{bucket}": self.compute_bound(bucket)
                       for bucket in self.costs.buckets()})
