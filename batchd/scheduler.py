@@ -131,11 +131,17 @@ class DeadlineController:
         its end to be shed at dispatch when a batch runs long. A level's own waits alone
         would not do: a less urgent level waits while the more urgent ones pass it, a
         wait its own limit cannot shorten, and its limit would fall to one."""
-        full = self.predicted(self.max_batch_size)
+        target = self.queue_target()
         waited = self._queue_wait[level - 1]
-        if full <= 0.0 or not waited.samples:
+        if target is None or not waited.samples:
             return math.inf
-        return (QUEUE_TARGET_BATCHES * full + self.max_wait_s) / max(waited.mean, 1e-9)
+        return target / max(waited.mean, 1e-9)
+
+    def queue_target(self) -> float | None:
+        """Seconds the mean queue wait is held to (queue_ratio); None while a full
+        batch's cost is unknown."""
+        full = self.predicted(self.max_batch_size)
+        return QUEUE_TARGET_BATCHES * full + self.max_wait_s if full > 0.0 else None
 
     def observe_missed(self, level: int) -> None:
         """A request of `level`, admitted, was refused or answered 504 because it could not
@@ -303,9 +309,9 @@ class DeadlineController:
         found.update({f"compute_bucket_{bucket}": self.compute_bound(bucket)
                       for bucket in self.costs.buckets()})
         found["answer"] = self._answer.bound
-        full = self.predicted(self.max_batch_size)
-        if full > 0.0:
-            found["queue_target"] = QUEUE_TARGET_BATCHES * full + self.max_wait_s
+        target = self.queue_target()
+        if target is not None:
+            found["queue_target"] = target
         return found
 
 

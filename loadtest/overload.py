@@ -139,10 +139,13 @@ def measure(url: str, pid: int, body: bytes, rate: float, seconds: float, arriva
     # the controller's state, as the point ends: the mean batch over it, the limit now
     batches = series.pop("batchd_batch_size_count", 0.0)
     inputs = series.pop("batchd_batch_size_sum", 0.0)
-    limits = {key.split("/")[1]: value for key, value in series_after.items()
-              if key.startswith("batchd_admission_limit")}
-    estimates = {key.split("/")[1]: value for key, value in series_after.items()
-                 if key.startswith("batchd_stage_estimate_seconds")}
+
+    def gauge(name: str) -> dict[str, float]:
+        return {key.split("/")[1]: value for key, value in series_after.items()
+                if key.startswith(name)}
+
+    limits = gauge("batchd_admission_limit")
+    estimates = gauge("batchd_stage_estimate_seconds")
     window_s = float(offsets[-1] - offsets[warmup])
     point = summary(results[warmup:], window_s, slo_s, capacity)
     client = Counter(status for _, _, status in results)
