@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from batchd.digits import build_model
-from batchd.model import warming_up
+from batchd.warm_up import warming_up
 
 
 class SlowDigits(nn.Sequential):
@@ -78,7 +78,7 @@ def build_not_finite(delay_ms: float = 0.0, num_classes: int = 10,
 
 class OutOfMemoryDigits(nn.Sequential):
     """The digits CNN that runs out of 'device memory' on batches larger than `max_ok` that
-    hold a real image; warm-up's batches pass (batchd.model.warming_up)."""
+    hold a real image; warm-up's batches pass (batchd.warm_up.warming_up)."""
 
     def __init__(self, max_ok: int = 2, num_classes: int = 10) -> None:
         super().__init__(*build_model(num_classes))
@@ -140,7 +140,7 @@ def build_wide(width: int = 6400, num_classes: int = 10) -> nn.Module:
 class GatedDigits(nn.Sequential):
     """The digits CNN that holds every batch with a real image until the file `gate`
     exists: a held engine in another process, released by the test creating the file.
-    Warm-up's batches pass (batchd.model.warming_up)."""
+    Warm-up's batches pass (batchd.warm_up.warming_up)."""
 
     def __init__(self, gate: str, num_classes: int = 10) -> None:
         super().__init__(*build_model(num_classes))

@@ -18,9 +18,10 @@ import torch
 from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
 from batchd import collector
+from batchd.compiled import guard_finalizers
 from batchd.config import load_config
 from batchd.errors import BadInput, ConfigError, UnknownModel
-from batchd.model import ServedModel, _guard_finalizers
+from batchd.model import ServedModel
 from batchd.repository import Repository
 from tests.conftest import (
     DIGITS_CHECKPOINT,
@@ -602,11 +603,11 @@ async def test_compiled_reloads_compile_every_bucket_and_free_the_old_network(
         runtime = server.app.state.runtime
         buckets = len(runtime.slots["digits"].config.batching.bucket_sizes)
         assert runtime.slots["digits"].model.compile_count == buckets
-        guards_kept = len(_guard_finalizers())
+        guards_kept = len(guard_finalizers())
         for version in (2, 3, 4):
             old_model = runtime.slots["digits"].model
             old_network = weakref.ref(old_model.network)
-            old_code = old_model._compiled_codes[0]
+            old_code = old_model.graphs.codes[0]
             assert len(_debug_get_cache_entry_list(old_code)) == buckets
             del old_model
             write_version(repository, version)
@@ -616,7 +617,7 @@ async def test_compiled_reloads_compile_every_bucket_and_free_the_old_network(
             assert old_network() is None, f"version {version - 1} is still alive"
             # its graphs and their guards are let go too (ServedModel.release)
             assert _debug_get_cache_entry_list(old_code) == [], version
-            assert len(_guard_finalizers()) == guards_kept, version
+            assert len(guard_finalizers()) == guards_kept, version
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
             response = await client.post("/models/digits/predict", content=digit_png,
                                           headers={"content-type": "image/png"})
