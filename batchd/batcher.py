@@ -44,6 +44,7 @@ from batchd.errors import (
     WorkerDead,
 )
 from batchd.estimates import BucketCosts
+from batchd.objective_gate import ObjectiveGate
 from batchd.priority import PriorityQueues
 from batchd.scheduler import DeadlineController
 
@@ -143,6 +144,8 @@ class Batcher(Generic[In, Out]):
         self._runner: BatchRunner[In, Out] = BatchRunner(
             run_batch, self._executor, self.sizes.bucket_sizes, self.stats, name, slo_s,
             self.costs, self.controller, observer)
+        self.gate = ObjectiveGate(self.controller, slo_s, self._queue, self.forming,
+                                  self._runner, self.stats)
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -241,30 +244,11 @@ class Batcher(Generic[In, Out]):
         if self._queue.depth(level) + count > max_queue_size:
             self._refuse_full(level, max_queue_size)
         now = time.monotonic()
-        on_their_way = self.forming.expected_by_level
-        decoding = sum(on_their_way[:level])
+        decoding = sum(self.forming.expected_by_level[:level])
         arrival = Arrival(now if arrived_at is None else min(arrived_at, now), decoding)
-        controller = self.controller
-        if controller is None or self._idle():
-            return arrival
-        queued = self._queue.ahead_of(level) + count - 1
-        running = self._runner.running_by_level  # counted once a batch, not per request
-        computing = sum(number for at, number in running.items() if at <= level)
-        own = (on_their_way[level - 1] + self._queue.depth(level) + count - 1
-               + running.get(level, 0))
-        if not controller.admits_before_body(now, arrival.at + self.slo_s, level,
-                                             queued + decoding + computing, queued,
-                                             decoding, self._busy_remaining(now), own):
-            self.stats.refused_before_body += 1
+        if not self.gate.admits_before_body(level, count, arrival, now):
             self._refuse_late()
         return arrival
-
-    def _idle(self) -> bool:
-        """Nothing queued, on its way or computing. An idle server admits a request
-        whatever the estimates say: they may be stale (nothing admitted, nothing measured),
-        and if the model really is slower than the objective, the answer is a 504 that is
-        counted as late, not a refusal for ever."""
-        return not self._queue and not self.forming.expected and self.busy_since is None
 
     def _refuse_if_closed(self) -> None:
         if not self._accepting:
@@ -306,17 +290,9 @@ class Batcher(Generic[In, Out]):
         now = time.monotonic()
         arrival = arrival or Arrival(now)
         objective = arrival.at + self.slo_s if self.slo_s else math.inf
-        predicted_wait = 0.0
-        controller = self.controller
-        if controller is not None:
-            controller.observe_queued(level, now - arrival.at, arrival.decoding_ahead)
-            ahead, busy = self._queue.ahead_of(level), self._busy_remaining(now)
-            if not self._idle() and not controller.admits_queued(now, objective, level,
-                                                                 ahead, busy):
-                self.stats.refused_after_decode += 1
-                controller.observe_missed(level)
-                self._refuse_late()
-            predicted_wait = controller.queue_wait(ahead, busy)
+        predicted_wait = self.gate.queue_wait_if_admitted(level, arrival, objective, now)
+        if predicted_wait is None:
+            self._refuse_late()
         timeout = queue_timeout_s
         if timeout_s is not None:
             timeout = min(timeout_s, queue_timeout_s)
@@ -337,8 +313,7 @@ class Batcher(Generic[In, Out]):
             self.stats.deadline_exceeded += 1
             if time.monotonic() > objective:  # computing past its objective too: late
                 self.stats.late += 1
-                if controller is not None:
-                    controller.observe_missed(level)
+                self.gate.missed(level)
                 logger.warning("%s: a batch still computing passed a request's latency "
                                "objective of %.0f ms; answering 504", self.name,
                                self.slo_s * 1000)
@@ -350,33 +325,21 @@ class Batcher(Generic[In, Out]):
             raise
         except QueueTimeout:  # shed at dispatch: it could no longer meet its objective
             self.stats.expired += 1
-            if controller is not None:
-                controller.observe_missed(level)
+            self.gate.missed(level)
             raise
         except DeadlineExceeded:  # computed, but after its objective
             self.stats.deadline_exceeded += 1
-            if controller is not None:
-                controller.observe_missed(level)
+            self.gate.missed(level)
             raise
         except BaseException:
             self.stats.failed += 1
             raise
         else:
             self.stats.succeeded += 1
-            if controller is not None:
-                taken_up = time.monotonic()
-                controller.observe_answer(taken_up - request.finished_at)
-                controller.observe_sojourn(level, taken_up - arrival.at)
+            self.gate.answered(level, request.finished_at, arrival.at, time.monotonic())
             return result
         finally:
             self._in_flight -= 1
-
-    def _busy_remaining(self, now: float) -> float:
-        """Predicted seconds until the batch computing now is done (0 when idle)."""
-        if self.busy_since is None or self.controller is None:
-            return 0.0
-        running = len(self._runner.running)
-        return max(0.0, self.busy_since + self.controller.predicted(running) - now)
 
     def _unqueue(self, request: PendingRequest[In, Out]) -> bool:
         """Take a still-queued request out of the queue; False if it already left it."""
