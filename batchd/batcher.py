@@ -38,6 +38,7 @@ from batchd.errors import (
     BatchdError,
     DeadlineExceeded,
     InvalidParameter,
+    PayloadTooLarge,
     QueueFull,
     QueueTimeout,
     ShuttingDown,
@@ -230,7 +231,10 @@ class Batcher(Generic[In, Out]):
     def check_admission(self, priority: int = 0, count: int = 1,
                         arrived_at: float | None = None) -> Arrival:
         """Refuse, before its body is read or decoded, a request that submit() would refuse
-        now: ShuttingDown, WorkerDead, QueueFull when its level's queue is full, and with a
+        now: ShuttingDown, WorkerDead, PayloadTooLarge when its level's queue could never
+        hold its `count` inputs, QueueFull when they do not fit beside those queued and
+        those admitted and still on their way (whose places `expecting` holds: a request
+        admitted is not refused for a full queue after its upload), and with a
         latency objective QueueTimeout when the requests of its level and the more urgent
         ones in the server have reached the limit that the measured sojourns set, or when
         by the controller's estimates it would not be uploaded, decoded, queued behind what
@@ -241,7 +245,10 @@ class Batcher(Generic[In, Out]):
         level = self.level_of(priority)
         self._refuse_if_closed()
         max_queue_size, _ = self.level_limits[level - 1]
-        if self._queue.depth(level) + count > max_queue_size:
+        if count > max_queue_size:
+            self._refuse_never_fits(level, count, max_queue_size)
+        on_their_way = self.forming.expected_by_level[level - 1]
+        if self._queue.depth(level) + on_their_way + count > max_queue_size:
             self._refuse_full(level, max_queue_size)
         now = time.monotonic()
         decoding = sum(self.forming.expected_by_level[:level])
@@ -261,6 +268,14 @@ class Batcher(Generic[In, Out]):
         self.stats.rejected_full += 1
         which = f"priority {level} queue" if self._queue.levels > 1 else "queue"
         raise QueueFull(f"the {which} of model {self.name!r} is full ({max_queue_size})")
+
+    def _refuse_never_fits(self, level: int, count: int, max_queue_size: int
+                           ) -> typing.NoReturn:
+        # the request's own error (a 413), as an unknown level is: not a refusal counted
+        which = f"priority {level} queue" if self._queue.levels > 1 else "queue"
+        raise PayloadTooLarge(f"{count} inputs in one request are more than the {which} of "
+                              f"model {self.name!r} holds ({max_queue_size}); send them in "
+                              "several requests")
 
     def _refuse_late(self) -> typing.NoReturn:
         self.stats.rejected_late += 1

@@ -131,8 +131,10 @@ class BatchingConfig:
     Empty: the powers of two up to max_batch_size.
     Range: 1 to max_batch_size"""
     max_queue_size: int = 1024
-    """Requests that may wait in the model's queue; past it a request is refused at once
-    (503 queue_full), before its body is read.
+    """Requests that may wait in the model's queue, counting those admitted whose bodies
+    are still being read or decoded (each holds its place, for at most
+    server.body_timeout_s); past it a request is refused at once (503 queue_full), before
+    its body is read, and one admitted is never refused for a full queue afterwards.
     Range: >= 1"""
     queue_timeout_ms: float = 30_000.0
     """A request's queue deadline: still queued then, it is answered 503 queue_timeout,
@@ -140,7 +142,9 @@ class BatchingConfig:
     Range: > 0"""
     max_request_items: int = 0
     """Samples one Open Inference Protocol request may bring (413 past it); 0: 4 x
-    max_batch_size.
+    max_batch_size, or the smallest level's max_queue_size where that is less. A request
+    with more samples than its level's queue holds is answered 413 in any case: it could
+    never be queued.
     Range: >= 0"""
     slo_ms: float = 0.0
     """A latency objective, counted from each request's arrival: an answer within it or
@@ -174,7 +178,8 @@ class BatchingConfig:
 
     @property
     def request_item_limit(self) -> int:
-        return self.max_request_items or 4 * self.max_batch_size
+        return self.max_request_items or min(
+            4 * self.max_batch_size, *(size for size, _ in self.level_limits()))
 
     @property
     def default_level(self) -> int:

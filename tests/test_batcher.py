@@ -15,6 +15,7 @@ from batchd.batcher import Batcher
 from batchd.errors import (
     DeadlineExceeded,
     ModelFailed,
+    PayloadTooLarge,
     QueueFull,
     QueueTimeout,
     ShuttingDown,
@@ -217,6 +218,31 @@ async def test_full_queue_rejects_at_once(make_batcher: MakeBatcher) -> None:
     await asyncio.gather(running, *queued)
     assert batcher.stats.accepted == 3
     await batcher.drain(1)
+
+
+async def test_places_on_their_way_count_against_the_queue(make_batcher: MakeBatcher) -> None:
+    """Requests admitted and still uploading or decoding hold their places: admission
+    refuses the one that would not fit beside them, so none of them is refused for a full
+    queue once its body has come; a request larger than the queue can ever hold is the
+    client's error (413), not a 503 to retry for ever."""
+    model = RecordingModel()
+    batcher = make_batcher(model, max_queue_size=3)
+    batcher.check_admission(count=2)
+    with batcher.expecting(2):  # two inputs admitted, their bodies still on the way
+        batcher.check_admission(count=1)  # the third place is free
+        with pytest.raises(QueueFull):
+            batcher.check_admission(count=2)
+        with batcher.expecting(1):
+            with pytest.raises(QueueFull):
+                batcher.check_admission(count=1)
+            assert batcher.stats.rejected_full == 2
+            # the three admitted queue as their places go back, none refused
+            await asyncio.gather(*(batcher.submit(i) for i in range(3)))
+    assert batcher.stats.accepted == 3
+    with pytest.raises(PayloadTooLarge, match="more than the queue"):
+        batcher.check_admission(count=4)
+    assert batcher.stats.rejected_full == 2
+    assert_books_balance(batcher)
 
 
 async def test_deadline_passing_in_the_queue_is_never_computed(make_batcher: MakeBatcher) -> None:

@@ -109,6 +109,22 @@ def test_priority_levels_inherit_the_models_limits(tmp_path: Path) -> None:
     assert batching.default_level == 3
 
 
+def test_request_items_default_to_what_every_queue_holds(tmp_path: Path) -> None:
+    """By default one request brings at most 4 x max_batch_size samples, or fewer where a
+    level's queue holds fewer (a larger request could never be queued); a value set is
+    kept."""
+    def limit(**batching: object) -> int:
+        path = write_config(tmp_path / "r.toml",
+                            batching={"max_batch_size": 8, "buckets": [], **batching})
+        return load_config(path).models[0].batching.request_item_limit
+
+    assert limit(max_queue_size=100) == 32
+    assert limit(max_queue_size=12) == 12
+    assert limit(max_queue_size=100, priority_levels=2,
+                 levels=[{"max_queue_size": 20}]) == 20
+    assert limit(max_queue_size=12, max_request_items=16) == 16
+
+
 def test_the_process_takes_the_switch_interval(tmp_path: Path) -> None:
     import sys
 

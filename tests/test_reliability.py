@@ -77,6 +77,61 @@ def test_full_queue_is_503_at_once(slow_server: RunningServer,
     books_balance(slow_server)
 
 
+async def read_response(reader: asyncio.StreamReader) -> bytes:
+    """One HTTP/1.1 response with a Content-Length: its head and body."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:"))
+    return head + await reader.readexactly(length)
+
+
+def test_a_full_queue_is_refused_before_the_body_not_after(
+        slow_server: RunningServer, held_out: tuple[list[Any], list[int]]) -> None:
+    """Four uploads begin together on an idle server whose queue holds two: two are
+    admitted and hold their places while their bodies come; the other two are answered
+    503 queue_full at once, before their bodies are sent (admitted, none is refused
+    after its upload)."""
+    body = digit(held_out)
+    host, port = slow_server.url.removeprefix("http://").split(":")
+    head = (f"POST /predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/png\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+
+    async def scenario() -> tuple[list[bytes], list[bytes]]:
+        connections = [await asyncio.open_connection(host, int(port)) for _ in range(4)]
+        for _, writer in connections:
+            writer.write(head + body[:10])  # the rest of the body is held back
+            await writer.drain()
+        reads = [asyncio.ensure_future(read_response(reader)) for reader, _ in connections]
+        refused: set[asyncio.Future[bytes]] = set()
+        async with asyncio.timeout(20):
+            while len(refused) < 2:
+                done, _ = await asyncio.wait(set(reads) - refused,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                refused |= done
+        await asyncio.sleep(0.3)  # none more answers while its body is still coming
+        early = [read.result() for read in reads if read.done()]
+        admitted = [(read, connections[index][1]) for index, read in enumerate(reads)
+                    if not read.done()]
+        for _, writer in admitted:
+            writer.write(body[10:])
+            await writer.drain()
+        async with asyncio.timeout(20):
+            late = [await read for read, _ in admitted]
+        for _, writer in connections:
+            writer.close()
+        return early, late
+
+    early, late = asyncio.run(scenario())
+    assert len(early) == 2 and len(late) == 2
+    for answer in early:
+        assert answer.startswith(b"HTTP/1.1 503"), answer[:80]
+        assert b'"reason":"queue_full"' in answer
+    for answer in late:
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    assert slow_server.metric("batchd_requests_total", {"outcome": "queue_full"}) == 2
+    books_balance(slow_server)
+
+
 def test_queue_deadline_and_compute_deadline(slow_server: RunningServer,
                                              held_out: tuple[list[Any], list[int]]) -> None:
     async def scenario() -> tuple[httpx.Response, httpx.Response, httpx.Response]:
