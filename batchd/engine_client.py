@@ -3,7 +3,12 @@ over batchd.messages, with its shared-memory slots (batchd.shared_slots).
 
 Event-loop only. Every request waits on one future at a time, keyed by its number; when
 the engine goes away, every future fails with WorkerDead at once and so does every call
-after it: each request still in progress is answered 503 `worker_dead`.
+after it: each request still in progress is answered 503 `worker_dead`. An engine that is
+there but does not answer (its loop stuck, the process stopped) holds no request past its
+own deadline: an admission, which the engine answers at once when it answers at all,
+waits at most ENGINE_SILENT_S (then 503 `not_ready`), a submitted request its deadline
+and ENGINE_GRACE_S more (then 504), and the engine is told to forget it. `silent_for`
+says how long the engine has said nothing; it sends a Heartbeat every second.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import asyncio
 import itertools
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -20,13 +26,14 @@ import numpy as np
 import torch
 
 from batchd.batch_stats import BatchResult
-from batchd.errors import WorkerDead, error_named
+from batchd.errors import BatchdError, DeadlineExceeded, NotReady, WorkerDead, error_named
 from batchd.messages import (
     Admit,
     Admitted,
     Call,
     Catalog,
     Forget,
+    Heartbeat,
     Hello,
     Item,
     Refused,
@@ -40,6 +47,13 @@ from batchd.wire import MessageStream
 logger = logging.getLogger("batchd.frontend")
 
 ENGINE_GONE = "the engine process exited"
+# How long past a submitted request's own deadline a front end waits for the engine's
+# answer: the engine answers at the deadline itself (504 or 503), so past this it is stuck.
+ENGINE_GRACE_S = 2.0
+# How long the engine may say nothing (it sends a Heartbeat every second) before it counts
+# as stuck (its event loop blocked, its process stopped): a front end's readiness turns
+# off, new predictions are refused 503 not_ready, and an admission waits no longer.
+ENGINE_SILENT_S = 5.0
 A = TypeVar("A", Admitted, Results)
 
 
@@ -55,6 +69,7 @@ class EngineClient:
         self._stream: MessageStream | None = None
         self._closing = False
         self.lost: str | None = None
+        self.last_heard = time.monotonic()
 
     async def connect(self, socket_path: Path, worker: int) -> None:
         loop = asyncio.get_running_loop()
@@ -72,6 +87,9 @@ class EngineClient:
     # -- what the engine says ---------------------------------------------------------
 
     def _on_message(self, message: object) -> None:
+        self.last_heard = time.monotonic()
+        if isinstance(message, Heartbeat):
+            return
         if isinstance(message, Catalog):
             self._on_catalog(message)
             return
@@ -98,6 +116,11 @@ class EngineClient:
                 self.arena.release(index)
         self._reserved.clear()
 
+    def silent_for(self) -> float:
+        """Seconds since the engine last sent anything (it sends a Heartbeat every
+        second)."""
+        return time.monotonic() - self.last_heard
+
     # -- asking -----------------------------------------------------------------------
 
     def _send(self, message: object, number: int) -> asyncio.Future[object]:
@@ -115,18 +138,23 @@ class EngineClient:
 
     async def admit(self, model: str, version: int, count: int, priority: int,
                     arrived_at: float | None = None) -> tuple[int, int]:
-        """(request number, the version admitted to); raises the engine's refusal."""
+        """(request number, the version admitted to); raises the engine's refusal, or
+        NotReady when the engine has not answered within ENGINE_SILENT_S."""
         request = next(self._numbers)
         future = self._send(Admit(request, model, version, count, priority, arrived_at),
                             request)
-        answer = await self._answer(request, future, Admitted)
+        answer = await self._answer(request, future, Admitted, ENGINE_SILENT_S, NotReady(
+            f"the engine did not answer within {ENGINE_SILENT_S:.0f}s"))
         return request, answer.version
 
-    def submit(self, request: int, items: Sequence[torch.Tensor],
-               timeout_s: float | None) -> Awaitable[list[BatchResult[torch.Tensor]]]:
+    def submit(self, request: int, items: Sequence[torch.Tensor], timeout_s: float | None,
+               deadline_s: float | None = None
+               ) -> Awaitable[list[BatchResult[torch.Tensor]]]:
         """Send the inputs now (through free slots where they fit); the awaitable gives
-        the outputs. Once sent, the engine answers once (also when the wait is
-        cancelled: it is told), and that answer frees the slots."""
+        the outputs, or raises DeadlineExceeded when the engine has not answered within
+        `deadline_s` (the request's own deadline) and ENGINE_GRACE_S. Once sent, the
+        engine answers once (also when the wait is cancelled or timed out: it is told),
+        and that answer frees the slots."""
         reserved: list[int] = []
         try:
             sent = []
@@ -146,17 +174,25 @@ class EngineClient:
                 self.arena.release(index)
             raise
         self._reserved[request] = reserved
-        return self._outputs(request, future)
+        wait_s = None if deadline_s is None else deadline_s + ENGINE_GRACE_S
+        return self._outputs(request, future, wait_s)
 
     async def _answer(self, request: int, future: asyncio.Future[object],
-                      expected: type[A]) -> A:
-        """The engine's answer of type `expected`; its refusal raised; cancelled, the
-        engine is told."""
+                      expected: type[A], wait_s: float | None, late: BatchdError) -> A:
+        """The engine's answer of type `expected`; its refusal raised; cancelled, or
+        unanswered within `wait_s` (then `late` is raised), the engine is told."""
         try:
-            answer = await future
+            async with asyncio.timeout(wait_s):
+                answer = await future
         except asyncio.CancelledError:
             self.forget(request)
             raise
+        except TimeoutError:
+            self.forget(request)
+            logger.warning("the engine has not answered request %d within %s ms (silent for "
+                           "%.1f s); answering it %s", request, _ms(wait_s),
+                           self.silent_for(), late.reason)
+            raise late from None
         if isinstance(answer, Refused):
             raise error_named(answer.error, answer.message)
         if not isinstance(answer, expected):
@@ -164,9 +200,10 @@ class EngineClient:
                              f"{expected.__name__}")
         return answer
 
-    async def _outputs(self, request: int, future: asyncio.Future[object]
-                       ) -> list[BatchResult[torch.Tensor]]:
-        answer = await self._answer(request, future, Results)
+    async def _outputs(self, request: int, future: asyncio.Future[object],
+                       wait_s: float | None) -> list[BatchResult[torch.Tensor]]:
+        answer = await self._answer(request, future, Results, wait_s, DeadlineExceeded(
+            f"the engine did not answer within {_ms(wait_s)} ms"))
         return [BatchResult(torch.from_numpy(np.frombuffer(output.logits, np.float32).copy()),
                             output.queue_wait_s, output.compute_s, output.batch_size)
                 for output in answer.outputs]
@@ -186,3 +223,7 @@ class EngineClient:
         if answer.error:
             raise error_named(answer.error, answer.message)
         return answer
+
+
+def _ms(seconds: float | None) -> str:
+    return "(no limit)" if seconds is None else f"{seconds * 1000:.0f}"

@@ -29,6 +29,7 @@ from batchd.messages import (
     Call,
     Catalog,
     Forget,
+    Heartbeat,
     Hello,
     Item,
     Output,
@@ -48,6 +49,9 @@ logger = logging.getLogger("batchd.engine")
 # How often the engine looks for a change of readiness to tell its front ends (a
 # reload's install and remove tell them at once).
 CATALOG_CHECK_S = 0.05
+# How often the engine tells its front ends that it is alive (batchd.messages.Heartbeat).
+HEARTBEAT_S = 1.0
+HEARTBEAT = Heartbeat()
 
 
 @dataclass
@@ -132,12 +136,21 @@ class Engine:
                 frontend.send(catalog)
 
     async def watch_readiness(self) -> None:
+        """Tell the front ends of every change of readiness, and that this loop turns
+        (a Heartbeat every HEARTBEAT_S)."""
+        loop = asyncio.get_running_loop()
+        beaten = loop.time()
         while True:
             await asyncio.sleep(CATALOG_CHECK_S)
             try:
                 self.broadcast()
             except Exception:  # a repository folder gone unreadable, say: try again
                 logger.exception("telling the front ends what is served failed")
+            if loop.time() - beaten >= HEARTBEAT_S:
+                beaten = loop.time()
+                for frontend in list(self.frontends):
+                    if frontend.hello is not None:
+                        frontend.send(HEARTBEAT)
 
     # -- connections ------------------------------------------------------------------
 

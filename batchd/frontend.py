@@ -35,7 +35,7 @@ from batchd.batch_stats import BatchResult
 from batchd.batcher import level_for
 from batchd.config import Config, ModelConfig
 from batchd.cpu_plan import CpuPlan
-from batchd.engine_client import ENGINE_GONE, EngineClient
+from batchd.engine_client import ENGINE_GONE, ENGINE_SILENT_S, EngineClient
 from batchd.errors import NotReady, WorkerDead
 from batchd.messages import Catalog, VersionInfo
 from batchd.metrics import RequestMetrics
@@ -106,8 +106,13 @@ class RemoteSlot:
         return level_for(priority, batching.priority_levels, batching.default_level)
 
     def status(self, draining: bool, watchdog_s: float) -> ModelStatus:
-        if self._runtime.client.lost is not None:
+        client = self._runtime.client
+        if client.lost is not None:
             return ModelStatus(ModelState.WORKER_DEAD, ENGINE_GONE)
+        silent = client.silent_for()
+        if silent > ENGINE_SILENT_S:
+            return ModelStatus(ModelState.STALLED, f"the engine has not answered for "
+                               f"{silent:.0f}s (it says it is alive every second)")
         state = ModelState(self.info.state)
         if state is not ModelState.READY:
             return ModelStatus(state, self.info.reason)
@@ -124,15 +129,17 @@ class RemoteSlot:
     async def admit(self, count: int = 1, priority: int = 0,
                     arrived_at: float | None = None) -> AsyncIterator[RemoteTicket]:
         """Admission by the engine, before the body is read (see ModelSlot.admit)."""
-        self.level_of(priority)  # an unknown level is the client's error: no round trip
+        level = self.level_of(priority)  # an unknown level is the client's error
         runtime = self._runtime
         pinned = self.version if self.pinned else 0
         client = runtime.client
+        queue_timeout_s = self.config.batching.level_limits()[level - 1][1] / 1000
         request, version = await client.admit(self.name, pinned, count, priority,
                                               arrived_at)
         ticket: RemoteTicket | None = None
         try:
-            ticket = RemoteTicket(runtime.version_slot(self.name, version), request, client)
+            ticket = RemoteTicket(runtime.version_slot(self.name, version), request, client,
+                                  queue_timeout_s)
             yield ticket
         finally:
             if ticket is None or not ticket.submitted:
@@ -147,15 +154,20 @@ class RemoteSlot:
 class RemoteTicket:
     """Places the engine holds for one request's inputs (see batchd.slot.Ticket)."""
 
-    def __init__(self, slot: RemoteSlot, request: int, client: EngineClient) -> None:
+    def __init__(self, slot: RemoteSlot, request: int, client: EngineClient,
+                 queue_timeout_s: float) -> None:
         self.slot = slot
         self.submitted = False
         self._request = request
         self._client = client
+        self._queue_timeout_s = queue_timeout_s
 
     async def submit(self, items: Sequence[torch.Tensor],
                      timeout_s: float | None) -> list[BatchResult[torch.Tensor]]:
-        sent = self._client.submit(self._request, items, timeout_s)
+        # the engine's own limit on queue and compute (Batcher.submit): the level's queue
+        # deadline, shortened by the client's
+        deadline_s = min(self._queue_timeout_s, timeout_s or self._queue_timeout_s)
+        sent = self._client.submit(self._request, items, timeout_s, deadline_s)
         self.submitted = True  # from here the engine answers it once, even if cancelled
         return await sent
 
@@ -246,6 +258,8 @@ class FrontendRuntime(Serving[RemoteSlot]):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
         requests = generate_latest(registry)
+        if self.client.silent_for() > ENGINE_SILENT_S:
+            return requests  # a stuck engine would hold the scrape for METRICS_TIMEOUT_S
         try:
             engine = (await self.client.call("metrics", timeout_s=METRICS_TIMEOUT_S)
                       ).text.encode()

@@ -17,7 +17,9 @@ One prediction is four messages:
 `Forget` gives a place back (the client left, the body was bad) or cancels a submitted
 request; the engine still answers a submitted one once, and only then are its slots
 reused. The engine sends a `Catalog` whenever what it serves or its readiness changes,
-and answers `Call`s (metrics, the repository's index, load and unload) with a `Reply`.
+a `Heartbeat` every second whatever else it sends (a front end that hears nothing for
+several seconds knows the engine is stuck, not idle), and answers `Call`s (metrics, the
+repository's index, load and unload) with a `Reply`.
 """
 
 from __future__ import annotations
@@ -66,6 +68,11 @@ class Catalog:
     default_model: str
     loaded: bool
     draining: bool
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """The engine's event loop is turning (sent every HEARTBEAT_S)."""
 
 
 # One prediction.

@@ -340,6 +340,54 @@ def test_engine_death_answers_503_worker_dead_and_exits_1(
         assert server.process.wait(timeout=60) == 1
 
 
+def test_a_stopped_engine_holds_no_request_past_its_deadline(
+        tmp_path: Path, digit_pngs: list[bytes]) -> None:
+    """The engine stopped (SIGSTOP: there, but silent): requests it had taken end at their
+    own deadline and the grace (504), new ones within ENGINE_SILENT_S (503 not_ready),
+    readiness turns off; continued, it serves again and its books come back to 0."""
+    from batchd.engine_client import ENGINE_GRACE_S, ENGINE_SILENT_S
+
+    with serve_processes(tmp_path, gate_open=False) as server:
+        [engine] = server.children()["engine"]
+
+        async def scenario() -> tuple[list[httpx.Response], list[httpx.Response], float,
+                                      httpx.Response]:
+            async with httpx.AsyncClient(base_url=server.url, timeout=60,
+                                         limits=one_connection_each(8)) as client:
+                taken = [asyncio.ensure_future(client.post(
+                    "/predict", content=body, headers={"content-type": "image/png",
+                                                       "x-request-timeout-ms": "1000"}))
+                    for body in digit_pngs[:3]]
+                while server.metric("batchd_batcher_accepted_total") < 3:
+                    await asyncio.sleep(0.02)
+                os.kill(engine, signal.SIGSTOP)
+                stopped = time.monotonic()
+                new = [asyncio.ensure_future(post(client, body)) for body in digit_pngs[3:5]]
+                answered = list(await asyncio.gather(*taken, *new))
+                took = time.monotonic() - stopped
+                ready = await client.get("/ready")
+                return answered[:3], answered[3:], took, ready
+
+        try:
+            taken, new, took, ready = asyncio.run(scenario())
+        finally:
+            os.kill(engine, signal.SIGCONT)
+        assert [response.status_code for response in taken] == [504] * 3
+        assert [response.status_code for response in new] == [503] * 2
+        assert {response.json()["reason"] for response in new} == {"not_ready"}
+        # the 504s at 1 s + the grace, the 503s at ENGINE_SILENT_S (no later than both)
+        assert took < max(1 + ENGINE_GRACE_S, ENGINE_SILENT_S) + 5, took
+        assert ready.status_code == 503 and "not answered" in ready.text, ready.text
+        server.open_gate()
+        wait_for(lambda: httpx.get(f"{server.url}/ready").status_code == 200, 60)
+        response = httpx.post(f"{server.url}/predict", content=digit_pngs[0],
+                              headers={"content-type": "image/png"}, timeout=60)
+        assert response.status_code == 200
+        wait_for(lambda: server.metric("batchd_in_flight_requests") == 0, 30)
+        assert server.metric("batchd_requests_total", {"outcome": "deadline_exceeded"}) == 3
+        assert server.metric("batchd_requests_total", {"outcome": "not_ready"}) == 2
+
+
 def test_sigterm_drains_every_front_end(tmp_path: Path, digit_pngs: list[bytes]) -> None:
     with serve_processes(tmp_path, gate_open=False) as server:
         async def scenario() -> list[httpx.Response]:
