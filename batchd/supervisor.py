@@ -101,12 +101,35 @@ def run_event_loop(main: Coroutine[Any, Any, T]) -> T:
         return runner.run(main)
 
 
-def make_run_dir() -> Path:
+RUN_DIR_PREFIX = "batchd-"
+OWNER_FILE = "supervisor.pid"
+
+
+def make_run_dir(base: Path | None = None) -> Path:
     """A private folder for the engine's socket, the slots and the metrics files: in
-    /dev/shm (memory) where there is one."""
-    shm = Path("/dev/shm")
-    base = str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
-    return Path(tempfile.mkdtemp(prefix="batchd-", dir=base))
+    /dev/shm (memory) where there is one, else the temporary folder. The folders that
+    supervisors killed with SIGKILL left there (their `finally` never ran) are removed
+    first: their slots and metrics files would hold memory until a reboot."""
+    if base is None:
+        shm = Path("/dev/shm")
+        base = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+    remove_stale_run_dirs(base)
+    run_dir = Path(tempfile.mkdtemp(prefix=RUN_DIR_PREFIX, dir=base))
+    (run_dir / OWNER_FILE).write_text(str(os.getpid()))
+    return run_dir
+
+
+def remove_stale_run_dirs(base: Path) -> None:
+    """Remove the run folders in `base` whose supervisor (the pid its folder names) has
+    gone. A folder with no owner file yet, or whose pid lives, is left alone."""
+    for folder in base.glob(f"{RUN_DIR_PREFIX}*"):
+        try:
+            pid = int((folder / OWNER_FILE).read_text())
+            os.kill(pid, 0)
+        except (OSError, ValueError) as error:
+            if isinstance(error, ProcessLookupError):
+                logger.info("removing %s, left by supervisor %d, which is gone", folder, pid)
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 def bind(host: str, port: int) -> socket.socket:

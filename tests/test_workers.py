@@ -154,6 +154,26 @@ def one_connection_each(count: int) -> httpx.Limits:
     return httpx.Limits(max_connections=count, max_keepalive_connections=0)
 
 
+def test_a_run_folder_left_by_a_killed_supervisor_is_removed(tmp_path: Path) -> None:
+    """SIGKILL skips the supervisor's clean-up, which leaves its run folder (slots,
+    metrics files) in /dev/shm; the next start removes it, but never one whose
+    supervisor lives, nor one still without its owner."""
+    from batchd.supervisor import OWNER_FILE, make_run_dir
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    folders = {name: tmp_path / f"batchd-{name}" for name in ("stale", "live", "new")}
+    for folder in folders.values():
+        folder.mkdir()
+        (folder / "slots-1").write_bytes(b"\0" * 4096)
+    (folders["stale"] / OWNER_FILE).write_text(str(gone.pid))
+    (folders["live"] / OWNER_FILE).write_text(str(os.getpid()))
+    made = make_run_dir(tmp_path)
+    assert not folders["stale"].exists()
+    assert folders["live"].exists() and folders["new"].exists()
+    assert (made / OWNER_FILE).read_text() == str(os.getpid())
+
+
 def test_the_engine_warms_only_once_its_front_ends_have_started(tmp_path: Path) -> None:
     """Warm-up's timings choose each bucket's runtime and size the batches: taken while the
     front ends import torch on the same cores, they were noise (a batch of 4 timed 6x its
