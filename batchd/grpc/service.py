@@ -20,6 +20,7 @@ from batchd.grpc import inference_pb2 as pb
 from batchd.grpc import inference_pb2_grpc as pb_grpc
 from batchd.grpc.codec import encode_infer_response, parameter_values, parse_infer_request
 from batchd.grpc.frame import CallFrame, Served, abort, check_bearer, parse_version
+from batchd.grpc.undecodable import Undecodable
 from batchd.http.v2_codec import EXTENSIONS, config_body, metadata_body
 from batchd.inference import answer_bytes, infer_parsed, run_codec
 from batchd.manager import ModelManager
@@ -118,7 +119,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 async with anyio.create_task_group() as group:
                     async for request in requests:
                         await in_flight.acquire()
-                        group.start_soon(answer, request)
+                        if isinstance(request, Undecodable):  # one failed request
+                            await answers.put(pb.ModelStreamInferResponse(
+                                error_message=str(request.error())))
+                        else:
+                            group.start_soon(answer, request)
             finally:
                 answers.put_nowait(None)  # the writer ends, whatever ended the reading
 
