@@ -36,7 +36,7 @@ from batchd.batcher import level_for
 from batchd.config import Config, ModelConfig
 from batchd.cpu_plan import CpuPlan
 from batchd.engine_client import ENGINE_GONE, ENGINE_SILENT_S, EngineClient
-from batchd.errors import NotReady, WorkerDead
+from batchd.errors import NotReady, ShuttingDown, WorkerDead
 from batchd.messages import Catalog, VersionInfo
 from batchd.metrics import RequestMetrics
 from batchd.preprocess import Preprocessor
@@ -302,6 +302,8 @@ class RemoteManager:
         return [entry for entry in entries if entry["state"] == "READY" or not ready_only]
 
     async def load(self, name: str) -> None:
+        if self.runtime.draining:  # this front end's drain: at once, as ModelManager.load
+            raise ShuttingDown("the server is shutting down")
         await self.runtime.client.call("load", name)
 
     async def unload(self, name: str) -> None:

@@ -83,6 +83,8 @@ class ModelManager:
         """Load `name` from the repository, or reload it if it is served; returns once the
         new versions serve and the old ones are freed. LoadFailed if anything failed."""
         name = self._known(name)
+        if self.runtime.draining:  # at once, not after the load in progress
+            raise ShuttingDown("the server is shutting down")
         # A client that goes away must not abort a swap half done.
         await asyncio.shield(asyncio.ensure_future(self._load(name)))
 

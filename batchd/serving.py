@@ -79,6 +79,7 @@ class Serving(Generic[S]):
         self.loaded = False  # every configured model was built
         self.draining = False
         self._admitted: Holders[Admission] = Holders()
+        self._drain_ended = asyncio.Event()  # the drain is over: what is left is answered
 
     async def abandon(self) -> None:
         """Answer every request still in progress with ShuttingDown, now."""
@@ -87,6 +88,7 @@ class Serving(Generic[S]):
     async def cancel_admitted(self) -> None:
         """Cancel every admitted request where it is (its frame then answers it
         ShuttingDown), and wait, briefly, for the answers to be written."""
+        self._drain_ended.set()
         for admission in self._admitted.snapshot():
             admission.cancel()
         if not await self.wait_idle(FLUSH_S):
@@ -205,6 +207,25 @@ class Serving(Generic[S]):
                 raise ShuttingDown("the server shut down before this request finished")
         return result
 
+    async def unless_shut_down(self, work: Awaitable[T]) -> T:
+        """`work`'s result, or ShuttingDown once the drain has ended before it (at the
+        drain limit, or at a second signal): for what the drain does not wait for (a
+        repository load, say), which the server's exit would otherwise cut off without an
+        answer."""
+        task = asyncio.ensure_future(work)
+        ended = asyncio.ensure_future(self._drain_ended.wait())
+        try:
+            await asyncio.wait({task, ended}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        finally:
+            ended.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        raise ShuttingDown("the server shut down before this finished")
+
     async def wait_idle(self, timeout_s: float) -> bool:
         """Wait until no prediction is in progress; False if the limit passed first."""
         return await self._admitted.wait_empty(timeout_s)
@@ -223,6 +244,7 @@ class Serving(Generic[S]):
         True when every request finished on its own."""
         self.begin_drain()
         if await self.wait_idle(timeout_s):
+            self._drain_ended.set()
             return True
         logger.warning("drain limit of %.1fs reached with %d requests in progress; "
                        "answering them 503", timeout_s, self.active_requests)

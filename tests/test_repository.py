@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 import weakref
@@ -23,6 +27,7 @@ from batchd.config import load_config
 from batchd.errors import BadInput, ConfigError, UnknownModel
 from batchd.model import ServedModel
 from batchd.repository import Repository
+from loadtest.servers import free_port
 from tests.conftest import (
     DIGITS_CHECKPOINT,
     ROOT,
@@ -30,7 +35,10 @@ from tests.conftest import (
     png_bytes,
     run_server,
     runtime_keys,
+    scrape,
+    stop_process,
     toml_table,
+    wait_ready,
 )
 
 pytestmark = pytest.mark.anyio
@@ -591,6 +599,60 @@ def test_unload_returns_the_memory(tmp_path: Path) -> None:
         client.close()
     assert loaded - before > 120, (before, loaded)
     assert after - before < 40, (before, loaded, after)
+
+
+async def test_loads_around_a_drain_are_answered_503_json(tmp_path: Path,
+                                                         digit_png: bytes) -> None:
+    """SIGTERM to `batchd serve` while a load is in progress and a prediction computes: a
+    load sent during the drain is refused 503 at once, the prediction is answered 200, and
+    the load in progress 503 JSON when the drain ends (before, the server's exit cut it
+    off with a plain-text 500), and the server exits 0."""
+    def slow_model(config: Path, kwargs: str) -> None:
+        config.write_text(config.read_text().replace(
+            'builder = "batchd.digits:build_model"',
+            f'builder = "tests.slow_model:build_slow"\nkwargs = {{ {kwargs} }}'))
+
+    repository = make_repository(tmp_path)
+    # every batch of digits takes 5 s: its prediction holds the drain open
+    slow_model(repository / "digits" / "config.toml", "delay_ms = 5000, warm_up_delay_ms = 0")
+    spare = make_repository(tmp_path / "spare", name="slow")
+    slow_model(spare / "slow" / "config.toml", "warm_up_delay_ms = 300")
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "batchd", "serve", "--config",
+         str(server_config(tmp_path, repository, server={"drain_timeout_s": 30})),
+         "--port", str(port)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "BATCHD_TEST_ADMIN_TOKEN": ADMIN_TOKEN})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, 180)
+        shutil.move(spare / "slow", repository / "slow")
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            held = asyncio.ensure_future(client.post(
+                "/predict", content=digit_png, headers={"content-type": "image/png"}))
+            loading = asyncio.ensure_future(client.post(
+                "/v2/repository/models/slow/load", headers=ADMIN))
+            async with asyncio.timeout(60):
+                while scrape(url, "batchd_batcher_accepted_total") < 1:
+                    await asyncio.sleep(0.02)
+                while not any(entry["name"] == "slow" and entry["state"] == "LOADING"
+                              for entry in (await client.post(
+                                  "/v2/repository/index", headers=ADMIN)).json()):
+                    await asyncio.sleep(0.02)
+            process.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(30):
+                while (await client.get("/ready")).status_code != 503:
+                    await asyncio.sleep(0.02)
+            during = await client.post("/v2/repository/models/digits/load", headers=ADMIN)
+            assert not loading.done()
+            assert (await held).status_code == 200  # the drain let it finish
+            answered = await loading
+        assert process.wait(timeout=60) == 0
+    finally:
+        stop_process(process)
+    for response in (during, answered):
+        assert response.status_code == 503, response.text
+        assert response.json()["reason"] == "shutdown"
 
 
 async def test_compiled_reloads_compile_every_bucket_and_free_the_old_network(

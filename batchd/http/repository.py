@@ -41,7 +41,7 @@ UNLOAD = "/v2/repository/models/{name}/unload"
 REFUSALS: dict[str, tuple[type[BatchdError], ...]] = {
     INDEX: (BadInput,),
     LOAD: (BadInput, LoadFailed, UnknownModel, ShuttingDown),
-    UNLOAD: (BadInput, UnknownModel),
+    UNLOAD: (BadInput, UnknownModel, ShuttingDown),
 }
 
 
@@ -91,7 +91,8 @@ async def load(request: Request) -> Response:
                        "cannot be sent with a load")
     name = request.path_params["name"]
     started = time.monotonic()
-    await manager.load(name)
+    # the drain does not wait for a load: at its end this one is answered 503
+    await request.app.state.runtime.unless_shut_down(manager.load(name))
     return JSONResponse({"name": name, "state": "READY",
                          "versions": [str(version) for version in
                                       sorted(manager.runtime.versions.get(name, {}))],
@@ -104,7 +105,7 @@ async def unload(request: Request) -> Response:
     await json_body(request)  # unload_dependents: batchd has no ensembles to unload
     name = request.path_params["name"]
     started = time.monotonic()
-    await manager.unload(name)
+    await request.app.state.runtime.unless_shut_down(manager.unload(name))
     return JSONResponse({"name": name, "state": "UNAVAILABLE",
                          "seconds": round(time.monotonic() - started, 3)})
 
