@@ -64,8 +64,12 @@ class ModelManager:
             versions = self.runtime.versions.get(name, {})
             for version, slot in sorted(versions.items()):
                 status = self.runtime.slot_status(slot)
-                state = busy or ("READY" if status.ready else "UNAVAILABLE")
-                reason = self._failures.get(name, "") if status.ready else status.reason
+                if status.ready:  # it serves, whatever a reload beside it is doing
+                    state = "READY"
+                    reason = "a reload is in progress" if busy else \
+                        self._failures.get(name, "")
+                else:
+                    state, reason = busy or "UNAVAILABLE", status.reason
                 entries.append({"name": name, "version": str(version), "state": state,
                                 "reason": reason})
             if not versions:

@@ -601,6 +601,34 @@ def test_unload_returns_the_memory(tmp_path: Path) -> None:
     assert after - before < 40, (before, loaded, after)
 
 
+async def test_a_version_that_serves_is_ready_in_the_index_during_a_reload(
+        tmp_path: Path) -> None:
+    """While version 2 loads beside it, version 1 serves: the index says READY (with the
+    reload as its reason), as /v2/models/{name}/ready does, not LOADING."""
+    repository = make_repository(tmp_path)
+    config = repository / "digits" / "config.toml"
+    config.write_text(config.read_text().replace(
+        'builder = "batchd.digits:build_model"',
+        'builder = "tests.slow_model:build_slow"\nkwargs = { warm_up_delay_ms = 40 }'))
+    with run_server(server_config(tmp_path, repository)) as server:
+        write_version(repository, 2)
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+            reload = asyncio.ensure_future(client.post("/v2/repository/models/digits/load",
+                                                       headers=ADMIN))
+            async with asyncio.timeout(60):
+                while True:
+                    index = (await client.post("/v2/repository/index", headers=ADMIN)).json()
+                    if any(entry["reason"] == "a reload is in progress" for entry in index):
+                        break
+                    await asyncio.sleep(0.02)
+            assert [(entry["version"], entry["state"]) for entry in index] == [("1", "READY")]
+            assert (await client.get("/v2/models/digits/ready")).status_code == 200
+            assert (await reload).status_code == 200
+            index = (await client.post("/v2/repository/index", headers=ADMIN)).json()
+    assert [(entry["version"], entry["state"], entry["reason"]) for entry in index] == [
+        ("2", "READY", "")]
+
+
 async def test_loads_around_a_drain_are_answered_503_json(tmp_path: Path,
                                                          digit_png: bytes) -> None:
     """SIGTERM to `batchd serve` while a load is in progress and a prediction computes: a
