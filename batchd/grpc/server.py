@@ -44,11 +44,12 @@ def server_options(server: ServerConfig) -> list[tuple[str, int]]:
         # a larger message is refused RESOURCE_EXHAUSTED before it is parsed
         ("grpc.max_receive_message_length", server.max_body_bytes),
         ("grpc.max_metadata_size", server.max_header_bytes),
-        # Streams one connection may have open at once: as many as calls at once in the
-        # whole server (past those, RESOURCE_EXHAUSTED with a reason). At 100, one
-        # tritonclient.grpc.aio client with 150 calls at once had 17 of them reset
-        # (UNAVAILABLE, RST_STREAM) while the queue had room.
-        ("grpc.max_concurrent_streams", server.max_connections),
+        # Streams one connection may have open at once: more than the whole server's
+        # calls at once, so that a call past those reaches the server and is refused
+        # RESOURCE_EXHAUSTED with a reason (at the same number, the client held it back
+        # until its deadline). At 100, one tritonclient.grpc.aio client with 150 calls at
+        # once had 17 of them reset (UNAVAILABLE, RST_STREAM) while the queue had room.
+        ("grpc.max_concurrent_streams", 2 * server.max_connections),
         ("grpc.max_connection_idle_ms", int(server.idle_timeout_s * 1000)),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
         ("grpc.http2.max_ping_strikes", MAX_PING_STRIKES),
