@@ -30,17 +30,23 @@ def build_network(config: ModelConfig) -> nn.Module:
             return torchvision.models.get_model(source.arch, weights=None, **kwargs)
         except ValueError as exc:
             raise ConfigError(f"model {config.name!r}: source.arch: {exc}") from None
+        except TypeError as exc:  # an argument the architecture does not take
+            raise ConfigError(f"model {config.name!r}: source.kwargs: {exc}") from None
     assert source.builder is not None  # validated by config: exactly one is set
     module_name, _, function_name = source.builder.partition(":")
     try:
         builder: Callable[..., nn.Module] = getattr(
             importlib.import_module(module_name), function_name
         )
-    except (ImportError, AttributeError) as exc:
+    except (ImportError, AttributeError, ValueError) as exc:  # ValueError: an empty name
         raise ConfigError(
             f"model {config.name!r}: source.builder {source.builder!r} cannot be imported: {exc}"
         ) from None
-    return builder(**kwargs)
+    try:
+        return builder(**kwargs)
+    except TypeError as exc:  # an argument the builder does not take, or one missing
+        raise ConfigError(f"model {config.name!r}: source.builder {source.builder!r} with "
+                          f"source.kwargs {kwargs}: {exc}") from None
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:

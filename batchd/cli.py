@@ -155,6 +155,8 @@ def export_command(args: argparse.Namespace) -> int:
     from batchd.export import export_model
 
     model = pick_model(load_config(args.config), args.model)
+    if Path(args.out).is_dir():
+        raise ConfigError(f"--out {args.out} is a folder; name the artifact's file")
     export_model(model, args.format, args.out, args.tolerance)  # ParityError: exit 1
     return 0
 
@@ -202,6 +204,18 @@ def health_command(args: argparse.Namespace) -> int:
     return 0 if healthy else 1
 
 
+def port_number(text: str) -> int:
+    """--port's value: a TCP port, 0 to 65535 (argparse answers anything else in one line,
+    exit 2)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (0 to 65535)")
+    return port
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="batchd", description="dynamic-batching inference server")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -209,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
                               help=f"TOML config (default: {DEFAULT_CONFIG})")
     serve_parser.add_argument("--host", help="override server.host")
-    serve_parser.add_argument("--port", type=int, help="override server.port (0: any free port)")
+    serve_parser.add_argument("--port", type=port_number,
+                              help="override server.port (0: any free port)")
 
     export_parser = commands.add_parser(
         "export", help="export a model and verify its numerical parity with the eager model")

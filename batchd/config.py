@@ -423,8 +423,12 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     try:
         with path.open("rb") as file:
             raw = tomllib.load(file)
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid TOML: nested too deeply") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read: {exc}") from exc
     return parse_config(raw, path)
 
 

@@ -143,6 +143,8 @@ def check_model(model: ModelConfig, key: str, path: Path) -> None:
     if model.preprocess.decode == "device" and device == "cpu":
         fail("preprocess.decode", "is 'device', which needs a CUDA device, but "
              "runtime.device is 'cpu'")
+    if not model.runtime.dtype_tolerance > 0:
+        fail("runtime.dtype_tolerance", "must be positive")
     compiling = COMPILING_RUNTIMES & set(model.runtime.candidates)
     if compiling and not model.runtime.compile:
         fail("runtime.candidates", f"lists {sorted(compiling)} but runtime.compile is false")
@@ -151,7 +153,7 @@ def check_model(model: ModelConfig, key: str, path: Path) -> None:
 
 def _is_cuda_index(device: str) -> bool:
     prefix, _, index = device.partition(":")
-    return prefix == "cuda" and index.isdigit()
+    return prefix == "cuda" and index.isascii() and index.isdigit()  # not 'cuda:٣'
 
 def check_server(server: ServerConfig, path: Path) -> None:
     checks = {

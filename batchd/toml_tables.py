@@ -7,6 +7,7 @@ policy."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -73,6 +74,8 @@ def _convert(hint: Any, value: Any, key: str, path: Path) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: key '{key}' must be a number, not {value!r}")
+        if not math.isfinite(value):  # TOML has nan and inf; no setting means either
+            raise ConfigError(f"{path}: key '{key}' must be a finite number, not {value!r}")
         return float(value)
     if hint in (int, str, bool):
         if isinstance(value, bool) != (hint is bool) or not isinstance(value, hint):

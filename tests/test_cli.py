@@ -107,6 +107,21 @@ def test_checkpoint_mismatch_stops_start_up(tmp_path: Path) -> None:
     assert "shape of 11.weight: checkpoint has [11, 64], model expects [10, 64]" in output
 
 
+def test_a_port_out_of_range_and_a_folder_for_out_are_one_line_errors(
+        tmp_path: Path) -> None:
+    """--port 99999 listened on some other port, and -5 aborted the process; --out naming
+    a folder was a traceback. Each is now one line and exit 2."""
+    for arguments in (["serve", "--config", str(ROOT / "config" / "default.toml"),
+                       "--port", "99999"],
+                      ["export", "--config", str(ROOT / "config" / "default.toml"),
+                       "--format", "torchscript", "--out", str(tmp_path)]):
+        result = subprocess.run([sys.executable, "-m", "batchd", *arguments], cwd=ROOT,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr
+        assert "port number" in result.stderr or "is a folder" in result.stderr
+
+
 def test_console_script_and_module_agree() -> None:
     script = Path(sys.executable).parent / "batchd"
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)

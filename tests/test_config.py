@@ -60,6 +60,11 @@ def test_buckets_default_to_powers_of_two(tmp_path: Path) -> None:
          "models[0].batching.levels[0]"),
         ({"priority_levels": 2, "levels": [{"queue_timeout": 1}]}, {},
          "models[0].batching.levels[0].queue_timeout"),
+        # TOML has nan and inf: accepted, they answered every prediction 500
+        ({"queue_timeout_ms": float("nan")}, {}, "models[0].batching.queue_timeout_ms"),
+        ({"max_wait_ms": float("inf")}, {}, "models[0].batching.max_wait_ms"),
+        ({"priority_levels": 2, "levels": [{"queue_timeout_ms": float("nan")}]}, {},
+         "models[0].batching.levels[0].queue_timeout_ms"),
     ],
 )
 def test_bad_values_name_file_and_key(tmp_path: Path, batching: dict, server: dict,
@@ -69,6 +74,47 @@ def test_bad_values_name_file_and_key(tmp_path: Path, batching: dict, server: di
         load_config(path)
     assert str(path) in str(error.value)
     assert key in str(error.value)
+
+
+def test_files_that_are_no_toml_and_odd_values_are_config_errors(tmp_path: Path) -> None:
+    """Bytes that are not UTF-8, arrays nested past Python's recursion, a normalisation
+    that is not finite, a tolerance that is not positive and a device index in another
+    script's digits: each a ConfigError naming the file (and the key), never a traceback
+    or a server that starts."""
+    cases = {
+        "bytes.toml": (b"[server]\nhost = \"\xff\xfe\"\n", "not valid TOML"),
+        "deep.toml": (b"x = " + b"[" * 3000 + b"]" * 3000 + b"\n", "not valid TOML"),
+    }
+    for name, (content, words) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ConfigError, match=words):
+            load_config(tmp_path / name)
+    default = (ROOT / "config" / "default.toml").read_text()
+    for old, new, key in (
+            ("mean = [0.31]", "mean = [nan]", "models[0].preprocess.mean[0]"),
+            ('device = "auto"', 'device = "cuda:\u0663"', "runtime.device"),
+            ('device = "auto"', 'device = "auto"\ndtype_tolerance = -1.0',
+             "runtime.dtype_tolerance")):
+        assert old in default, old
+        path = tmp_path / "odd.toml"
+        path.write_text(default.replace(old, new).replace(
+            '"../batchd/assets/digits.pt"', f'"{ROOT}/batchd/assets/digits.pt"'))
+        with pytest.raises(ConfigError) as error:
+            load_config(path)
+        assert key in str(error.value) and str(path) in str(error.value), error.value
+
+
+def test_a_builder_that_cannot_be_called_so_is_a_config_error(tmp_path: Path) -> None:
+    """An empty builder name, or kwargs the builder does not take, name the key (they
+    were a ValueError and a TypeError out of start-up)."""
+    from batchd.checkpoint import build_network
+
+    for builder, kwargs, words in ((":", {}, "source.builder"),
+                                   ("batchd.digits:build_model", {"bogus": 1},
+                                    "source.kwargs")):
+        path = write_config(tmp_path / "b.toml", builder=builder, builder_kwargs=kwargs)
+        with pytest.raises(ConfigError, match=words):
+            build_network(load_config(path).models[0])
 
 
 def test_missing_checkpoint_names_the_key(tmp_path: Path) -> None:

@@ -382,6 +382,23 @@ def test_slow_model_does_not_stall_another(tmp_path: Path,
     assert max(latencies) < 0.6
 
 
+def test_deep_json_is_400_and_an_answer_carries_server_timing(
+        two_models: RunningServer) -> None:
+    """JSON nested past Python's recursion is the client's error (it was a 500), and a v2
+    answer carries Server-Timing as a native one does."""
+    deep = b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    response = httpx.post(f"{two_models.url}/v2/models/digits/infer", content=deep,
+                          headers={"content-type": "application/json"}, timeout=60)
+    assert response.status_code == 400, response.text
+    assert response.json()["reason"] == "bad_input"
+    response = httpx.post(f"{two_models.url}/v2/models/digits/infer", json={
+        "inputs": [{"name": "input", "datatype": "FP32", "shape": [2, 1, 8, 8],
+                    "data": [0.0] * 128}]}, timeout=60)
+    assert response.status_code == 200, response.text
+    timing = response.headers["server-timing"]
+    assert "queue;dur=" in timing and "compute;dur=" in timing and "batch;desc=" in timing
+
+
 def test_a_request_over_the_item_limit_is_413(two_models: RunningServer) -> None:
     # digits: max_batch_size 32, so at most 128 samples a request by default
     count = 129

@@ -174,6 +174,14 @@ def note_batch(request: Request, result: BatchResult[Any]) -> None:
     request.state.batch_size = result.batch_size
 
 
+def server_timing(result: BatchResult[Any]) -> str:
+    """The Server-Timing header of a prediction served as `result` (for several inputs,
+    the one that waited longest)."""
+    return (f"queue;dur={result.queue_wait_s * 1000:.2f}, "
+            f"compute;dur={result.compute_s * 1000:.2f}, "
+            f'batch;desc="{result.batch_size}"')
+
+
 def log_access(request: Request, request_id: str, model: str, status: int, outcome: str,
                elapsed_s: float) -> None:
     AccessLine(request_id, model, request.method, request.url.path, status, outcome, elapsed_s,

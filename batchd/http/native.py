@@ -23,6 +23,7 @@ from batchd.http.frame import (
     query_param,
     runtime_of,
     serve_prediction,
+    server_timing,
 )
 from batchd.http.payload import read_image_payload
 from batchd.runtime import ModelStatus
@@ -162,9 +163,7 @@ async def _predict(request: Request, slot: AnySlot, headers: dict[str, str]) -> 
     note_batch(request, result)
     predictions = [{"label": label, "prob": prob}
                    for label, prob in served.model.top_k(result.output, top_k)]
-    headers["Server-Timing"] = (f"queue;dur={result.queue_wait_s * 1000:.2f}, "
-                                f"compute;dur={result.compute_s * 1000:.2f}, "
-                                f'batch;desc="{result.batch_size}"')
+    headers["Server-Timing"] = server_timing(result)
     return JSONResponse({"model": served.name, "version": str(served.version),
                          "predictions": predictions}, headers=headers)
 

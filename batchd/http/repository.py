@@ -65,6 +65,8 @@ async def json_body(request: Request) -> dict[str, Any]:
         parsed = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadInput(f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadInput("the body is nested too deeply") from None
     if not isinstance(parsed, dict):
         raise BadInput("the body must be a JSON object")
     return parsed

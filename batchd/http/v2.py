@@ -32,6 +32,7 @@ from batchd.http.frame import (
     note_batch,
     runtime_of,
     serve_prediction,
+    server_timing,
 )
 from batchd.http.v2_codec import (
     EXTENSIONS,
@@ -113,7 +114,9 @@ async def _infer(request: Request, slot: AnySlot, headers: dict[str, str]) -> Re
                                          lambda work: cancel_on_disconnect(request, work))
     if results is None:
         return None
-    note_batch(request, max(results, key=lambda result: result.queue_wait_s))
+    slowest = max(results, key=lambda result: result.queue_wait_s)
+    note_batch(request, slowest)
+    headers["Server-Timing"] = server_timing(slowest)
     content, media_type, extra = await run_codec(
         answer_bytes(results), limiter, encode_response, served.name, served.version,
         served.model.labels, parsed, results)

@@ -126,6 +126,8 @@ def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], 
         payload = json.loads(body[:json_end])
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BadInput(f"the inference request is not valid JSON: {exc}") from None
+    except RecursionError:  # Python's parser recurses once per level of nesting
+        raise BadInput("the inference request is nested too deeply") from None
     if not isinstance(payload, dict):
         raise BadInput("the inference request must be a JSON object")
     return payload, body[json_end:]
