@@ -266,16 +266,18 @@ class Batcher(Generic[In, Out]):
 
     def _refuse_full(self, level: int, max_queue_size: int) -> typing.NoReturn:
         self.stats.rejected_full += 1
-        which = f"priority {level} queue" if self._queue.levels > 1 else "queue"
-        raise QueueFull(f"the {which} of model {self.name!r} is full ({max_queue_size})")
+        raise QueueFull(f"the {self._queue_name(level)} of model {self.name!r} is full "
+                        f"({max_queue_size})")
 
     def _refuse_never_fits(self, level: int, count: int, max_queue_size: int
                            ) -> typing.NoReturn:
         # the request's own error (a 413), as an unknown level is: not a refusal counted
-        which = f"priority {level} queue" if self._queue.levels > 1 else "queue"
-        raise PayloadTooLarge(f"{count} inputs in one request are more than the {which} of "
-                              f"model {self.name!r} holds ({max_queue_size}); send them in "
-                              "several requests")
+        raise PayloadTooLarge(f"{count} inputs in one request are more than the "
+                              f"{self._queue_name(level)} of model {self.name!r} holds "
+                              f"({max_queue_size}); send them in several requests")
+
+    def _queue_name(self, level: int) -> str:
+        return f"priority {level} queue" if self._queue.levels > 1 else "queue"
 
     def _refuse_late(self) -> typing.NoReturn:
         self.stats.rejected_late += 1

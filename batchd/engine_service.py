@@ -131,9 +131,12 @@ class Engine:
         if catalog == self._last_catalog:
             return
         self._last_catalog = catalog
+        self._send_to_greeted(catalog)
+
+    def _send_to_greeted(self, message: object) -> None:
         for frontend in list(self.frontends):
             if frontend.hello is not None:
-                frontend.send(catalog)
+                frontend.send(message)
 
     async def watch_readiness(self) -> None:
         """Tell the front ends of every change of readiness, and that this loop turns
@@ -148,9 +151,7 @@ class Engine:
                 logger.exception("telling the front ends what is served failed")
             if loop.time() - beaten >= HEARTBEAT_S:
                 beaten = loop.time()
-                for frontend in list(self.frontends):
-                    if frontend.hello is not None:
-                        frontend.send(HEARTBEAT)
+                self._send_to_greeted(HEARTBEAT)
 
     # -- connections ------------------------------------------------------------------
 

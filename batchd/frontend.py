@@ -86,6 +86,9 @@ class RemoteSlot:
         self._decode_gate = runtime.decode_gate
         self._runtime = runtime
         self._count_fallback = runtime.metrics.fallback_counter(info.config)
+        # each level's queue deadline, which bounds the wait for the engine's answer
+        self._queue_timeouts_s = tuple(timeout_ms / 1000 for _, timeout_ms
+                                       in info.config.batching.level_limits())
         # Named by the client (?version=N): only that version may serve it. Else the
         # engine serves it with the version it serves now, which may be newer than the
         # one this front end's catalog showed when the request came.
@@ -133,7 +136,7 @@ class RemoteSlot:
         runtime = self._runtime
         pinned = self.version if self.pinned else 0
         client = runtime.client
-        queue_timeout_s = self.config.batching.level_limits()[level - 1][1] / 1000
+        queue_timeout_s = self._queue_timeouts_s[level - 1]
         request, version = await client.admit(self.name, pinned, count, priority,
                                               arrived_at)
         ticket: RemoteTicket | None = None

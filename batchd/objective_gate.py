@@ -48,7 +48,8 @@ class ObjectiveGate:
         return max(0.0, busy_since + self.controller.predicted(running) - now)
 
     def admits_before_body(self, level: int, count: int, arrival: Arrival, now: float) -> bool:
-        """Whether `count` inputs of `level`, arrived at `arrival`, could by the estimates
+        """Whether `count` inputs of `level`, arrived at `arrival` (taken now, with the
+        inputs on their way ahead of them), could by the estimates
         be uploaded, decoded, queued behind what is queued or being decoded ahead of them
         and computed before their objective; or whether the requests of their level and
         the more urgent ones have reached the limit the measured sojourns set. A refusal
@@ -57,7 +58,7 @@ class ObjectiveGate:
         if controller is None or self.idle():
             return True
         on_their_way = self._forming.expected_by_level
-        decoding = sum(on_their_way[:level])
+        decoding = arrival.decoding_ahead  # this level's and the more urgent ones', now
         queued = self._queue.ahead_of(level) + count - 1
         running = self._runner.running_by_level  # counted once a batch, not per request
         computing = sum(number for at, number in running.items() if at <= level)

@@ -125,11 +125,15 @@ def remove_stale_run_dirs(base: Path) -> None:
     for folder in base.glob(f"{RUN_DIR_PREFIX}*"):
         try:
             pid = int((folder / OWNER_FILE).read_text())
+        except (OSError, ValueError):  # no owner yet, or another user's folder
+            continue
+        try:
             os.kill(pid, 0)
-        except (OSError, ValueError) as error:
-            if isinstance(error, ProcessLookupError):
-                logger.info("removing %s, left by supervisor %d, which is gone", folder, pid)
-                shutil.rmtree(folder, ignore_errors=True)
+        except ProcessLookupError:
+            logger.info("removing %s, left by supervisor %d, which is gone", folder, pid)
+            shutil.rmtree(folder, ignore_errors=True)
+        except OSError:  # PermissionError: it lives, as another user
+            pass
 
 
 def bind(host: str, port: int) -> socket.socket:
